@@ -1,0 +1,34 @@
+# `make demo` and `make test` both bootstrap .venv on first use (offline except for the package registries).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench venv compile clean
+
+venv: $(STAMP)
+
+# torch is pinned through constraints.txt: only the local CPU wheel satisfies it; a looser spec would pull
+# a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (ppcl needs Python 3.11)"; exit 2; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ppcl demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Benchmarks marked `slow`: run on request, never in CI.
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow -s
+
+compile: $(STAMP)
+	$(BIN)/ppcl pipeline compile
+
+clean:
+	rm -rf $(VENV) ppcl-runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from ppcl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""Model-family adapters. The only package that knows a family by name.
+
+``get_adapter(transformer_or_pipeline)`` detects the family from the loaded transformer's class (our
+width-pruned classes subclass the stock ones, so they are detected too); ``adapter_for(name)`` maps a family
+name to its adapter class; ``load_pipeline(path)`` loads a diffusers pipeline directory, including pipelines
+whose transformer is one of ppcl's own config-registered classes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ppcl.arch.common import Adapter, BlockCall, BlockInfo, count_parameters, shift_sigmas
+from ppcl.errors import PPCLError
+
+#: family name -> "module:Class" of its adapter (imported lazily: diffusers is heavy).
+FAMILIES: dict[str, str] = {
+    "flux": "ppcl.arch.flux:FluxAdapter",
+    "sd3": "ppcl.arch.sd3:SD3Adapter",
+    "qwenimage": "ppcl.arch.qwenimage:QwenImageAdapter",
+}
+
+__all__ = [
+    "Adapter", "BlockCall", "BlockInfo", "FAMILIES", "adapter_for", "count_parameters", "get_adapter",
+    "load_pipeline", "shift_sigmas",
+]
+
+
+def adapter_for(family: str) -> type[Adapter]:
+    """The adapter class of a family name (``flux``, ``sd3``, ``qwenimage``)."""
+    if family not in FAMILIES:
+        raise PPCLError(f"unknown family '{family}': expected one of {', '.join(FAMILIES)}")
+    module, cls = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_adapter(model: Any) -> Adapter:
+    """The adapter for a loaded transformer, or for a pipeline (its ``.transformer``)."""
+    transformer = getattr(model, "transformer", model)
+    for family in FAMILIES:
+        cls = adapter_for(family)
+        if isinstance(transformer, cls.transformer_class):
+            return cls(transformer)
+    raise PPCLError(
+        f"unsupported transformer class {type(transformer).__name__}: ppcl supports "
+        f"{', '.join(FAMILIES)} (FluxTransformer2DModel, SD3Transformer2DModel, QwenImageTransformer2DModel)"
+    )
+
+
+def _resolve_class(library: str, name: str):
+    try:
+        return getattr(importlib.import_module(library), name)
+    except (ImportError, AttributeError) as e:
+        raise PPCLError(f"cannot import transformer class {library}.{name}: {e}") from None
+
+
+def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None):
+    """Load a diffusers pipeline directory (stock or ppcl-exported) and move it to ``device``/``dtype``.
+
+    A width-pruned export records its transformer as ``["ppcl.<module>", "<Class>"]`` in model_index.json; the
+    class is imported from ppcl and passed as ``transformer=`` so the stock pipeline class runs it.
+    """
+    import diffusers
+    import transformers
+    from diffusers import DiffusionPipeline
+
+    # Loading bars for every sub-model drown the stage's own progress; errors still surface.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    path = Path(path)
+    if not path.exists():
+        raise PPCLError(f"model path not found: {path}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise PPCLError(f"not a diffusers pipeline directory (no model_index.json): {path}")
+    try:
+        spec = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise PPCLError(f"unreadable {index}: {e}") from None
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    library, cls_name = (spec.get("transformer") or [None, None])[:2]
+    if library and library.startswith("ppcl"):
+        cls = _resolve_class(library, cls_name)
+        kwargs["transformer"] = cls.from_pretrained(path / "transformer", **({"torch_dtype": dtype} if dtype else {}))
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise PPCLError(f"cannot load pipeline {path}: {str(e).splitlines()[0]}") from None
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,102 @@
+"""FLUX.1 (``FluxTransformer2DModel``): dual-stream ``transformer_blocks`` then single-stream
+``single_transformer_blocks``.
+
+Checked in diffusers 0.42: single blocks take and return the two streams separately (they concatenate inside), so
+both lists share one call convention. The forward multiplies ``timestep`` (and ``guidance`` for guidance-distilled
+models such as FLUX.1-dev) by 1000, so we feed the pipeline's convention, ``sigma`` in [0, 1]. Latents are packed
+into 2x2 patches: ``(B, C, h, w) -> (B, h/2 * w/2, 4C)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from ppcl.arch.common import Adapter, BlockCall
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)`` (FluxPipeline._pack_latents)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack` for latents of spatial size ``h x w``."""
+    b, _, c4 = packed.shape
+    x = packed.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """Rotary position ids of the packed image tokens, ``(h/2 * w/2, 3)`` (FluxPipeline._prepare_latent_image_ids)."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxAdapter(Adapter):
+    family = "flux"
+    block_lists = (("transformer_blocks", "dual"), ("single_transformer_blocks", "single"))
+    transformer_class = FluxTransformer2DModel
+    #: FLUX.1-dev's default embedded guidance when the model is guidance-distilled and none is given.
+    default_guidance = 3.5
+
+    def head(self, output: dict[str, torch.Tensor], call: BlockCall, model_inputs: dict[str, Any]) -> torch.Tensor:
+        t = self.transformer
+        return t.proj_out(t.norm_out(output["image"], call.kwargs["temb"]))
+
+    def model_inputs(self, latents, text, sigma, guidance=None):
+        b, _, h, w = latents.shape
+        embeds = text["prompt_embeds"]
+        kwargs: dict[str, Any] = {
+            "hidden_states": pack(latents),
+            "encoder_hidden_states": embeds,
+            "pooled_projections": text["pooled_prompt_embeds"],
+            "timestep": sigma.to(latents.dtype),
+            "img_ids": image_ids(h, w, latents.device, latents.dtype),
+            "txt_ids": torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype),
+        }
+        if self.transformer.config.guidance_embeds:
+            g = self.default_guidance if guidance is None else guidance
+            kwargs["guidance"] = torch.full((b,), float(g), device=latents.device, dtype=latents.dtype)
+        return kwargs
+
+    def to_output_layout(self, latents):
+        return pack(latents)
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length: int | None = None):
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=pipe.device, **kw)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def encode_images(self, pipe, pixels):
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def decode_latents(self, pipe, latents, height, width):
+        vae = pipe.vae
+        f = pipe.vae_scale_factor
+        h, w = 2 * (height // (f * 2)), 2 * (width // (f * 2))
+        x = unpack(latents, h, w) if latents.ndim == 3 else latents
+        x = x / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(x.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def latent_channels(self, pipe):
+        return pipe.transformer.config.in_channels // 4
+
+    def pipeline_call_kwargs(self, guidance_scale):
+        # FLUX.1-dev's guidance is embedded (no CFG); schnell ignores it.
+        return {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+
+    def pruned_config(self, keep):
+        cfg = dict(self.transformer.config)
+        cfg["num_layers"] = len(keep.get("transformer_blocks", []))
+        cfg["num_single_layers"] = len(keep.get("single_transformer_blocks", []))
+        return cfg

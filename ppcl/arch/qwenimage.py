@@ -1,0 +1,95 @@
+"""Qwen-Image (``QwenImageTransformer2DModel``): one list of dual-stream blocks (60 in the 20B model).
+
+The VAE is video-shaped: latents are ``(B, C, 1, h, w)``; we cache them as ``(B, C, h, w)`` and add the frame axis
+back only to decode. Normalisation uses the VAE's per-channel ``latents_mean``/``latents_std``. Text conditions are
+the VL encoder's hidden states with a boolean mask (``prompt_embeds_mask``; the pipeline drops an all-ones mask,
+we always keep one). The forward takes ``sigma`` (the pipeline passes ``t / 1000``) and multiplies guidance (when
+embedded) by 1000. diffusers 0.42's forward takes no ``txt_seq_lens``; the text length comes from the mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+
+from ppcl.arch.common import Adapter, BlockCall
+from ppcl.arch.flux import pack, unpack
+
+
+def _latent_stats(vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(device, dtype)
+    std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(device, dtype)
+    return mean, std
+
+
+class QwenImageAdapter(Adapter):
+    family = "qwenimage"
+    block_lists = (("transformer_blocks", "dual"),)
+    transformer_class = QwenImageTransformer2DModel
+    default_guidance = 1.0
+
+    def head(self, output: dict[str, torch.Tensor], call: BlockCall, model_inputs: dict[str, Any]) -> torch.Tensor:
+        t = self.transformer
+        temb = call.kwargs["temb"]
+        if getattr(t, "zero_cond_t", False):
+            temb = temb.chunk(2, dim=0)[0]  # the forward doubles temb for zero_cond_t models
+        return t.proj_out(t.norm_out(output["image"], temb))
+
+    def model_inputs(self, latents, text, sigma, guidance=None):
+        b, _, h, w = latents.shape
+        embeds = text["prompt_embeds"]
+        mask = text.get("prompt_embeds_mask")
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        kwargs: dict[str, Any] = {
+            "hidden_states": pack(latents),
+            "encoder_hidden_states": embeds,
+            "encoder_hidden_states_mask": mask,
+            "timestep": sigma.to(latents.dtype),
+            "img_shapes": [[(1, h // 2, w // 2)]] * b,
+        }
+        if self.transformer.config.guidance_embeds:
+            g = self.default_guidance if guidance is None else guidance
+            kwargs["guidance"] = torch.full((b,), float(g), device=latents.device, dtype=latents.dtype)
+        return kwargs
+
+    def to_output_layout(self, latents):
+        return pack(latents)
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length: int | None = None):
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        embeds, mask = pipe.encode_prompt(prompt=list(prompts), device=pipe.device, **kw)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+    def encode_images(self, pipe, pixels):
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype).unsqueeze(2)).latent_dist.mode()
+        mean, std = _latent_stats(vae, latents.device, latents.dtype)
+        return ((latents - mean) / std)[:, :, 0]
+
+    def decode_latents(self, pipe, latents, height, width):
+        vae = pipe.vae
+        f = pipe.vae_scale_factor
+        h, w = 2 * (height // (f * 2)), 2 * (width // (f * 2))
+        x = unpack(latents, h, w) if latents.ndim == 3 else latents
+        x = x.unsqueeze(2).to(vae.dtype)
+        mean, std = _latent_stats(vae, x.device, x.dtype)
+        images = vae.decode(x * std + mean, return_dict=False)[0][:, :, 0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def latent_channels(self, pipe):
+        return pipe.transformer.config.in_channels // 4
+
+    def pipeline_call_kwargs(self, guidance_scale):
+        # Qwen-Image uses true CFG (a negative prompt pass) when true_cfg_scale > 1.
+        return {} if guidance_scale is None else {"true_cfg_scale": guidance_scale}
+
+    def pruned_config(self, keep):
+        cfg = dict(self.transformer.config)
+        cfg["num_layers"] = len(keep.get("transformer_blocks", []))
+        return cfg

@@ -1,0 +1,92 @@
+"""Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``): one list of joint (dual-stream) blocks.
+
+Two structural facts matter for pruning:
+- the last block is built with ``context_pre_only=True``: it updates only the image stream and returns ``None``
+  for the text stream; the constructor gives that role to whatever block sits last, so a pruned model's last
+  position must hold a block with that structure;
+- SD3.5 blocks listed in ``dual_attention_layers`` carry a second image self-attention; the list must be
+  recomputed for the kept blocks (the structure of each new position is that of its source block).
+
+Timestep convention: the SD3 pipeline passes ``t`` in [0, 1000], i.e. ``sigma * 1000``. Latents enter unpacked
+``(B, C, h, w)``; the transformer patchifies inside and unpatchifies in its head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from ppcl.arch.common import Adapter, BlockCall
+
+
+class SD3Adapter(Adapter):
+    family = "sd3"
+    block_lists = (("transformer_blocks", "dual"),)
+    transformer_class = SD3Transformer2DModel
+
+    def block_streams(self, block):
+        return ("image",) if getattr(block, "context_pre_only", False) else ("image", "text")
+
+    def plug_source(self, start, end, mode="middle"):
+        # The block at the last position must be context_pre_only; only the teacher's last block has that
+        # structure, so an interval that reaches the end is initialised from it whatever the mode.
+        if end == self.num_blocks - 1:
+            return end
+        return super().plug_source(start, end, mode)
+
+    def head(self, output: dict[str, torch.Tensor], call: BlockCall, model_inputs: dict[str, Any]) -> torch.Tensor:
+        t = self.transformer
+        x = t.proj_out(t.norm_out(output["image"], call.kwargs["temb"]))
+        p = t.config.patch_size
+        height, width = model_inputs["hidden_states"].shape[-2:]
+        h, w = height // p, width // p
+        x = x.reshape(x.shape[0], h, w, p, p, t.out_channels)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], t.out_channels, h * p, w * p)
+
+    def model_inputs(self, latents, text, sigma, guidance=None):
+        return {
+            "hidden_states": latents,
+            "encoder_hidden_states": text["prompt_embeds"],
+            "pooled_projections": text["pooled_prompt_embeds"],
+            "timestep": (sigma * 1000).to(latents.dtype),
+        }
+
+    def to_output_layout(self, latents):
+        return latents
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length: int | None = None):
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=pipe.device,
+            do_classifier_free_guidance=False, **kw,
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def encode_images(self, pipe, pixels):
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def decode_latents(self, pipe, latents, height, width):
+        vae = pipe.vae
+        x = latents / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(x.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def latent_channels(self, pipe):
+        return pipe.transformer.config.in_channels
+
+    def pipeline_call_kwargs(self, guidance_scale):
+        return {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+
+    def pruned_config(self, keep):
+        """``keep["transformer_blocks"]``: for each new position, the teacher block whose structure it has."""
+        cfg = dict(self.transformer.config)
+        kept = keep.get("transformer_blocks", [])
+        dual = set(cfg.get("dual_attention_layers") or ())
+        cfg["num_layers"] = len(kept)
+        cfg["dual_attention_layers"] = tuple(j for j, src in enumerate(kept) if src in dual)
+        return cfg
