@@ -1,0 +1,194 @@
+"""``ppcl encode``: data shards -> cache of VAE latents and prompt embeddings (the teacher's own encoders).
+
+Images: decoded, converted to RGB, resized so the SHORTER side equals R (bicubic), centre-cropped to R x R,
+scaled to [-1, 1] and passed to ``adapter.encode_images`` (normalised latents (B, C, R/f, R/f)). Captions go
+to ``adapter.encode_prompts`` (a family-specific dict of batch-first tensors). See :mod:`ppcl.data.cache` for
+the on-disk format and the reader. Cache shards keep the data shards' names and keys, in the same order.
+
+Design choices: floating tensors are stored in float16 (halves the cache; latents and final-layer-normed
+text states are well inside its range); the cache shard's row groups hold ``ROW_GROUP_ROWS`` samples, which
+is the reader's unit of shuffling and of work splitting.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from ppcl import storage
+from ppcl.data.cache import MANIFEST, CacheManifest, CacheShardInfo, TensorSpec
+from ppcl.errors import PPCLError
+
+#: Samples per Parquet row group in a cache shard (unit of shuffling and of DataLoader work splitting).
+ROW_GROUP_ROWS = 32
+
+
+def load_image(data: bytes, resolution: int) -> np.ndarray:
+    """Encoded image bytes -> (3, R, R) float32 in [-1, 1]: shorter side resized to R, centre crop."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(im, dtype=np.float32)
+    return arr.transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def _stored(t) -> np.ndarray:
+    """A torch tensor (one sample) -> numpy array in its stored dtype (float16 for floating types)."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.is_floating_point():
+        return t.to(torch.float16).numpy()
+    if t.dtype == torch.bool:
+        return t.numpy()
+    return t.numpy()
+
+
+def encode_shards(
+    model: str,
+    data: str,
+    out: str,
+    *,
+    resolution: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> CacheManifest:
+    """Encode every shard of ``data`` (output of ``ppcl shard``) with pipeline ``model`` into ``out``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from tqdm import tqdm
+
+    from ppcl.arch import get_adapter, load_pipeline
+    from ppcl.data.shard import read_shard_manifest
+
+    if batch_size < 1:
+        raise PPCLError(f"--batch-size must be >= 1 (got {batch_size})")
+    shards = read_shard_manifest(data)  # validate the input before loading a (possibly huge) model
+    storage.check_bucket(out)
+    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in torch_dtype:
+        raise PPCLError(f"--dtype must be one of float32, bfloat16, float16 (got {dtype})")
+    pipe = load_pipeline(model, device=device, dtype=torch_dtype[dtype])
+    adapter = get_adapter(pipe)
+    factor = int(getattr(pipe, "vae_scale_factor", 8)) * 2  # latents are packed in 2x2 patches
+    if resolution is None:
+        resolution = int(getattr(pipe, "default_sample_size", 64)) * factor // 2
+    if resolution < factor or resolution % factor:
+        raise PPCLError(f"--resolution {resolution} must be a positive multiple of {factor} for this pipeline")
+
+    specs: dict[str, TensorSpec] = {}
+    infos: list[CacheShardInfo] = []
+    local_out = None if storage.is_s3(out) else Path(out)
+    if local_out is not None:
+        if local_out.exists() and not local_out.is_dir():
+            raise PPCLError(f"--out {out} exists and is not a folder")
+        local_out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ppcl-encode-"))
+    bar = tqdm(total=shards.accepted, desc="encode", unit="sample", disable=not progress)
+    try:
+        for info in shards.shards:
+            tmp = (local_out or work) / f".{info.name}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                rows = _encode_shard(
+                    pipe, adapter, storage.join(data, info.name), tmp, resolution, batch_size, specs, bar, pa, pq
+                )
+                digest = storage.sha256_file(tmp)
+                nbytes = tmp.stat().st_size
+                if local_out is not None:
+                    os.replace(tmp, local_out / info.name)
+                else:
+                    storage.upload_file(tmp, storage.join(out, info.name), sha256=digest)
+            finally:
+                tmp.unlink(missing_ok=True)
+            infos.append(CacheShardInfo(name=info.name, samples=rows, bytes=nbytes, sha256=digest))
+    finally:
+        bar.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    manifest = CacheManifest(
+        model=str(model), family=str(getattr(adapter, "family", type(adapter).__name__)), resolution=resolution,
+        data=str(data), tensors=specs, samples=sum(i.samples for i in infos), shards=infos,
+    )  # fmt: skip
+    storage.write_bytes(storage.join(out, MANIFEST), (manifest.model_dump_json(indent=2) + "\n").encode())
+    return manifest
+
+
+def _encode_shard(pipe, adapter, src: str, dst: Path, resolution, batch_size, specs, bar, pa, pq) -> int:
+    import torch
+
+    writer = None
+    pending: dict[str, list] = {"key": []}
+    rows = 0
+
+    def flush():
+        nonlocal writer
+        if not pending or not pending["key"]:
+            return
+        table = pa.table(pending)
+        if writer is None:
+            writer = pq.ParquetWriter(dst, table.schema, compression="zstd", write_statistics=["key"])
+        writer.write_table(table, row_group_size=len(pending["key"]))
+        for v in pending.values():
+            v.clear()
+
+    try:
+        with storage.open_read(src) as fh:
+            pf = pq.ParquetFile(fh)
+            for batch in pf.iter_batches(batch_size=batch_size, columns=["key", "caption", "image"]):
+                b = batch.to_pydict()
+                pixels = []
+                for key, image in zip(b["key"], b["image"], strict=True):
+                    try:
+                        pixels.append(load_image(image, resolution))
+                    except Exception as e:  # noqa: BLE001 - the sharder validated it; say which one broke
+                        raise PPCLError(f"{src}: cannot decode image of sample '{key}' ({e})") from e
+                with torch.inference_mode():
+                    latents = adapter.encode_images(pipe, torch.from_numpy(np.stack(pixels)))
+                    text = adapter.encode_prompts(pipe, list(b["caption"]))
+                tensors = {"latents": latents, **text}
+                for name, t in tensors.items():
+                    if t.shape[0] != len(b["key"]):
+                        raise PPCLError(f"encoder output {name!r} has batch {t.shape[0]}, expected {len(b['key'])}")
+                    arrays = [_stored(t[j]) for j in range(t.shape[0])]
+                    _update_spec(specs, name, arrays)
+                    pending.setdefault(name, []).extend(a.tobytes() for a in arrays)
+                    pending.setdefault(f"{name}.shape", []).extend(list(a.shape) for a in arrays)
+                pending.setdefault("key", []).extend(b["key"])
+                rows += len(b["key"])
+                bar.update(len(b["key"]))
+                if len(pending["key"]) >= ROW_GROUP_ROWS:
+                    flush()
+        flush()
+        if writer is None:  # an empty data shard: still write a readable (empty) cache shard
+            pq.write_table(pa.table({"key": pa.array([], pa.string())}), dst)
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def _update_spec(specs: dict[str, TensorSpec], name: str, arrays: list[np.ndarray]) -> None:
+    spec = specs.get(name)
+    shape = list(arrays[0].shape)
+    for a in arrays[1:]:
+        shape = [s if s == d else -1 for s, d in zip(shape, a.shape, strict=True)]
+    if spec is None:
+        specs[name] = TensorSpec(dtype=str(arrays[0].dtype), shape=shape)
+    else:
+        spec.shape = [s if s == d else -1 for s, d in zip(spec.shape, shape, strict=True)]

@@ -1,0 +1,390 @@
+"""Shard an image-text source into deterministic Parquet shards plus a versioned manifest.
+
+Output (a local folder or an s3:// prefix)::
+
+    DIR/shard-00000-of-00004.parquet ...   columns: key (str), caption (str), image (binary, the original
+                                           encoded bytes), width, height (int32), source (str: origin)
+    DIR/manifest.json                      ShardManifest: counts, bytes and sha256 per shard, every rejected
+                                           sample with its reason
+
+Design:
+- A sample's shard is ``int(sha256(key)[:8]) % N``: independent of source order and of the other samples.
+- Streaming in two passes with bounded memory: pass 1 reads the source once, validates each sample and
+  appends it to a per-shard spill file on local disk (TMPDIR); pass 2 sorts each shard's (key, offset)
+  index (memory: one index entry per sample of ONE shard) and writes the Parquet file row group by row group.
+- Byte-identical output for the same input: rows sorted by key, fixed writer options, fixed row-group
+  boundaries, no timestamps (the only writer-dependent field is pyarrow's ``created_by`` version string).
+- Images are validated (PIL ``verify`` plus a full decode, which also catches truncated JPEGs) and stored as
+  the original bytes, never re-encoded. Rejected: undecodable image, empty/missing caption, smaller side
+  below ``min_size``, duplicate key (the first in source order is kept), image without metadata row.
+- Re-running skips shards whose bytes are unchanged: the new shard's sha256 is compared with the existing
+  file's recorded sha256 (manifest, and for S3 the object's sha256 metadata; for local files the file is
+  re-hashed) and an identical shard is neither renamed nor re-uploaded.
+- Nothing half-written under a final name: a local shard is written to a hidden temporary beside the final
+  name and renamed; an S3 shard is uploaded whole (multipart is invisible until complete); the manifest is
+  written last, so a reader that finds a manifest finds every shard it lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from ppcl import storage
+from ppcl.data.sources import iter_samples
+from ppcl.errors import PPCLError
+
+MANIFEST = "manifest.json"
+#: Rows per Parquet row group (fixed: row-group boundaries are part of the bytes).
+ROW_GROUP_ROWS = 512
+#: Also close a row group once its images reach this many bytes, so huge images keep memory bounded.
+ROW_GROUP_BYTES = 64 * 1024 * 1024
+
+
+class ShardInfo(BaseModel):
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class RejectedSample(BaseModel):
+    key: str
+    location: str
+    reason: str
+
+
+class ShardManifest(BaseModel):
+    """DIR/manifest.json. ``read == accepted + len(rejected)`` and ``accepted == sum(shard.samples)``."""
+
+    version: Literal[1] = 1
+    kind: Literal["ppcl.shards"] = "ppcl.shards"
+    source: str
+    format: str
+    num_shards: int
+    caption_column: str | None = None
+    image_column: str | None = None
+    key_column: str | None = None
+    min_size: int = 0
+    read: int
+    accepted: int
+    shards: list[ShardInfo]
+    rejected: list[RejectedSample] = Field(default_factory=list)
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    return f"shard-{index:05d}-of-{num_shards:05d}.parquet"
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """The shard a key belongs to: first 8 bytes of sha256(key) as an integer, modulo num_shards."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % num_shards
+
+
+def shard_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("caption", pa.string()),
+            ("image", pa.binary()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("source", pa.string()),
+        ]
+    )
+
+
+# Fixed writer options: part of the determinism contract.
+_WRITER_OPTIONS = dict(
+    version="2.6",
+    compression={"key": "zstd", "caption": "zstd", "image": "none", "width": "zstd", "height": "zstd",
+                 "source": "zstd"},
+    use_dictionary=["source"],
+    write_statistics=["key", "width", "height"],
+    data_page_version="1.0",
+    write_page_index=False,
+)  # fmt: skip
+
+
+def read_shard_manifest(data_dir: str) -> ShardManifest:
+    """Read and validate DIR/manifest.json (local or s3://)."""
+    path = storage.join(data_dir, MANIFEST)
+    if not storage.exists(path):
+        raise PPCLError(f"{path} not found: is {data_dir} the output of `ppcl shard`?")
+    try:
+        return ShardManifest.model_validate_json(storage.read_bytes(path))
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(map(str, err["loc"]))
+        raise PPCLError(f"{path}: invalid shard manifest, field '{field}': {err['msg']}") from e
+
+
+def inspect_image(data: bytes, min_size: int = 0) -> tuple[int, int]:
+    """(width, height) of encoded image bytes; raises ValueError(reason) for a rejected image."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+            # verify() does not decode pixel data (a truncated JPEG passes it): decode fully once.
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                width, height = im.size
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image too large ({e})") from e
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        # Object reprs carry memory addresses: drop them so the manifest stays byte-identical across runs.
+        detail = re.sub(r"\s*<[^>]* at 0x[0-9a-fA-F]+>", "", str(e))
+        raise ValueError(f"undecodable image ({type(e).__name__}: {detail})") from e
+    if min(width, height) < min_size:
+        raise ValueError(f"image {width}x{height} is below the minimum size {min_size} px")
+    return width, height
+
+
+# Spill record header: lengths of key, caption, image, source; width; height.
+_HEADER = struct.Struct("<IIIIii")
+
+
+def _spill_write(f, key: bytes, caption: bytes, image: bytes, source: bytes, w: int, h: int) -> None:
+    f.write(_HEADER.pack(len(key), len(caption), len(image), len(source), w, h))
+    f.write(key)
+    f.write(caption)
+    f.write(image)
+    f.write(source)
+
+
+def _spill_index(path: Path) -> list[tuple[str, int]]:
+    """(key, offset) of every record in a spill file, reading only headers and keys."""
+    out = []
+    with open(path, "rb") as f:
+        offset = 0
+        while header := f.read(_HEADER.size):
+            lk, lc, li, ls, _, _ = _HEADER.unpack(header)
+            key = f.read(lk).decode("utf-8")
+            out.append((key, offset))
+            offset += _HEADER.size + lk + lc + li + ls
+            f.seek(offset)
+    return out
+
+
+def _spill_read(f, offset: int) -> tuple[str, str, bytes, str, int, int]:
+    f.seek(offset)
+    lk, lc, li, ls, w, h = _HEADER.unpack(f.read(_HEADER.size))
+    key = f.read(lk).decode("utf-8")
+    caption = f.read(lc).decode("utf-8")
+    image = f.read(li)
+    source = f.read(ls).decode("utf-8")
+    return key, caption, image, source, w, h
+
+
+def _write_parquet(spill: Path, out: Path, rejected: list[RejectedSample]) -> int:
+    """Write one shard from its spill file (rows sorted by key); returns the number of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    index = sorted(_spill_index(spill)) if spill.exists() else []
+    schema = shard_schema()
+    rows = 0
+    cols: dict[str, list] = {n: [] for n in schema.names}
+    nbytes = 0
+
+    def flush(writer) -> None:
+        nonlocal nbytes
+        if cols["key"]:
+            writer.write_table(pa.table(cols, schema=schema), row_group_size=len(cols["key"]))
+            for v in cols.values():
+                v.clear()
+            nbytes = 0
+
+    with pq.ParquetWriter(out, schema, **_WRITER_OPTIONS) as writer:
+        if index:
+            with open(spill, "rb") as f:
+                previous = None
+                for key, offset in index:
+                    _, caption, image, source, w, h = _spill_read(f, offset)
+                    if key == previous:  # sorted by (key, offset): the first in source order is kept
+                        rejected.append(RejectedSample(key=key, location=source, reason="duplicate key"))
+                        continue
+                    previous = key
+                    for name, value in zip(schema.names, (key, caption, image, w, h, source), strict=True):
+                        cols[name].append(value)
+                    rows += 1
+                    nbytes += len(image)
+                    if len(cols["key"]) >= ROW_GROUP_ROWS or nbytes >= ROW_GROUP_BYTES:
+                        flush(writer)
+        flush(writer)
+    return rows
+
+
+def _existing(out: str, num_shards: int) -> dict[str, str]:
+    """{shard name: sha256} of shards already in ``out`` whose recorded checksum is still true."""
+    try:
+        manifest = read_shard_manifest(out)
+    except PPCLError:
+        return {}
+    if manifest.num_shards != num_shards:
+        return {}
+    ok = {}
+    for s in manifest.shards:
+        path = storage.join(out, s.name)
+        try:
+            if storage.is_s3(out):
+                meta = storage.head(path)
+                actual = meta["metadata"].get("sha256") if meta["size"] == s.bytes else None
+            else:
+                actual = storage.sha256_file(path) if Path(path).exists() else None
+        except PPCLError:
+            actual = None
+        if actual == s.sha256:
+            ok[s.name] = s.sha256
+    return ok
+
+
+def shard_source(
+    source: str,
+    out: str,
+    num_shards: int,
+    *,
+    fmt: str = "auto",
+    caption_column: str | None = None,
+    image_column: str | None = None,
+    key_column: str | None = None,
+    min_size: int = 0,
+    progress: bool = True,
+) -> tuple[ShardManifest, int]:
+    """Shard ``source`` into ``num_shards`` Parquet files under ``out``; returns (manifest, shards written).
+
+    Shards whose bytes equal the existing ones are not rewritten (``written`` counts the others).
+    Raises PPCLError for an unreadable source, a missing column, or a source without one valid sample;
+    in that case nothing is written under ``out``.
+    """
+    from tqdm import tqdm
+
+    if num_shards < 1:
+        raise PPCLError(f"--shards must be at least 1 (got {num_shards})")
+    if min_size < 0:
+        raise PPCLError(f"--min-size must be >= 0 (got {min_size})")
+    out = str(out).rstrip("/") if storage.is_s3(out) else str(out)
+    if not storage.is_s3(out) and Path(out).exists() and not Path(out).is_dir():
+        raise PPCLError(f"--out {out} exists and is not a folder")
+    from ppcl.data.sources import detect_format, list_source
+
+    storage.check_bucket(out)  # a wrong bucket or credentials must fail before an hour of reading
+
+    fmt_used = detect_format(list_source(source)) if fmt == "auto" else fmt
+    rejected: list[RejectedSample] = []
+    read = 0
+    spill_dir = Path(tempfile.mkdtemp(prefix="ppcl-shard-"))
+    try:
+        # Pass 1: read, validate, route each sample to its shard's spill file.
+        spills = [spill_dir / f"{i:05d}.bin" for i in range(num_shards)]
+        handles: dict[int, object] = {}
+        try:
+            samples = iter_samples(
+                source, fmt=fmt_used, caption_column=caption_column, image_column=image_column,
+                key_column=key_column,
+            )  # fmt: skip
+            for s in tqdm(samples, desc="shard: read", unit="sample", disable=not progress):
+                read += 1
+                problem = s.problem
+                if problem is None:
+                    try:
+                        w, h = inspect_image(s.image, min_size)
+                    except ValueError as e:
+                        problem = str(e)
+                if problem is not None:
+                    rejected.append(RejectedSample(key=s.key, location=s.location, reason=problem))
+                    continue
+                i = shard_of(s.key, num_shards)
+                if i not in handles:
+                    handles[i] = open(spills[i], "ab", buffering=1024 * 1024)
+                _spill_write(handles[i], s.key.encode(), s.caption.encode(), s.image, s.location.encode(), w, h)
+        finally:
+            for f in handles.values():
+                f.close()
+        if read == 0:
+            raise PPCLError(f"source {source} contains no samples")
+        if read == len(rejected):
+            first = rejected[0]
+            raise PPCLError(
+                f"source {source} has no valid sample: all {read} rejected "
+                f"(first: '{first.key}' at {first.location}: {first.reason})"
+            )
+
+        # Pass 2: one shard at a time, sorted by key; skip shards whose bytes did not change.
+        existing = _existing(out, num_shards)
+        local_out = None if storage.is_s3(out) else Path(out)
+        if local_out is not None:
+            local_out.mkdir(parents=True, exist_ok=True)
+        shards, written = [], 0
+        for i in tqdm(range(num_shards), desc="shard: write", unit="shard", disable=not progress):
+            name = shard_name(i, num_shards)
+            tmp_dir = local_out if local_out is not None else spill_dir
+            tmp = tmp_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                rows = _write_parquet(spills[i], tmp, rejected)
+                spills[i].unlink(missing_ok=True)
+                digest = storage.sha256_file(tmp)
+                nbytes = tmp.stat().st_size
+                if existing.get(name) != digest:
+                    if local_out is not None:
+                        os.replace(tmp, local_out / name)
+                    else:
+                        storage.upload_file(tmp, storage.join(out, name), sha256=digest)
+                    written += 1
+            finally:
+                tmp.unlink(missing_ok=True)
+            shards.append(ShardInfo(name=name, samples=rows, bytes=nbytes, sha256=digest))
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+    manifest = ShardManifest(
+        source=_redact(source), format=fmt_used, num_shards=num_shards, caption_column=caption_column,
+        image_column=image_column, key_column=key_column, min_size=min_size, read=read,
+        accepted=sum(s.samples for s in shards), shards=shards, rejected=rejected,
+    )  # fmt: skip
+    storage.write_bytes(storage.join(out, MANIFEST), (manifest.model_dump_json(indent=2) + "\n").encode())
+    return manifest, written
+
+
+def _redact(uri: str) -> str:
+    # s3 URIs never hold credentials, but a user might paste user:password@ into an http-like source.
+    return uri.split("@", 1)[-1] if "://" in uri and "@" in uri.split("/", 3)[2] else uri
+
+
+def iter_shard_rows(
+    data_dir: str, columns: list[str] | None = None, batch_size: int = 64
+) -> Iterator[tuple[str, dict[str, list]]]:
+    """Yield (shard name, column batch as {column: list}) over every shard listed in the manifest."""
+    import pyarrow.parquet as pq
+
+    manifest = read_shard_manifest(data_dir)
+    for s in manifest.shards:
+        with storage.open_read(storage.join(data_dir, s.name)) as fh:
+            pf = pq.ParquetFile(fh)
+            for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+                yield s.name, batch.to_pydict()
+
+
+def manifest_summary(manifest: ShardManifest) -> str:
+    return json.dumps(
+        {"read": manifest.read, "accepted": manifest.accepted, "rejected": len(manifest.rejected),
+         "shards": manifest.num_shards},
+    )  # fmt: skip
