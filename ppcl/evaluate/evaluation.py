@@ -1,0 +1,239 @@
+"""``evaluate_models``: the teacher and each pruned model on the same prompts and seeds; every metric; outputs.
+
+Order of work, chosen so memory stays bounded and each model's peak memory is its own:
+1. validate every input (prompts, pipeline folders, CLIP path, reference folder, FID extractor) before any
+   output exists;
+2. load the measuring networks (CLIP, FID extractor) and the reference statistics (cached);
+3. for the teacher, then each model, ONE pipeline in memory at a time: a one-image generation that captures a
+   transformer call (and warms up), all samples in batches (CLIP and FID updated per batch; the teacher's latents
+   and 8-bit images spilled to a scratch folder on disk, read back batch by batch for each model's fidelity),
+   then the latency replay; the pipeline is freed before the next one is loaded;
+4. grid.png, report.html, then metrics.json last (each atomic): a metrics.json exists only for a complete run.
+Only the first ``grid_samples`` images of each model are kept in memory, for the grid.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ppcl.errors import PPCLError
+from ppcl.evaluate.metrics import EvalMetrics, EvalSettings, ExtractorInfo, ModelMetrics, ReferenceInfo
+
+
+@dataclass
+class EvalResult:
+    metrics: EvalMetrics
+    out: Path
+    metrics_path: Path
+    grid_path: Path
+    report_path: Path
+
+
+@dataclass
+class _Run:
+    """What one model's pass produced, before the cross-model numbers (ratio, speedup) are known."""
+
+    name: str
+    path: Path
+    role: str
+    parameters: int = 0
+    latency: object = None
+    memory: object = None
+    generation_s: float = 0.0
+    fid: float | None = None
+    clip_score: float | None = None
+    fidelity: object = None
+    grid_images: list[torch.Tensor] = field(default_factory=list)
+
+
+def _check_pipeline_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise PPCLError(f"{what} not found: {path}")
+    if not (path / "model_index.json").is_file():
+        raise PPCLError(f"{what} is not a diffusers pipeline directory (no model_index.json): {path}")
+
+
+def _names(teacher: Path, models: list[Path], names: list[str] | None) -> list[str]:
+    wanted = ["teacher"] + (list(names) if names else [p.name or str(p) for p in models])
+    if len(wanted) != len(models) + 1:
+        raise PPCLError(f"got {len(names or [])} names for {len(models)} models")
+    seen: dict[str, int] = {}
+    out = []
+    for n in wanted:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
+
+
+def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list[str], out: str | Path,
+                    settings: EvalSettings | None = None, *, names: list[str] | None = None,
+                    progress: bool = True) -> EvalResult:
+    """Evaluate ``models`` against ``teacher`` and write ``out``/{metrics.json, grid.png, report.html}.
+
+    Args:
+        models: pruned pipeline directories (the teacher itself may be among them: a self-check).
+        teacher: the teacher pipeline directory.
+        prompts: the prompts; with ``settings.seeds`` seeds each.
+        out: output folder (created; the three files inside are replaced atomically).
+        settings: generation and measurement settings (defaults: :class:`EvalSettings`).
+        names: display names of ``models`` (default: their folder names); the teacher is "teacher".
+    Raises:
+        PPCLError: bad input, before anything is written.
+    """
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    from ppcl.arch import count_parameters, get_adapter, load_pipeline
+    from ppcl.atomic import atomic_path, write_bytes, write_json
+    from ppcl.evaluate import clip as clip_mod
+    from ppcl.evaluate import fid as fid_mod
+    from ppcl.evaluate.cost import PeakMemory, capture_transformer_call, measure_latency, release_memory
+    from ppcl.evaluate.fidelity import FidelityAccumulator
+    from ppcl.evaluate.generate import batched, generate, make_samples, resolve_device, resolve_dtype
+    from ppcl.evaluate.grid import png_bytes, render_grid
+    from ppcl.evaluate.html import render_report
+
+    settings = settings or EvalSettings()
+    out = Path(out)
+    teacher = Path(teacher)
+    models = [Path(m) for m in models]
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+
+    # ---- 1. validate everything before any work or output
+    if not prompts:
+        raise PPCLError("no prompts to evaluate")
+    _check_pipeline_dir(teacher, "teacher")
+    for m in models:
+        _check_pipeline_dir(m, "model")
+    all_names = _names(teacher, models, names)
+    samples = make_samples(prompts, settings.seeds, settings.seed_offset)
+    ref_files = None
+    if settings.reference:
+        ref_files = fid_mod.list_images(settings.reference)
+        if len(samples) < 2 or len(ref_files) < 2:
+            raise PPCLError(f"FID needs at least 2 generated and 2 reference images, got {len(samples)} samples and "
+                            f"{len(ref_files)} reference images ({settings.reference})")
+        fid_spec = settings.fid_features or ("clip" if settings.clip else None)
+        if fid_spec is None:
+            raise PPCLError("FID needs a feature extractor: pass --fid-features (pkg.mod:factory, inception:PATH) "
+                            "or --clip PATH")
+        if fid_spec == "clip" and not settings.clip:
+            raise PPCLError("--fid-features clip needs a CLIP model: pass --clip PATH")
+        settings = settings.model_copy(update={"fid_features": fid_spec})
+    if settings.fid_features and not settings.reference:
+        raise PPCLError("--fid-features given without --reference IMAGES: FID needs a reference set")
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    settings = settings.model_copy(update={"device": str(device), "dtype": str(dtype).removeprefix("torch.")})
+
+    # ---- 2. measuring networks
+    clip = clip_info = scorer = None
+    if settings.clip:
+        clip = clip_mod.load_clip(settings.clip, device)
+        clip_info = ExtractorInfo(name=settings.clip, sha256=fid_mod.state_dict_sha256(clip[0]),
+                                  num_features=int(clip[0].config.projection_dim))
+        scorer = clip_mod.ClipScorer(*clip)
+    fid_acc = fid_info = ref_info = None
+    if settings.reference:
+        extractor = fid_mod.load_extractor(settings.fid_features, clip, settings.clip)
+        fid_acc = fid_mod.FIDAccumulator(extractor, device)
+        stats = fid_mod.reference_statistics(fid_acc, settings.reference, settings.height, settings.width,
+                                             batch_size=settings.batch_size, cache_dir=settings.fid_cache_dir,
+                                             progress=progress)
+        fid_info = ExtractorInfo(name=extractor.name, sha256=extractor.sha256,
+                                 num_features=int(fid_acc.metric.real_features_sum.numel()))
+        ref_info = ReferenceInfo(path=str(settings.reference), sha256=stats.sha256, num_images=stats.num_images,
+                                 statistics_cached=stats.cached)
+
+    # ---- 3. one pipeline at a time
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
+    runs: list[_Run] = []
+    gen_kw = dict(steps=settings.steps, height=settings.height, width=settings.width, guidance=settings.guidance)
+    try:
+        for k, (name, path) in enumerate(zip(all_names, [teacher] + models)):
+            run = _Run(name, path, "teacher" if k == 0 else "model")
+            release_memory()
+            with PeakMemory(device) as peak:
+                pipe = load_pipeline(path, device=str(device), dtype=dtype)
+                adapter = get_adapter(pipe.transformer)
+                run.parameters = count_parameters(pipe.transformer)
+                with capture_transformer_call(pipe.transformer) as call:
+                    generate(pipe, adapter, samples[:1], **gen_kw)  # also the warm-up of the whole pipeline
+                calls_per_step = max(1, round(call.calls / settings.steps))
+                if scorer:
+                    scorer.reset()
+                if fid_acc:
+                    fid_acc.reset_generated()
+                fidelity = FidelityAccumulator()
+                t0 = time.perf_counter()
+                for b, batch in enumerate(tqdm(list(batched(samples, settings.batch_size)), desc=name,
+                                               unit="batch", disable=not progress)):
+                    latents, images = generate(pipe, adapter, batch, **gen_kw)
+                    if scorer:
+                        scorer.update(images, [s.prompt for s in batch])
+                    if fid_acc:
+                        fid_acc.update(images, real=False)
+                    spill = scratch / f"{b:06d}.safetensors"
+                    if run.role == "teacher":
+                        save_file({"latents": latents.contiguous(),
+                                   "images": (images * 255).round().to(torch.uint8).contiguous()}, str(spill))
+                    else:
+                        ref = load_file(str(spill))
+                        if ref["latents"].shape != latents.shape:
+                            raise PPCLError(f"model {path} returns latents of shape {tuple(latents.shape)}, the "
+                                            f"teacher {tuple(ref['latents'].shape)}: not comparable")
+                        fidelity.update(ref["latents"], latents, ref["images"].float() / 255.0, images)
+                    for s, img in zip(batch, images):
+                        if s.index < settings.grid_samples:
+                            run.grid_images.append(img.clone())
+                    del latents, images
+                run.generation_s = time.perf_counter() - t0
+                run.latency = measure_latency(pipe.transformer, call, warmup=settings.latency_warmup,
+                                              repeats=settings.latency_repeats, calls_per_step=calls_per_step)
+                del call
+            run.memory = peak.result
+            run.clip_score = scorer.compute() if scorer else None
+            run.fid = fid_acc.compute() if fid_acc else None
+            run.fidelity = fidelity.result() if run.role == "model" else None
+            runs.append(run)
+            del pipe, adapter
+            release_memory()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    # ---- 4. outputs
+    t = runs[0]
+    entries = [
+        ModelMetrics(
+            name=r.name, path=str(r.path), role=r.role, parameters=r.parameters,
+            parameters_ratio=r.parameters / t.parameters, latency=r.latency,
+            speedup=1.0 if r is t else t.latency.per_step_s / r.latency.per_step_s,
+            memory=r.memory, generation_s=r.generation_s, fid=r.fid, clip_score=r.clip_score, fidelity=r.fidelity,
+        )
+        for r in runs
+    ]
+    metrics = EvalMetrics(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), settings=settings, prompts=prompts,
+        samples=len(samples), teacher=str(teacher), fid_extractor=fid_info, clip_model=clip_info,
+        reference=ref_info, models=entries,
+    )
+    shown = samples[: settings.grid_samples]
+    grid = render_grid([(r.name, r.grid_images) for r in runs], [f"{s.prompt}  (seed {s.seed})" for s in shown])
+    grid_png = png_bytes(grid)
+    out.mkdir(parents=True, exist_ok=True)
+    # metrics.json goes last and its stale copy first: a failed write never leaves an old run's numbers
+    # beside new images.
+    (out / "metrics.json").unlink(missing_ok=True)
+    write_bytes(out / "grid.png", grid_png)
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(render_report(metrics, grid_png), encoding="utf-8")
+    write_json(out / "metrics.json", metrics.model_dump(mode="json"))
+    return EvalResult(metrics, out, out / "metrics.json", out / "grid.png", out / "report.html")

@@ -1,0 +1,190 @@
+"""The ``metrics.json`` schema (version 1): what ``ppcl evaluate`` writes and ``ppcl report`` reads.
+
+One file per evaluation run: the settings that produced the numbers, the identity of every measuring model
+(FID feature extractor, CLIP), the reference set, and one :class:`ModelMetrics` entry per evaluated model, the
+teacher first (``role == "teacher"``).
+
+JSON has no infinity. A PSNR is infinite exactly when the compared tensors are identical; we then store
+``null`` for the PSNR and ``"identical": true`` (never a cap such as 100 dB, which could be mistaken for a
+measurement). :attr:`Fidelity.latent_psnr_db` is ``None`` if and only if every latent pair was bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ppcl.errors import PPCLError
+
+METRICS_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvalSettings(_Strict):
+    """Everything that changes the numbers. Stored verbatim in metrics.json.
+
+    Attributes:
+        steps: denoising steps per image.
+        height, width: generation resolution in pixels.
+        guidance: guidance scale passed through the family adapter (None: the pipeline's default).
+        seeds: images per prompt; sample (prompt i, seed j) uses ``torch.Generator("cpu").manual_seed(seed_offset
+            + j)`` for every model, so the initial noise is identical across models and runs.
+        seed_offset: first seed.
+        batch_size: images per pipeline call (same batches for every model).
+        device: "cpu", "cuda", "cuda:1", ...; None picks cuda when available.
+        dtype: "float32", "bfloat16" or "float16"; None: float32 on CPU, bfloat16 on CUDA.
+        clip: CLIP model directory (or hub id) for CLIP score; None: no CLIP score.
+        reference: folder of reference images for FID; None: no FID.
+        fid_features: FID feature extractor spec (see :func:`ppcl.evaluate.fid.load_extractor`); None with a
+            reference and a CLIP: ``clip``.
+        fid_cache_dir: where reference statistics are cached (None: ``$PPCL_CACHE_DIR/fid`` or ``~/.cache/ppcl/fid``).
+        latency_warmup, latency_repeats: transformer forwards run untimed, then timed.
+        grid_samples: samples (rows) shown in grid.png; the first ones in sample order (seed-major: every prompt
+            with the first seed, then the next seed).
+    """
+
+    steps: int = Field(20, ge=1)
+    height: int = Field(512, ge=8)
+    width: int = Field(512, ge=8)
+    guidance: float | None = None
+    seeds: int = Field(1, ge=1)
+    seed_offset: int = Field(0, ge=0)
+    batch_size: int = Field(4, ge=1)
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    clip: str | None = None
+    reference: str | None = None
+    fid_features: str | None = None
+    fid_cache_dir: str | None = None
+    latency_warmup: int = Field(2, ge=0)
+    latency_repeats: int = Field(10, ge=1)
+    grid_samples: int = Field(4, ge=1)
+
+
+class Latency(_Strict):
+    """Latency of one denoising step: ``calls_per_step`` transformer forwards at the generation resolution.
+
+    ``median_s``/``min_s``/``max_s`` are over ``repeats`` timed single forwards (batch of one image, after
+    ``warmup`` untimed ones, device synchronised); ``per_step_s = median_s * calls_per_step``.
+    """
+
+    median_s: float
+    min_s: float
+    max_s: float
+    spread: float = Field(description="(max - min) / median")
+    repeats: int
+    warmup: int
+    calls_per_step: int
+    per_step_s: float
+
+
+class Memory(_Strict):
+    """Peak memory while this model was loaded and generating.
+
+    kind: ``cuda_max_allocated`` (torch.cuda.max_memory_allocated, bytes) or ``cpu_peak_rss`` (the process's
+    peak resident set, reset before this model was loaded). ``baseline_bytes`` is the same measure just before loading;
+    ``model_bytes = peak_bytes - baseline_bytes`` is what this model added. The first pipeline of a run (the
+    teacher) also pays the process's one-time costs (lazy imports, allocator pools), so its ``model_bytes`` is
+    an upper bound; evaluate the teacher as a ``--model`` too for a like-for-like figure.
+    """
+
+    kind: Literal["cuda_max_allocated", "cpu_peak_rss"]
+    peak_bytes: int
+    baseline_bytes: int
+    model_bytes: int
+
+
+class Fidelity(_Strict):
+    """Agreement with the teacher on the same prompt and seed (no reference set needed).
+
+    latent_psnr_db: ``10 log10(R^2 / MSE)`` with the MSE pooled over every element of every sample's final
+        latent and R the teacher latents' range (max - min over all samples); None when identical (infinite).
+    latent_cosine: mean over samples of the cosine between flattened final latents; latent_cosine_min: worst one.
+    image_psnr_db: ``10 log10(1 / MSE)`` over decoded images in [0, 1], both quantised to 8 bits as saved
+        (pooled MSE); None when identical.
+    identical: every latent of every sample is bit-identical to the teacher's.
+    """
+
+    latent_psnr_db: float | None
+    latent_cosine: float
+    latent_cosine_min: float
+    image_psnr_db: float | None
+    identical: bool
+    samples: int
+
+
+class ModelMetrics(_Strict):
+    """One evaluated pipeline. ``fid``/``clip_score`` are None when not requested."""
+
+    name: str
+    path: str
+    role: Literal["teacher", "model"]
+    parameters: int = Field(description="transformer parameters (exact count)")
+    parameters_ratio: float = Field(description="parameters / teacher parameters")
+    latency: Latency
+    speedup: float = Field(description="teacher per-step latency / this model's (1.0 for the teacher)")
+    memory: Memory
+    generation_s: float = Field(description="wall time to generate all samples (pipeline calls + decoding)")
+    fid: float | None = None
+    clip_score: float | None = None
+    fidelity: Fidelity | None = Field(None, description="None for the teacher entry itself")
+
+
+class ExtractorInfo(_Strict):
+    """A measuring network: numbers are comparable only between runs with the same ``name`` and ``sha256``."""
+
+    name: str
+    sha256: str
+    num_features: int | None = None
+
+
+class ReferenceInfo(_Strict):
+    path: str
+    sha256: str = Field(description="checksum of the set: sorted relative paths and file contents")
+    num_images: int
+    statistics_cached: bool = Field(description="statistics were read from the cache instead of recomputed")
+
+
+class EvalMetrics(_Strict):
+    version: Literal[1] = METRICS_VERSION
+    created: str
+    settings: EvalSettings
+    prompts: list[str]
+    samples: int
+    teacher: str
+    fid_extractor: ExtractorInfo | None = None
+    clip_model: ExtractorInfo | None = None
+    reference: ReferenceInfo | None = None
+    models: list[ModelMetrics]
+
+    def entry(self, name: str) -> ModelMetrics:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def load_metrics(path: str | Path) -> EvalMetrics:
+    """Read and validate a metrics.json; a bad file raises PPCLError naming the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise PPCLError(f"metrics file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PPCLError(f"unreadable metrics file {path}: {e}") from None
+    if not isinstance(data, dict) or data.get("version") != METRICS_VERSION:
+        got = data.get("version") if isinstance(data, dict) else None
+        raise PPCLError(f"{path}: field 'version' is {got!r}, expected {METRICS_VERSION}")
+    try:
+        return EvalMetrics.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise PPCLError(f"{path}: field '{where}': {err['msg']}") from None

@@ -1,0 +1,199 @@
+"""The pipeline's last stage: one offline HTML page comparing every evaluated ratio.
+
+Input: several ``metrics.json`` (one per ``ppcl evaluate`` run, typically one per exported ratio, each with the
+teacher measured in the same run). Output in DIR:
+
+- ``quality_vs_parameters.png``: FID, CLIP score and fidelity to the teacher (latent PSNR, latent cosine)
+  against transformer parameters;
+- ``latency_vs_parameters.png``: latency per denoising step (median, min-max bars) and speedup vs parameters;
+- ``report.html``: the table of every model, the plots and each run's grid.png, all embedded (base64).
+
+Choices: the teacher appears in every run; it is shown once (from the first run that has it). Teacher entries
+are the same teacher when their paths or their exact parameter counts match: in a pipeline each ratio's run
+may have copied the teacher to its own folder, and two different teachers with identical parameter counts are
+not a case a compression run produces. Speedup
+is always the one measured within a model's own run against the teacher measured on the same machine, so
+runs made on different machines stay comparable. Runs whose settings or measuring networks differ are still
+shown, with a warning naming what differs: FID from different extractors, or any number from different
+resolutions/steps/prompts, is not comparable. Infinite PSNR (a model identical to the teacher) is not plotted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ppcl.errors import PPCLError
+from ppcl.evaluate.metrics import EvalMetrics, ModelMetrics, load_metrics
+
+
+@dataclass
+class ReportResult:
+    out: Path
+    report_path: Path
+    plots: list[Path]
+    rows: list[tuple[str, ModelMetrics]]  # (run label, entry)
+    warnings: list[str]
+
+
+def _run_label(path: Path, index: int) -> str:
+    return path.parent.name or f"run{index}"
+
+
+def _settings_key(m: EvalMetrics) -> str:
+    s = m.settings
+    key = {"steps": s.steps, "height": s.height, "width": s.width, "guidance": s.guidance, "seeds": s.seeds,
+           "seed_offset": s.seed_offset, "prompts": m.prompts}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def comparability_warnings(runs: list[tuple[str, EvalMetrics]]) -> list[str]:
+    """What differs between runs in a way that makes their numbers incomparable."""
+    out = []
+    if len({_settings_key(m) for _, m in runs}) > 1:
+        out.append("runs used different generation settings or prompts (steps, resolution, guidance, seeds): "
+                   "quality numbers are not comparable across them")
+    fids = {(m.fid_extractor.name, m.fid_extractor.sha256) for _, m in runs if m.fid_extractor}
+    if len(fids) > 1:
+        out.append("runs used different FID feature extractors (" + ", ".join(sorted(n for n, _ in fids))
+                   + "): FID values are not comparable across them")
+    refs = {m.reference.sha256 for _, m in runs if m.reference}
+    if len(refs) > 1:
+        out.append("runs used different FID reference sets: FID values are not comparable across them")
+    clips = {m.clip_model.sha256 for _, m in runs if m.clip_model}
+    if len(clips) > 1:
+        out.append("runs used different CLIP models: CLIP scores are not comparable across them")
+    devices = {m.settings.device for _, m in runs}
+    if len(devices) > 1:
+        out.append(f"runs ran on different devices ({', '.join(sorted(map(str, devices)))}): compare speedups, "
+                   "not absolute latencies")
+    return out
+
+
+def collect_rows(runs: list[tuple[str, EvalMetrics]]) -> list[tuple[str, ModelMetrics]]:
+    """Every model entry; the teacher once (first run; same path or parameter count); by parameters, desc."""
+    rows: list[tuple[str, ModelMetrics]] = []
+    teachers: set = set()
+    for label, m in runs:
+        for e in m.models:
+            if e.role == "teacher":
+                if e.path in teachers or e.parameters in teachers:
+                    continue
+                teachers.update((e.path, e.parameters))
+            rows.append((label, e))
+    return sorted(rows, key=lambda r: (-r[1].parameters, r[1].role != "teacher", r[0], r[1].name))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fig_png(fig, plt) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _scatter(ax, rows, value, ylabel: str) -> bool:
+    pts = [(e.parameters / 1e6, value(e), f"{lbl}/{e.name}" if e.role != "teacher" else "teacher", e.role)
+           for lbl, e in rows if value(e) is not None]
+    if not pts:
+        ax.set_visible(False)
+        return False
+    pts.sort()
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="0.75", zorder=1)
+    for x, y, name, role in pts:
+        ax.scatter([x], [y], marker="*" if role == "teacher" else "o", s=90 if role == "teacher" else 40,
+                   color="C3" if role == "teacher" else "C0", zorder=2)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("transformer parameters (M)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return True
+
+
+def plot_quality(rows: list[tuple[str, ModelMetrics]]) -> bytes:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    _scatter(axes[0], rows, lambda e: e.fid, "FID (lower is better)")
+    _scatter(axes[1], rows, lambda e: e.clip_score, "CLIP score")
+    _scatter(axes[2], rows, lambda e: e.fidelity.latent_psnr_db if e.fidelity else None, "latent PSNR vs teacher (dB)")
+    _scatter(axes[3], rows, lambda e: e.fidelity.latent_cosine if e.fidelity else None, "latent cosine vs teacher")
+    fig.suptitle("quality vs parameters")
+    return _fig_png(fig, plt)
+
+
+def plot_latency(rows: list[tuple[str, ModelMetrics]]) -> bytes:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax = axes[0]
+    _scatter(ax, rows, lambda e: e.latency.per_step_s * 1e3, "latency per step (ms)")
+    for _, e in rows:
+        lat = e.latency
+        ax.errorbar([e.parameters / 1e6], [lat.per_step_s * 1e3],
+                    yerr=[[(lat.median_s - lat.min_s) * lat.calls_per_step * 1e3],
+                          [(lat.max_s - lat.median_s) * lat.calls_per_step * 1e3]],
+                    fmt="none", ecolor="0.4", capsize=3)
+    _scatter(axes[1], rows, lambda e: e.speedup, "speedup vs teacher (x)")
+    fig.suptitle("latency vs parameters (bars: min-max of repeated runs)")
+    return _fig_png(fig, plt)
+
+
+def build_report(metrics_paths: list[str | Path], out: str | Path, *, title: str = "ppcl: pruning ratios compared"
+                 ) -> ReportResult:
+    """Read every metrics.json (validated), write the plots and report.html into ``out``.
+
+    Raises:
+        PPCLError: no inputs, or a missing/invalid metrics file (before anything is written).
+    """
+    from ppcl.atomic import atomic_path, write_bytes
+    from ppcl.evaluate.html import HEADER, esc, img_tag, model_row, page, table
+
+    if not metrics_paths:
+        raise PPCLError("no metrics files given")
+    paths = [Path(p) for p in metrics_paths]
+    runs = [(_run_label(p, i), load_metrics(p)) for i, p in enumerate(paths)]
+    labels = [lbl for lbl, _ in runs]
+    if len(set(labels)) < len(labels):  # same folder names: fall back to numbered labels
+        runs = [(f"run{i}", m) for i, (_, m) in enumerate(runs)]
+    rows = collect_rows(runs)
+    warnings = comparability_warnings(runs)
+
+    quality_png = plot_quality(rows)
+    latency_png = plot_latency(rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [write_bytes(out / "quality_vs_parameters.png", quality_png),
+             write_bytes(out / "latency_vs_parameters.png", latency_png)]
+
+    body = ""
+    if warnings:
+        body += "<div style='background:#fff3cd;padding:0.5em 1em'><b>Not comparable:</b><ul>" + "".join(
+            f"<li>{esc(w)}</li>" for w in warnings) + "</ul></div>"
+    body += "<ul>" + "".join(
+        f"<li><b>{esc(lbl)}</b>: <code>{esc(p)}</code> — {len(m.models) - 1} model(s), {m.samples} samples, "
+        f"{m.settings.steps} steps, {m.settings.width}×{m.settings.height}, {esc(m.settings.device)}"
+        + (f", FID features <code>{esc(m.fid_extractor.name)}</code>" if m.fid_extractor else "") + "</li>"
+        for (lbl, m), p in zip(runs, paths)) + "</ul>"
+    table_rows = [[esc(lbl)] + model_row(e) for lbl, e in rows]
+    body += table(["run"] + HEADER, table_rows)
+    body += "<h2>Quality vs parameters</h2>" + img_tag(quality_png, "quality vs parameters")
+    body += "<h2>Latency vs parameters</h2>" + img_tag(latency_png, "latency vs parameters")
+    for (lbl, _), p in zip(runs, paths):
+        grid = p.parent / "grid.png"
+        if grid.is_file():
+            body += f"<h2>Samples: {esc(lbl)}</h2>" + img_tag(grid.read_bytes(), f"grid {lbl}")
+    report = out / "report.html"
+    with atomic_path(report) as tmp:
+        tmp.write_text(page(title, body), encoding="utf-8")
+    return ReportResult(out, report, plots, rows, warnings)
