@@ -1,0 +1,83 @@
+"""Probe plots: the CKA heat-map between block outputs and the CKA trend along depth (optionally with the chosen
+intervals shaded). matplotlib with the Agg backend; files are written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ppcl.atomic import atomic_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ppcl.probe import ProbeResult
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _nan(rows):
+    return [[float("nan") if v is None else v for v in row] for row in rows]
+
+
+def plot_cka_heatmap(probe: "ProbeResult", path: str | Path) -> Path:
+    """One ``L x L`` panel per stream: CKA between block outputs (``probe.cka_matrix``)."""
+    plt = _pyplot()
+    mats = probe.cka_matrix.matrices
+    streams = list(mats)
+    fig, axes = plt.subplots(1, max(1, len(streams)), figsize=(5 * max(1, len(streams)), 4.4), squeeze=False)
+    for ax, stream in zip(axes[0], streams):
+        im = ax.imshow(_nan(mats[stream]), vmin=0, vmax=1, cmap="viridis", origin="lower")
+        ax.set_title(f"{stream} stream: CKA between block outputs")
+        ax.set_xlabel("block")
+        ax.set_ylabel("block")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{probe.family}: {probe.cka_matrix.estimator}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_trend(probe: "ProbeResult", path: str | Path, intervals: list[list[int]] | None = None) -> Path:
+    """CKA(h_l, h_{l+1}) per stream and combined, the trend d_l, kind boundaries, and ``intervals`` shaded."""
+    plt = _pyplot()
+    idx = [b.index for b in probe.blocks]
+    fig, (ax, axd) = plt.subplots(2, 1, figsize=(max(6, 0.18 * len(idx) + 4), 5.5), sharex=True)
+    for stream in ("image", "text"):
+        ys = [b.per_stream[stream].cka if stream in b.per_stream else None for b in probe.blocks]
+        if any(y is not None for y in ys):
+            ax.plot(idx, [float("nan") if y is None else y for y in ys], ".-", lw=1, label=f"CKA {stream}")
+    ax.plot(idx, [float("nan") if b.cka is None else b.cka for b in probe.blocks], "k.-", lw=1.6,
+            label="CKA (mean)")
+    axd.bar(idx, [0 if b.trend is None else b.trend for b in probe.blocks], color="tab:gray")
+    axd.axhline(0, color="k", lw=0.5)
+    for a in (ax, axd):
+        for b0, b1 in zip(probe.blocks, probe.blocks[1:]):
+            if b0.kind != b1.kind:
+                a.axvline(b1.index - 0.5, color="tab:red", ls="--", lw=1)
+        for s, e in intervals or []:
+            a.axvspan(s - 0.5, e + 0.5, color="tab:orange", alpha=0.25, lw=0)
+    ax.set_ylabel("CKA(h_l, h_l+1)")
+    axd.set_ylabel("trend d_l")
+    axd.set_xlabel("block")
+    ax.legend(fontsize=8, loc="lower left")
+    title = f"{probe.family}: similarity along depth"
+    if intervals:
+        title += f" ({len(intervals)} intervals shaded)"
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path) -> Path:
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return path
