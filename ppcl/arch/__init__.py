@@ -82,11 +82,11 @@ def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None):
         raise PPCLError(f"unreadable {index}: {e}") from None
     kwargs: dict[str, Any] = {}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs["dtype"] = dtype
     library, cls_name = (spec.get("transformer") or [None, None])[:2]
     if library and library.startswith("ppcl"):
         cls = _resolve_class(library, cls_name)
-        kwargs["transformer"] = cls.from_pretrained(path / "transformer", **({"torch_dtype": dtype} if dtype else {}))
+        kwargs["transformer"] = cls.from_pretrained(path / "transformer", **({"dtype": dtype} if dtype else {}))
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

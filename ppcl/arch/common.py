@@ -335,3 +335,153 @@ def shift_sigmas(sigma: torch.Tensor, scheduler_config: dict[str, Any], image_se
         return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
     shift = float(cfg.get("shift", 1.0))
     return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+# ------------------------------------------------------------------------------------------ width operations
+# Added for width pruning (method.md section 3). Design: FFN -> residual linear is a module swap, not a forward
+# rewrite. In every family here the FFN is a gated residual branch, ``out = x + gate * ffn(modulate(norm(x)))`` with
+# ``x`` the post-attention state; replacing ``ffn`` by a branch that returns zeros makes the stock block return
+# exactly ``x`` for that stream, and a residual linear map ``y = x + W x + b`` applied to the block's output for
+# that stream is then precisely "a residual linear map from the post-attention state to the block output". The
+# modified block is the stock block's class with a thin subclass (``PPCL<Block>``) whose forward keeps the stock
+# signature (so calls bind the same way) and applies the projections to the outputs. Adapters only say which
+# sub-module is the FFN of each stream (:meth:`Adapter.ffn_module_name`).
+
+WIDTH_OPS: tuple[str, ...] = ("ffn_linear",)
+
+
+class WidthBlockMixin:
+    """Mixin of the width-modified block classes: residual projections applied to the block outputs per stream."""
+
+    def project_outputs(self, output):
+        text, image = output
+        proj = self._modules.get("ppcl_proj")
+        if proj is not None:
+            if "image" in proj:
+                image = proj["image"](image)
+            if "text" in proj and text is not None:
+                text = proj["text"](text)
+        return text, image
+
+
+_WIDTH_CLASSES: dict[type, type] = {}
+
+
+def width_block_class(base: type) -> type:
+    """``PPCL<base>``: ``base`` whose forward (same signature) applies :class:`WidthBlockMixin` projections."""
+    if issubclass(base, WidthBlockMixin):
+        return base
+    if base not in _WIDTH_CLASSES:
+
+        def forward(self, *args, **kwargs):
+            return self.project_outputs(base.forward(self, *args, **kwargs))
+
+        # Keep the stock signature: BlockCall binding and gradient checkpointing call it like the stock block.
+        forward.__signature__ = inspect.signature(base.forward)
+        cls = type(f"PPCL{base.__name__}", (WidthBlockMixin, base), {"forward": forward})
+        cls.__module__ = __name__
+        _WIDTH_CLASSES[base] = cls
+    return _WIDTH_CLASSES[base]
+
+
+def _op_field(op: Any, name: str, default: Any = None) -> Any:
+    if isinstance(op, dict):
+        return op.get(name, default)
+    return getattr(op, name, default)
+
+
+def op_dict(op: Any) -> dict[str, Any]:
+    """A width op (pydantic model or dict) as a plain JSON-able dict."""
+    if hasattr(op, "model_dump"):
+        return {k: v for k, v in op.model_dump(mode="json").items() if v is not None}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(op).items() if v is not None}
+
+
+def _first_linear(module: nn.Module) -> nn.Linear:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            return m
+    raise PPCLError(f"no linear layer in {type(module).__name__}")
+
+
+def _adapter_ffn_check(adapter: "Adapter", block: nn.Module, stream: str, where: str) -> str:
+    if stream not in STREAMS:
+        raise PPCLError(f"{where}: unknown stream '{stream}' (expected image or text)")
+    name = adapter.ffn_module_name(block, stream)
+    if name is None:
+        raise PPCLError(f"{where}: block {type(block).__name__} has no separate {stream} FFN to replace")
+    return name
+
+
+def _width_op_params(self: "Adapter", op: Any) -> tuple[int, int]:
+    """``(removed, added)`` parameters of one width op on the teacher (exact, from the modules)."""
+    kind = _op_field(op, "op")
+    if kind != "ffn_linear":
+        raise PPCLError(f"width op '{kind}' is not supported: expected one of {', '.join(WIDTH_OPS)}")
+    index = int(_op_field(op, "block"))
+    stream = _op_field(op, "stream", "image")
+    block = self.block(index)
+    name = _adapter_ffn_check(self, block, stream, f"width op ffn_linear on block {index}")
+    ffn = getattr(block, name)
+    dim = _first_linear(ffn).in_features
+    return count_parameters(ffn), dim * dim + dim
+
+
+def _apply_width_op(self: "Adapter", block: nn.Module, op: Any) -> nn.Module:
+    """Turn ``block`` IN PLACE into its width-modified form for ``op`` (works on the meta device too)."""
+    kind = _op_field(op, "op")
+    if kind != "ffn_linear":
+        raise PPCLError(f"width op '{kind}' is not supported: expected one of {', '.join(WIDTH_OPS)}")
+    stream = _op_field(op, "stream", "image")
+    name = _adapter_ffn_check(self, block, stream, f"width op ffn_linear on block {_op_field(op, 'block')}")
+    from ppcl.plugs import ResidualLinear, ZeroBranch
+
+    ffn = getattr(block, name)
+    if isinstance(ffn, ZeroBranch):
+        raise PPCLError(f"width op ffn_linear on block {_op_field(op, 'block')} {stream}: applied twice")
+    lin = _first_linear(ffn)
+    dim = lin.in_features
+    device, dtype = lin.weight.device, lin.weight.dtype
+    block.__class__ = width_block_class(type(block))
+    setattr(block, name, ZeroBranch())
+    if "ppcl_proj" not in block._modules:
+        block.ppcl_proj = nn.ModuleDict()
+    block.ppcl_proj[stream] = ResidualLinear(dim).to(device=device, dtype=dtype)
+    return block
+
+
+def _ffn_module_name(self: "Adapter", block: nn.Module, stream: str) -> str | None:
+    """Name of the sub-module that is ``stream``'s FFN in ``block`` (None: no separate FFN). Families override."""
+    return None
+
+
+Adapter.width_op_params = _width_op_params
+Adapter.apply_width_op = _apply_width_op
+Adapter.ffn_module_name = _ffn_module_name
+
+
+def width_transformer_class(base: type, name: str, module: str) -> type:
+    """A config-registered subclass of the stock transformer ``base`` with an extra config field ``width_ops``.
+
+    ``width_ops`` is a list of op dicts whose ``block`` is an execution index IN THIS (pruned) model; the
+    constructor builds the stock model, then converts those blocks, so ``from_pretrained`` round-trips and
+    ``get_adapter`` still detects the family (it is a subclass).
+    """
+    base_sig = inspect.signature(base.__init__)
+    params = [p for p in base_sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params.append(inspect.Parameter("width_ops", inspect.Parameter.KEYWORD_ONLY, default=None))
+
+    def __init__(self, *args, width_ops=None, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        ops = [op_dict(op) for op in (width_ops or [])]
+        self.register_to_config(width_ops=ops)
+        from ppcl.arch import get_adapter
+
+        adapter = get_adapter(self)
+        for op in ops:
+            adapter.apply_width_op(adapter.block(int(op["block"])), op)
+
+    __init__.__signature__ = base_sig.replace(parameters=params)
+    cls = type(name, (base,), {"__init__": __init__, "__module__": module, "__qualname__": name})
+    # Modified blocks are not the stock class: let diffusers treat them as ordinary modules for device maps.
+    return cls

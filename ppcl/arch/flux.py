@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
-from ppcl.arch.common import Adapter, BlockCall
+from ppcl.arch.common import Adapter, BlockCall, width_transformer_class
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -95,8 +96,24 @@ class FluxAdapter(Adapter):
         # FLUX.1-dev's guidance is embedded (no CFG); schnell ignores it.
         return {} if guidance_scale is None else {"guidance_scale": guidance_scale}
 
+    def ffn_module_name(self, block, stream):
+        """Dual blocks: ``ff`` (image) / ``ff_context`` (text), each a gated residual branch. Single blocks have no
+        separate FFN: their MLP is fused with attention in one ``proj_out`` over the concatenated streams, so
+        ``ffn_linear`` on a single block is refused (a plan must not ask for it)."""
+        if isinstance(block, FluxSingleTransformerBlock):
+            return None
+        return {"image": "ff", "text": "ff_context"}.get(stream)
+
     def pruned_config(self, keep):
         cfg = dict(self.transformer.config)
         cfg["num_layers"] = len(keep.get("transformer_blocks", []))
         cfg["num_single_layers"] = len(keep.get("single_transformer_blocks", []))
         return cfg
+
+
+# diffusers' pipeline loader type-checks a component passed as ``transformer=`` against the ModelMixin of the
+# library named in model_index.json (this module, for width-pruned exports), so it must be importable from here.
+from diffusers import ModelMixin  # noqa: E402,F401
+
+#: FLUX transformer with width operations (config field ``width_ops``); exported by ``ppcl export``.
+PPCLFluxTransformer2DModel = width_transformer_class(FluxTransformer2DModel, "PPCLFluxTransformer2DModel", __name__)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from ppcl.arch.common import Adapter, BlockCall
+from ppcl.arch.common import Adapter, BlockCall, width_transformer_class
 from ppcl.arch.flux import pack, unpack
 
 
@@ -86,10 +86,29 @@ class QwenImageAdapter(Adapter):
         return pipe.transformer.config.in_channels // 4
 
     def pipeline_call_kwargs(self, guidance_scale):
-        # Qwen-Image uses true CFG (a negative prompt pass) when true_cfg_scale > 1.
-        return {} if guidance_scale is None else {"true_cfg_scale": guidance_scale}
+        # Qwen-Image runs true CFG (a second, negative-prompt pass) only when a negative prompt is given; the
+        # released inference uses a blank one.
+        if guidance_scale is None:
+            return {}
+        if guidance_scale > 1:
+            return {"true_cfg_scale": guidance_scale, "negative_prompt": " "}
+        return {"true_cfg_scale": guidance_scale}
+
+    def ffn_module_name(self, block, stream):
+        """``img_mlp`` (image) / ``txt_mlp`` (text), each a gated residual branch after joint attention."""
+        return {"image": "img_mlp", "text": "txt_mlp"}.get(stream)
 
     def pruned_config(self, keep):
         cfg = dict(self.transformer.config)
         cfg["num_layers"] = len(keep.get("transformer_blocks", []))
         return cfg
+
+
+# diffusers' pipeline loader type-checks a component passed as ``transformer=`` against the ModelMixin of the
+# library named in model_index.json (this module, for width-pruned exports), so it must be importable from here.
+from diffusers import ModelMixin  # noqa: E402,F401
+
+#: Qwen-Image transformer with width operations (config field ``width_ops``); exported by ``ppcl export``.
+PPCLQwenImageTransformer2DModel = width_transformer_class(
+    QwenImageTransformer2DModel, "PPCLQwenImageTransformer2DModel", __name__
+)

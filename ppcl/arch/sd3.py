@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers import SD3Transformer2DModel
 
-from ppcl.arch.common import Adapter, BlockCall
+from ppcl.arch.common import Adapter, BlockCall, width_transformer_class
 
 
 class SD3Adapter(Adapter):
@@ -82,6 +82,12 @@ class SD3Adapter(Adapter):
     def pipeline_call_kwargs(self, guidance_scale):
         return {} if guidance_scale is None else {"guidance_scale": guidance_scale}
 
+    def ffn_module_name(self, block, stream):
+        """``ff`` (image) / ``ff_context`` (text) of a joint block; the last (``context_pre_only``) block has no
+        text FFN."""
+        name = {"image": "ff", "text": "ff_context"}.get(stream)
+        return name if name is not None and getattr(block, name, None) is not None else None
+
     def pruned_config(self, keep):
         """``keep["transformer_blocks"]``: for each new position, the teacher block whose structure it has."""
         cfg = dict(self.transformer.config)
@@ -90,3 +96,11 @@ class SD3Adapter(Adapter):
         cfg["num_layers"] = len(kept)
         cfg["dual_attention_layers"] = tuple(j for j, src in enumerate(kept) if src in dual)
         return cfg
+
+
+# diffusers' pipeline loader type-checks a component passed as ``transformer=`` against the ModelMixin of the
+# library named in model_index.json (this module, for width-pruned exports), so it must be importable from here.
+from diffusers import ModelMixin  # noqa: E402,F401
+
+#: SD3 transformer with width operations (config field ``width_ops``); exported by ``ppcl export``.
+PPCLSD3Transformer2DModel = width_transformer_class(SD3Transformer2DModel, "PPCLSD3Transformer2DModel", __name__)

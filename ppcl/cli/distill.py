@@ -1,0 +1,59 @@
+"""``ppcl distill``: train every plug of a plan against the frozen teacher -> RUN folder."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train the plugs of plan.json against the frozen teacher (all plugs in one teacher pass) -> RUN"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="teacher pipeline folder")
+    parser.add_argument("--plan", required=True, help="plan.json from ppcl select / ppcl plan")
+    parser.add_argument("--data", default=None,
+                        help="latent cache from ppcl encode (default: built-in synthetic set, computed once)")
+    parser.add_argument("--out", required=True, help="RUN folder (plugs.safetensors, run.json, checkpoints/)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--batch-size", type=int, default=2, help="batch size per process (default 2)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps (default 10)")
+    parser.add_argument("--mode", default="nonsequential", choices=["nonsequential", "sequential"],
+                        help="nonsequential (default): each plug fed the teacher; sequential: the ablation")
+    parser.add_argument("--init", default=None, choices=["middle", "first", "last"],
+                        help="teacher block each plug starts from (default: the plan's)")
+    parser.add_argument("--timesteps", default="uniform", choices=["uniform", "logit_normal"],
+                        help="timestep sampling (default uniform)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order and noise (default 0)")
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    parser.add_argument("--output-loss-weight", type=float, default=0.0,
+                        help="weight of the output-level (velocity) loss; 0 = off (default)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute plug activations")
+    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
+                        help="auto (default): bf16 autocast on CUDA, none on CPU")
+    parser.add_argument("--n-samples", type=int, default=16, help="synthetic set size without --data (default 16)")
+    parser.add_argument("--resolution", type=int, default=64, help="synthetic image size (default 64)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this many steps as if killed (tests of --resume)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ppcl.distill import distill
+
+    result = distill(
+        args.model, args.plan, args.out, data=args.data, resume=args.resume, stop_after=args.stop_after,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, mode=args.mode, init=args.init, timesteps=args.timesteps, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, output_loss_weight=args.output_loss_weight,
+        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+        n_samples=args.n_samples, resolution=args.resolution,
+    )
+    if result.steps < args.steps:
+        print(f"stopped after step {result.steps} (checkpoint in {result.run_dir / 'checkpoints'})", file=sys.stderr)
+    else:
+        losses = ", ".join(f"{k}={v:.4f}" for k, v in result.final_losses.items())
+        print(f"{result.run_dir}: {len(result.plugs)} plugs, {result.steps} steps; final D: {losses}")
+    return 0

@@ -1,0 +1,37 @@
+"""``ppcl export``: build a real pruned pipeline from a plan and its trained plugs."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "materialise a pruned pipeline (removed blocks gone, plugs in place) from plan.json + a distill RUN"
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated interval indices, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="teacher pipeline folder")
+    parser.add_argument("--plan", required=True, help="plan.json the plugs were trained for")
+    parser.add_argument("--plugs", required=True, help="RUN folder from ppcl distill")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--keep-params", type=float,
+                       help="fraction of teacher parameters to keep: the subset of plugs with the most parameters "
+                            "not above it")
+    which.add_argument("--intervals", type=_indices, help="plan indices of the intervals to replace, e.g. 0,2,5")
+    which.add_argument("--all", action="store_true", help="replace every interval of the plan")
+    parser.add_argument("--out", required=True, help="pruned pipeline folder to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ppcl.export import export
+
+    r = export(args.model, args.plan, args.plugs, args.out, keep_params=args.keep_params,
+               intervals=args.intervals, all_intervals=args.all)
+    print(f"{r.out}: {r.transformer_class}, {r.parameters:,} of {r.teacher_parameters:,} parameters "
+          f"({r.parameters / r.teacher_parameters:.2%}), intervals {r.intervals}")
+    return 0

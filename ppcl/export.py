@@ -1,0 +1,278 @@
+"""Export: materialise a real, smaller transformer from a plan and its trained plugs (method.md section 4).
+
+The pruned transformer is built from ``adapter.pruned_config(keep)`` on the meta device (no memory, no random
+init), then a state dict is assembled key by key (nanoGPT style): every key of the new model is taken from the
+module that now sits at that position (a kept teacher block, a plug, or a teacher non-block module), and its name
+and shape are checked; nothing is copied by luck. Removed blocks are gone from the module lists, the config's
+layer counts are updated, weights are safetensors.
+
+- Depth-only exports use the stock class (``FluxTransformer2DModel`` ...): the folder loads with stock diffusers,
+  no ppcl import. Exports with width ops use the family's config-registered ``PPCL<Class>`` (extra config field
+  ``width_ops`` whose ``block`` indices are positions in the PRUNED model); model_index.json records
+  ``["ppcl.arch.<family>", "PPCL<Class>"]`` and :func:`ppcl.arch.load_pipeline` loads it (or pass the
+  transformer to the stock pipeline with ``transformer=``).
+- Subsets. One training run serves every ratio: any subset of the trained interval plugs can be exported. Width
+  ops of the plan are always applied (they are cheap and were trained together).
+- ``keep_params=F`` rule: among all subsets of intervals (exhaustive up to 16 intervals, greedy beyond), pick the
+  one whose exported parameter count is the LARGEST that does not exceed ``F x teacher parameters`` (the least
+  pruning that meets the budget); ties go to the smaller sum of the plugs' final training losses. If even all
+  intervals cannot reach F, it is an error that says the smallest reachable fraction.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ppcl.arch.common import Adapter, count_parameters
+from ppcl.atomic import atomic_path
+from ppcl.errors import PPCLError
+
+#: above this many intervals, --keep-params uses a greedy choice instead of trying every subset
+EXHAUSTIVE_MAX = 16
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    intervals: list[int]  # plan indices of the exported intervals
+    parameters: int  # exported transformer parameters (exact)
+    teacher_parameters: int
+    transformer_class: str
+
+
+def _read_run(plugs: Path) -> dict[str, Any]:
+    path = plugs / "run.json"
+    if not path.is_file():
+        raise PPCLError(f"not a distill run folder (no run.json): {plugs}")
+    try:
+        run = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PPCLError(f"unreadable {path}: {e}") from None
+    if run.get("version") != 1:
+        raise PPCLError(f"{path}: unsupported run.json version {run.get('version')!r} (expected 1)")
+    return run
+
+
+def interval_savings(adapter: Adapter, units) -> dict[int, int]:
+    """Parameters removed by each interval plug (plan index -> teacher blocks s..e minus the plug)."""
+    out = {}
+    for u in units:
+        if u.kind == "interval":
+            removed = sum(count_parameters(adapter.block(l)) for l in range(u.start, u.end + 1))
+            out[int(u.name.split("_")[1])] = removed - count_parameters(u.module)
+    return out
+
+
+def choose_intervals(keep_params: float, teacher: int, width_saving: int, savings: dict[int, int],
+                     losses: dict[int, float]) -> list[int]:
+    """The subset rule of the module doc. Returns plan indices in order."""
+    if not 0 < keep_params <= 1:
+        raise PPCLError(f"--keep-params must be in (0, 1] (got {keep_params})")
+    budget = keep_params * teacher
+    base = teacher - width_saving
+    ids = sorted(savings)
+    best: tuple[int, float, int] | None = None
+    best_set: tuple[int, ...] = ()
+    if len(ids) <= EXHAUSTIVE_MAX:
+        candidates = (c for r in range(len(ids) + 1) for c in itertools.combinations(ids, r))
+    else:  # greedy: add intervals by most parameters removed per unit of loss, each prefix is a candidate
+        order = sorted(ids, key=lambda k: -savings[k] / (losses.get(k, 0.0) + 1e-6))
+        candidates = (tuple(sorted(order[:r])) for r in range(len(order) + 1))
+    for c in candidates:
+        kept = base - sum(savings[k] for k in c)
+        if kept > budget:
+            continue
+        key = (kept, -sum(losses.get(k, 0.0) for k in c), -len(c))
+        if best is None or key > best:
+            best, best_set = key, c
+    if best is None:
+        lowest = base - sum(savings.values())
+        raise PPCLError(f"--keep-params {keep_params} is out of reach: with every trained plug the model keeps "
+                        f"{lowest / teacher:.4f} of the teacher's parameters")
+    return list(best_set)
+
+
+def _width_class(adapter: Adapter) -> type:
+    module = importlib.import_module(type(adapter).__module__)
+    name = f"PPCL{adapter.transformer_class.__name__}"
+    return getattr(module, name)
+
+
+def build_pruned_transformer(adapter: Adapter, units, width_ops_new: list[dict[str, Any]], lists, keep) -> nn.Module:
+    """The pruned transformer: config from ``adapter.pruned_config(keep)``, built empty, loaded key by key."""
+    from accelerate import init_empty_weights
+
+    cfg = {k: v for k, v in adapter.pruned_config(keep).items() if not k.startswith("_")}
+    cls = _width_class(adapter) if width_ops_new else adapter.transformer_class
+    if width_ops_new:
+        cfg["width_ops"] = width_ops_new
+    with init_empty_weights():
+        model = cls.from_config(cfg)
+    teacher_sd = adapter.transformer.state_dict()
+    block_prefixes = {name for name in lists}
+    sources: dict[str, dict[str, torch.Tensor]] = {}
+    state: dict[str, torch.Tensor] = {}
+    expected = model.state_dict()
+    for key, ref in expected.items():
+        head = key.split(".", 2)
+        if head[0] in block_prefixes and len(head) == 3 and head[1].isdigit():
+            name, j, rest = head[0], int(head[1]), head[2]
+            if j >= len(lists[name]):
+                raise PPCLError(f"pruned model expects {key} but list {name} has {len(lists[name])} blocks")
+            src_key = f"{name}.{j}"
+            if src_key not in sources:
+                sources[src_key] = lists[name][j].state_dict()
+            src = sources[src_key]
+            if rest not in src:
+                raise PPCLError(f"cannot fill {key}: the module placed at {name}[{j}] has no '{rest}'")
+            tensor = src[rest]
+        else:
+            if key not in teacher_sd:
+                raise PPCLError(f"cannot fill {key}: not a teacher weight")
+            tensor = teacher_sd[key]
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise PPCLError(f"shape mismatch for {key}: source {tuple(tensor.shape)}, pruned model {tuple(ref.shape)}")
+        dtype = teacher_sd[key].dtype if key in teacher_sd else adapter.transformer.dtype
+        state[key] = tensor.detach().to("cpu", dtype).clone()
+    # Every source module must be used whole: a leftover key means the structure differs from the plug's.
+    for src_key, src in sources.items():
+        used = {k.split(".", 2)[2] for k in expected if k.startswith(src_key + ".")}
+        extra = sorted(set(src) - used)
+        if extra:
+            raise PPCLError(f"the module placed at {src_key} has weights the pruned model lacks: {extra[0]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    for n, p in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if p.is_meta:
+            raise PPCLError(f"pruned model tensor {n} was never filled")
+    return model.eval()
+
+
+def _model_card(plan_d: dict, run: dict, chosen: list[int], result: ExportResult, teacher_path: str) -> str:
+    ivs = [plan_d["intervals"][k] for k in chosen]
+    lines = [
+        "---", "library_name: diffusers", "tags: [ppcl, pruning, distillation]", "---", "",
+        f"# PPCL-pruned {plan_d.get('family', '')} transformer", "",
+        f"Pruned from `{teacher_path}` with PPCL (pluggable pruning with contiguous layer distillation).", "",
+        "| | parameters |", "|---|---|",
+        f"| teacher transformer | {result.teacher_parameters:,} |",
+        f"| pruned transformer | {result.parameters:,} ({result.parameters / result.teacher_parameters:.2%}) |", "",
+        f"- Transformer class: `{result.transformer_class}`",
+        f"- Intervals replaced (0-based, inclusive; plan indices {chosen}): {ivs}",
+        f"- Width ops: {json.dumps(plan_d.get('width') or [])}",
+        f"- Plug init: {plan_d.get('init', 'middle')}",
+        f"- Plan hash: `{run.get('plan_hash')}`", "",
+        "## Training", "",
+        "```json", json.dumps(run.get("settings", {}), indent=2), "```", "",
+        "Final losses (D per plug and stream, mean of the last steps):", "",
+        "```json", json.dumps(run.get("final_losses", {}), indent=2), "```", "",
+        "## Full plan", "", "```json", json.dumps(plan_d, indent=2), "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def export(
+    model: str | Path,
+    plan: Any,
+    plugs: str | Path,
+    out: str | Path,
+    *,
+    keep_params: float | None = None,
+    intervals: list[int] | None = None,
+    all_intervals: bool = False,
+) -> ExportResult:
+    """Write a pruned pipeline folder ``out`` (the teacher's other components + the pruned transformer).
+
+    Args:
+        model: the teacher pipeline folder.
+        plan: plan.json path / Plan / dict the plugs were trained for.
+        plugs: the distill RUN folder (run.json + plugs.safetensors).
+        keep_params / intervals / all_intervals: exactly one: a parameter fraction (see the module rule), plan
+            indices of the intervals to replace, or every interval.
+    """
+    from ppcl.arch import load_pipeline
+    from ppcl.distill import _load_plan, build_units, check_plan_family, load_unit_weights, plan_dict, plan_hash
+    from ppcl.plugs import freeze
+
+    chosen_modes = sum([keep_params is not None, intervals is not None, bool(all_intervals)])
+    if chosen_modes != 1:
+        raise PPCLError("choose exactly one of --keep-params, --intervals, --all")
+    model_path, plugs, out = Path(model), Path(plugs), Path(out)
+    plan_obj = _load_plan(plan)
+    run = _read_run(plugs)
+    if run.get("plan_hash") != plan_hash(plan_obj):
+        raise PPCLError(f"plugs {plugs} were trained for a different plan (plan hash differs)")
+    pipe = load_pipeline(model_path)
+    from ppcl.arch import get_adapter
+
+    adapter = get_adapter(pipe)
+    teacher = run.get("teacher", {})
+    if teacher.get("family") not in (None, adapter.family) or teacher.get("num_blocks") not in (None, adapter.num_blocks):
+        raise PPCLError(f"plugs {plugs} were trained on a {teacher.get('family')} model with "
+                        f"{teacher.get('num_blocks')} blocks, not this {adapter.family} model with {adapter.num_blocks}")
+    check_plan_family(plan_obj, adapter, "export")
+    freeze(adapter.transformer)
+    units = build_units(adapter, plan_obj, run.get("settings", {}).get("init"))
+    load_unit_weights(units, plugs / "plugs.safetensors")
+
+    n_iv = len(plan_obj.intervals)
+    teacher_params = adapter.total_parameters()
+    width_units = [u for u in units if u.kind == "width"]
+    width_saving = sum(count_parameters(adapter.block(u.start)) - count_parameters(u.module) for u in width_units)
+    savings = interval_savings(adapter, units)
+    if all_intervals:
+        chosen = list(range(n_iv))
+    elif intervals is not None:
+        chosen = sorted(set(int(k) for k in intervals))
+        bad = [k for k in chosen if not 0 <= k < n_iv]
+        if bad:
+            raise PPCLError(f"--intervals {bad[0]} is not an interval index of the plan (it has {n_iv})")
+    else:
+        losses = {}
+        for p in run.get("plugs", []):
+            if p.get("kind") == "interval":
+                losses[int(p["name"].split("_")[1])] = sum((p.get("final_loss") or {}).values())
+        chosen = choose_intervals(float(keep_params), teacher_params, width_saving, savings, losses)
+
+    from ppcl.distill import student_layout
+
+    selected = [u for u in units if u.kind == "width" or int(u.name.split("_")[1]) in chosen]
+    lists, keep, position = student_layout(adapter, selected)
+    width_new = []
+    for u in width_units:
+        for op in u.ops:
+            width_new.append({**op, "block": position[u.start]})
+    pruned = build_pruned_transformer(adapter, selected, width_new, lists, keep)
+    params = count_parameters(pruned)
+    predicted = teacher_params - width_saving - sum(savings[k] for k in chosen)
+    if params != predicted:  # a bug, not bad input: the structure differs from the accounting
+        raise AssertionError(f"exported {params} parameters, accounting predicts {predicted}")
+    result = ExportResult(out, chosen, params, teacher_params, type(pruned).__name__)
+
+    with atomic_path(out, directory=True) as tmp:
+        for item in model_path.iterdir():
+            if item.name in ("transformer", "README.md") or item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        pruned.save_pretrained(tmp / "transformer", safe_serialization=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        library = "diffusers" if not width_new else type(pruned).__module__
+        index["transformer"] = [library, type(pruned).__name__]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(plan_dict(plan_obj), run, chosen, result, str(model_path)))
+        (tmp / "ppcl_export.json").write_text(json.dumps({
+            "version": 1, "intervals": chosen, "parameters": params, "teacher_parameters": teacher_params,
+            "plan_hash": run.get("plan_hash"), "transformer_class": result.transformer_class,
+        }, indent=2) + "\n")
+    return result

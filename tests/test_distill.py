@@ -1,0 +1,131 @@
+"""Distillation: plugs learn, resume is exact, bad input fails cleanly (one line, exit 2, nothing final written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ppcl.arch import get_adapter, load_pipeline
+from ppcl.calibration import synthetic_batches
+from ppcl.cli import main
+from ppcl.distill import distill, heldout_losses
+from ppcl.errors import PPCLError
+from ppcl.plan import make_plan, save_plan
+
+torch.set_num_threads(1)
+
+#: per family: intervals that include a single-stream run (FLUX) and the end of the model (SD3), plus width ops
+PLANS = {
+    "flux": ([[1, 2], [5, 8]], [{"op": "ffn_linear", "block": 3, "stream": "image"}]),
+    "sd3": ([[1, 2], [7, 9]], [{"op": "ffn_linear", "block": 4, "stream": "text"}]),
+    "qwenimage": ([[1, 2], [5, 8]], [{"op": "ffn_linear", "block": 3, "stream": "image"},
+                                     {"op": "ffn_linear", "block": 3, "stream": "text"}]),
+}
+FAST = dict(steps=12, lr=2e-3, warmup_steps=2, n_samples=8, batch_size=2, progress=False)
+
+
+def write_plan(pipe_dir, arch, path, intervals=None, width=None):
+    adapter = get_adapter(load_pipeline(pipe_dir))
+    iv, w = PLANS[arch]
+    plan = make_plan(adapter, intervals if intervals is not None else iv, width=w if width is None else width,
+                     allow_ends=True)
+    save_plan(plan, path)
+    return path
+
+
+def test_distillation_lowers_heldout_loss(family, tiny_pipe_dir, tmp_path):
+    pipe_dir = tiny_pipe_dir[family]
+    plan = write_plan(pipe_dir, family, tmp_path / "plan.json")
+    run = tmp_path / "run"
+    result = distill(str(pipe_dir), plan, run, **FAST)
+    heldout = list(synthetic_batches(load_pipeline(pipe_dir), n_samples=4, batch_size=2, seed=99))
+    before = heldout_losses(str(pipe_dir), plan, heldout)
+    after = heldout_losses(str(pipe_dir), plan, heldout, run=run)
+    assert set(before) == set(after)
+    # Every interval plug improves on its initial teacher copy; SD3's plug at the end has no text stream.
+    for k in range(2):
+        b = sum(v for key, v in before.items() if key.startswith(f"interval_{k}/"))
+        a = sum(v for key, v in after.items() if key.startswith(f"interval_{k}/"))
+        assert a < b, (k, before, after)
+    if family == "sd3":
+        assert "interval_1/text" not in after and "interval_0/text" in after
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["version"] == 1 and meta["steps"] == FAST["steps"]
+    assert [p["source"] for p in meta["plugs"] if p["kind"] == "interval"] == (
+        [1, 9] if family == "sd3" else [1, 6])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == FAST["steps"] and "interval_0/image" in json.loads(lines[0])["losses"]
+    assert result.final_losses.keys() == meta["final_losses"].keys()
+
+
+def test_sequential_mode_and_output_loss_run(tiny_pipe_dir, tmp_path):
+    pipe_dir = tiny_pipe_dir["qwenimage"]
+    plan = write_plan(pipe_dir, "qwenimage", tmp_path / "plan.json", width=[])
+    seen = []
+    distill(str(pipe_dir), plan, tmp_path / "seq", mode="sequential", output_loss_weight=0.5,
+            on_step=lambda s, m: seen.append((s, m["output_loss"])), **{**FAST, "steps": 3})
+    assert [s for s, _ in seen] == [1, 2, 3] and all(v >= 0 for _, v in seen)
+
+
+def test_resume_is_bit_identical(tiny_pipe_dir, tmp_path):
+    pipe_dir = tiny_pipe_dir["flux"]
+    plan = write_plan(pipe_dir, "flux", tmp_path / "plan.json")
+    kw = {**FAST, "steps": 7, "checkpoint_every": 2}
+    distill(str(pipe_dir), plan, tmp_path / "full", **kw)
+    # "killed" after step 5: the last checkpoint is step 4, step 5 is replayed on resume
+    r = distill(str(pipe_dir), plan, tmp_path / "cut", stop_after=5, **kw)
+    assert r.steps == 5 and not (tmp_path / "cut" / "plugs.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    distill(str(pipe_dir), plan, tmp_path / "cut", resume=True, **kw)
+    a = (tmp_path / "full" / "plugs.safetensors").read_bytes()
+    b = (tmp_path / "cut" / "plugs.safetensors").read_bytes()
+    assert a == b
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+
+
+def test_bad_resume_and_checkpoints_fail_cleanly(tiny_pipe_dir, tmp_path, capsys):
+    pipe_dir = tiny_pipe_dir["flux"]
+    plan = write_plan(pipe_dir, "flux", tmp_path / "plan.json")
+    other = write_plan(pipe_dir, "flux", tmp_path / "other.json", intervals=[[1, 2]])
+    base = ["distill", "--model", str(pipe_dir), "--steps", "4", "--checkpoint-every", "2", "--n-samples", "4",
+            "--out", str(tmp_path / "run")]
+    assert main([*base, "--plan", str(plan), "--stop-after", "3"]) == 0
+    capsys.readouterr()
+    # a different plan
+    assert main([*base, "--plan", str(other), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "different plan" in err and len(err.strip().splitlines()) == 1
+    # an existing run without --resume
+    assert main([*base, "--plan", str(plan)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    # a truncated checkpoint
+    ck = tmp_path / "run" / "checkpoints" / "step-000002" / "plugs.safetensors"
+    ck.write_bytes(ck.read_bytes()[:100])
+    assert main([*base, "--plan", str(plan), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or truncated checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "plugs.safetensors").exists()
+    # a plan made for another model
+    sd3_plan = write_plan(tiny_pipe_dir["sd3"], "sd3", tmp_path / "sd3.json")
+    assert main(["distill", "--model", str(pipe_dir), "--plan", str(sd3_plan), "--out", str(tmp_path / "x")]) == 2
+    assert "family" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pipe_dir, tmp_path):
+    pipe_dir = tiny_pipe_dir["sd3"]
+    plan = write_plan(pipe_dir, "sd3", tmp_path / "plan.json", width=[])
+    good = list(synthetic_batches(load_pipeline(pipe_dir), n_samples=2, batch_size=2, seed=0))[0]
+    bad = {**good, "latents": torch.full_like(good["latents"], float("nan"))}
+    # one epoch = [good, good, bad] in a seeded order: the NaN batch arrives within the first 3 steps
+    with pytest.raises(PPCLError, match=r"loss is not finite at step \d+") as e:
+        distill(str(pipe_dir), plan, tmp_path / "run", data=[good, dict(good), bad], checkpoint_every=1,
+                **{**FAST, "steps": 6})
+    step = int(str(e.value).split("at step ")[1].split(":")[0])
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts[-1] == f"step-{step - 1:06d}" if step > 1 else ckpts == []
+    assert not (tmp_path / "run" / "plugs.safetensors").exists()
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -1,0 +1,149 @@
+"""Export: real smaller models from one distill run; exact counts; stock loading; closer to the teacher than
+simply dropping the blocks; bad input fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ppcl.arch import get_adapter, load_pipeline
+from ppcl.cli import main
+from ppcl.distill import distill
+from ppcl.export import export
+from ppcl.plan import load_plan, make_plan, predict_params, save_plan
+from ppcl.plugs import StudentView
+
+torch.set_num_threads(1)
+
+INTERVALS = {"flux": [[1, 2], [5, 8]], "sd3": [[1, 2], [6, 8]], "qwenimage": [[1, 2], [4, 5], [6, 8]]}
+WIDTH = {"flux": [{"op": "ffn_linear", "block": 3, "stream": "text"}],
+         "sd3": [{"op": "ffn_linear", "block": 4, "stream": "image"}],
+         "qwenimage": [{"op": "ffn_linear", "block": 3, "stream": "image"}]}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_pipe_dir, tmp_path_factory):
+    """family -> (pipe_dir, depth plan, depth run, width plan, width run), trained lazily."""
+    root = tmp_path_factory.mktemp("export_runs")
+    cache = {}
+
+    def get(family, width=False):
+        key = (family, width)
+        if key not in cache:
+            pipe_dir = tiny_pipe_dir[family]
+            adapter = get_adapter(load_pipeline(pipe_dir))
+            plan = make_plan(adapter, INTERVALS[family], width=WIDTH[family] if width else [])
+            path = save_plan(plan, root / f"{family}-{width}.json")
+            run = root / f"run-{family}-{width}"
+            distill(str(pipe_dir), path, run, steps=15, lr=2e-3, warmup_steps=2, n_samples=8, progress=False)
+            cache[key] = (pipe_dir, path, run)
+        return cache[key]
+
+    return get
+
+
+def _latents(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return pipe("a red circle above a blue square", num_inference_steps=3, height=64, width=64, generator=g,
+                output_type="latent").images
+
+
+def test_export_all_matches_plan_and_beats_dropping_blocks(family, runs, tmp_path):
+    pipe_dir, plan_path, run = runs(family)
+    res = export(pipe_dir, plan_path, run, tmp_path / "pruned", all_intervals=True)
+    plan = load_plan(plan_path)
+    teacher = load_pipeline(pipe_dir)
+    assert res.parameters == plan.params.student == predict_params(plan, get_adapter(teacher))["student"]
+    pruned = load_pipeline(tmp_path / "pruned")
+    assert sum(p.numel() for p in pruned.transformer.parameters()) == res.parameters
+    n_removed = sum(e - s for s, e in plan.intervals)
+    assert get_adapter(pruned).num_blocks == get_adapter(teacher).num_blocks - n_removed
+    ref = _latents(teacher)
+    ours = _latents(pruned)
+    # Baseline: the same intervals simply removed (no plug), a module-list edit of the teacher.
+    adapter = get_adapter(teacher)
+    dropped = {name: [] for name, _ in adapter.block_lists}
+    gone = {l for s, e in plan.intervals for l in range(s, e + 1)}
+    for l in range(adapter.num_blocks):
+        if l not in gone:
+            dropped[adapter.locate(l)[0]].append(adapter.block(l))
+    with StudentView(adapter, dropped):
+        base = _latents(teacher)
+    assert (ours - ref).pow(2).mean() < (base - ref).pow(2).mean()
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    assert f"{res.parameters:,}" in card and str(list(plan.intervals[0])) in card
+
+
+def test_depth_only_export_loads_with_stock_diffusers(runs, tmp_path):
+    outs = []
+    for family in ("flux", "sd3", "qwenimage"):
+        pipe_dir, plan_path, run = runs(family)
+        out = tmp_path / family
+        export(pipe_dir, plan_path, run, out, intervals=[0, 1])
+        assert json.loads((out / "model_index.json").read_text())["transformer"][0] == "diffusers"
+        outs.append(str(out))
+    code = (
+        "import sys, torch\n"
+        "from diffusers import DiffusionPipeline, FluxTransformer2DModel\n"
+        "for d in sys.argv[1:]:\n"
+        "    p = DiffusionPipeline.from_pretrained(d)\n"
+        "    img = p('a cat', num_inference_steps=2, height=64, width=64, output_type='np').images\n"
+        "    assert img.shape == (1, 64, 64, 3), img.shape\n"
+        "FluxTransformer2DModel.from_pretrained(sys.argv[1] + '/transformer')\n"
+        "assert not any(m == 'ppcl' or m.startswith('ppcl.') for m in sys.modules), 'ppcl imported'\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *outs], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_subsets_from_one_run_are_monotone_and_generate(runs, tmp_path):
+    pipe_dir, plan_path, run = runs("qwenimage", width=True)
+    counts = []
+    for name, kw in [("a", dict(intervals=[0])), ("b", dict(intervals=[0, 1])), ("c", dict(all_intervals=True))]:
+        res = export(pipe_dir, plan_path, run, tmp_path / name, **kw)
+        assert res.transformer_class == "PPCLQwenImageTransformer2DModel"
+        pipe = load_pipeline(tmp_path / name)
+        assert torch.isfinite(_latents(pipe)).all()
+        counts.append(res.parameters)
+    assert counts[0] > counts[1] > counts[2]
+    plan = load_plan(plan_path)
+    assert counts[2] == plan.params.student
+    # --keep-params picks the subset with the most parameters not above the budget
+    teacher = plan.params.teacher
+    res = export(pipe_dir, plan_path, run, tmp_path / "k", keep_params=(counts[1] + 1) / teacher)
+    assert res.parameters == counts[1]
+    idx = json.loads((tmp_path / "k" / "model_index.json").read_text())["transformer"]
+    assert idx == ["ppcl.arch.qwenimage", "PPCLQwenImageTransformer2DModel"]
+
+
+def test_bad_export_inputs_fail_cleanly(runs, tiny_pipe_dir, tmp_path, capsys):
+    pipe_dir, plan_path, run = runs("flux")
+    out = tmp_path / "out"
+    # plugs trained for another plan
+    other = make_plan(get_adapter(load_pipeline(pipe_dir)), [[1, 2]])
+    other_path = save_plan(other, tmp_path / "other.json")
+    cases = [
+        ["--model", str(pipe_dir), "--plan", str(other_path), "--plugs", str(run), "--all"],
+        # a plan (and plugs) of another model
+        ["--model", str(tiny_pipe_dir["sd3"]), "--plan", str(plan_path), "--plugs", str(run), "--all"],
+        ["--model", str(pipe_dir), "--plan", str(plan_path), "--plugs", str(run), "--keep-params", "0.01"],
+        ["--model", str(pipe_dir), "--plan", str(plan_path), "--plugs", str(run), "--intervals", "7"],
+    ]
+    for args in cases:
+        assert main(["export", *args, "--out", str(out)]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("ppcl export: error:") and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    # damaged plugs
+    bad_run = tmp_path / "badrun"
+    bad_run.mkdir()
+    (bad_run / "run.json").write_text((run / "run.json").read_text())
+    (bad_run / "plugs.safetensors").write_bytes((run / "plugs.safetensors").read_bytes()[:64])
+    assert main(["export", "--model", str(pipe_dir), "--plan", str(plan_path), "--plugs", str(bad_run), "--all",
+                 "--out", str(out)]) == 2
+    assert "cannot read plugs" in capsys.readouterr().err and not out.exists()

@@ -1,0 +1,105 @@
+"""Plugs: the loss, least squares from streamed normal equations, width-modified blocks and their classes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ppcl.arch import get_adapter
+from ppcl.arch.common import split_output
+from ppcl.errors import PPCLError
+from ppcl.plugs import NormalEquations, ResidualLinear, plug_loss
+from ppcl.tiny import tiny_transformer
+
+
+def test_plug_loss_is_two_minus_two_cos_and_scale_free():
+    torch.manual_seed(0)
+    a = torch.randn(2, 5, 8)
+    assert plug_loss(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    assert plug_loss(a, -a).item() == pytest.approx(4.0, abs=1e-5)
+    assert plug_loss(3.0 * a, a).item() == pytest.approx(0.0, abs=1e-6)
+    b = torch.randn(2, 5, 8)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert plug_loss(a, b).item() == pytest.approx((2 - 2 * cos).mean().item(), abs=1e-5)
+
+
+def test_normal_equations_over_many_batches_recover_the_map():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 6, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    eq = NormalEquations(6)
+    for _ in range(10):  # each batch alone is under-determined (4 tokens < 7 unknowns per output)
+        x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+        eq.update(x, x + x @ W.T + b)
+    w_hat, b_hat = eq.solve(ridge=0.0)
+    assert torch.allclose(w_hat, W, atol=1e-8) and torch.allclose(b_hat, b, atol=1e-8)
+    with pytest.raises(PPCLError):
+        NormalEquations(3).solve()
+
+
+def test_residual_linear_starts_as_identity():
+    lin = ResidualLinear(4)
+    x = torch.randn(3, 4)
+    assert torch.equal(lin(x), x)
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3", "qwenimage"])
+def test_ffn_linear_block_counts_and_post_attention_state(arch):
+    torch.manual_seed(0)
+    t = tiny_transformer(arch, seed=0)
+    adapter = get_adapter(t)
+    op = {"op": "ffn_linear", "block": 1, "stream": "image"}
+    removed, added = adapter.width_op_params(op)
+    block = copy.deepcopy(adapter.block(1))
+    before = sum(p.numel() for p in block.parameters())
+    adapter.apply_width_op(block, op)
+    assert sum(p.numel() for p in block.parameters()) == before - removed + added
+    # With W = 0 the modified block returns the teacher's post-attention image state: the teacher's output minus
+    # its gated FFN branch, i.e. it differs from the teacher output, but its text stream is untouched.
+    b, c, h, w = 1, t.config.in_channels // (4 if arch != "sd3" else 1), 8, 8
+    latents = torch.randn(b, c, h, w)
+    text = {"prompt_embeds": torch.randn(b, 6, t.config.joint_attention_dim)}
+    if arch in ("flux", "sd3"):
+        text["pooled_prompt_embeds"] = torch.randn(b, t.config.pooled_projection_dim)
+    inputs = adapter.model_inputs(latents, text, torch.tensor([0.5]))
+    with torch.no_grad():
+        call0 = adapter.prelude(inputs)
+        call1 = adapter.next_call(0, call0, adapter.run_block(0, call0))
+        ref = adapter.run_block(1, call1)
+        got = split_output(block(**call1.kwargs))
+    assert torch.allclose(got["text"], ref["text"], atol=1e-6)
+    assert not torch.allclose(got["image"], ref["image"], atol=1e-4)
+
+
+def test_ffn_linear_refused_where_there_is_no_separate_ffn():
+    t = tiny_transformer("flux", seed=0)
+    adapter = get_adapter(t)
+    single = adapter.num_blocks - 1  # a single-stream block: MLP fused with attention
+    with pytest.raises(PPCLError, match="no separate image FFN"):
+        adapter.width_op_params({"op": "ffn_linear", "block": single, "stream": "image"})
+    sd3 = get_adapter(tiny_transformer("sd3", seed=0))
+    with pytest.raises(PPCLError, match="no separate text FFN"):
+        sd3.width_op_params({"op": "ffn_linear", "block": sd3.num_blocks - 1, "stream": "text"})
+
+
+@pytest.mark.parametrize("arch", ["flux", "qwenimage"])
+def test_width_transformer_class_round_trips(arch, tmp_path):
+    import importlib
+
+    from ppcl.tiny import tiny_transformer_config
+
+    adapter_cls = type(get_adapter(tiny_transformer(arch, seed=0)))
+    module = importlib.import_module(adapter_cls.__module__)
+    cls = getattr(module, f"PPCL{adapter_cls.transformer_class.__name__}")
+    cfg = tiny_transformer_config(arch)
+    torch.manual_seed(0)
+    model = cls(**cfg, width_ops=[{"op": "ffn_linear", "block": 0, "stream": "text"}])
+    model.save_pretrained(tmp_path / "t")
+    back = cls.from_pretrained(tmp_path / "t")
+    assert back.config.width_ops == [{"op": "ffn_linear", "block": 0, "stream": "text"}]
+    assert get_adapter(back).family == arch
+    sd, sd2 = model.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert any(k.startswith("transformer_blocks.0.ppcl_proj.text.") for k in sd)
