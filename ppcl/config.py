@@ -1,0 +1,327 @@
+"""The one configuration of a compression run: a typed YAML file, validated before any stage runs.
+
+``ppcl pipeline compile|run --local|submit`` and ``ppcl demo`` all read a :class:`RunConfig`. A file names only
+what it changes; everything else takes the defaults below. Example (every section optional except ``teacher``)::
+
+    version: 1
+    teacher: s3://models/flux-dev        # diffusers pipeline folder, s3:// prefix or hub id
+    family: flux                         # optional: checked against the teacher when given
+    data: {source: s3://data/cc12m-subset, shards: 16}
+    ratios: [0.75, 0.5]                  # keep-params ratios, one exported + evaluated model each
+    distill: {steps: 20000, learning_rate: 1.0e-5}
+    evaluate: {steps: 28, height: 1024, width: 1024, prompts: [a red cube on a table]}
+    resources: {gpu: {type: nvidia.com/gpu, count: 8}}
+
+Design choices (system.md is silent on them):
+- Credentials never appear here: the schema has no field for them, and ``extra="forbid"`` rejects a stray
+  ``aws_secret_access_key:`` with a line naming it rather than silently carrying it into a compiled pipeline.
+- The plan is selected once, for the SMALLEST ratio (``select.keep_params`` defaults to ``min(ratios)``), and
+  distillation trains every plug of that plan; each ratio then exports a subset of the same plugs (method.md
+  section 2: one training run serves several ratios).
+- Sections mirror the DAG stages; each stage receives its own section as a plain dict (a KFP ``Struct``
+  parameter) and re-validates it with the same model, so a component fed by hand gets the same checks.
+- Resources (CPU/memory requests, GPU type/count) are compile-time settings of the pipeline: KFP bakes them
+  into the pod specs. The committed ``pipelines/ppcl_pipeline.yaml`` uses the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ppcl.errors import PPCLError
+
+CONFIG_VERSION = 1
+FAMILIES: tuple[str, ...] = ("flux", "sd3", "qwenimage")  # == ppcl.tiny.FAMILIES (no torch import here)
+SELECT_METHODS: tuple[str, ...] = ("ppcl", "shortgpt", "angular", "uniform", "random")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """The raw image-text source and how it is sharded (``ppcl shard``).
+
+    ``source`` None means "synthesise ``synth_samples`` images" (the demo); a pipeline run needs a source.
+    """
+
+    source: str | None = None
+    shards: int = Field(4, ge=1)
+    format: Literal["auto", "imagefolder", "parquet", "webdataset"] = "auto"
+    caption_column: str | None = None
+    image_column: str | None = None
+    key_column: str | None = None
+    min_size: int = Field(0, ge=0)
+    synth_samples: int = Field(32, ge=1)
+    synth_size: int = Field(64, ge=8)
+
+
+class EncodeConfig(_Strict):
+    """Latent / prompt-embedding cache (``ppcl encode``). ``resolution`` None: the pipeline's default size."""
+
+    resolution: int | None = Field(None, ge=8)
+    batch_size: int = Field(8, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+
+class ProbeConfig(_Strict):
+    """Calibration for the similarity probe (``ppcl probe``, :func:`ppcl.probe.run_probe`): ``samples`` of the
+    cache, each noised at ``timesteps`` noise levels; ``probe_dim`` "auto" or a projection width."""
+
+    samples: int = Field(256, ge=1)
+    timesteps: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1)
+    probe_dim: int | Literal["auto"] = "auto"
+    max_interval: int = Field(12, ge=1)
+    ridge: float = Field(1e-4, ge=0)
+    hsic_tokens: int = Field(256, ge=4)
+    seed: int = 0
+
+
+class SelectConfig(_Strict):
+    """Interval selection under a budget (``ppcl select``, :func:`ppcl.select.select`); ``keep_params`` None: the
+    smallest ratio. ``init``: the teacher block each plug starts from; ``min_cka``/``max_jump``: ppcl selector
+    thresholds (None: its defaults)."""
+
+    method: Literal["ppcl", "shortgpt", "angular", "uniform", "random"] = "ppcl"
+    keep_params: float | None = Field(None, gt=0, le=1)
+    protect: list[int] = Field(default_factory=list)
+    allow_ends: bool = False
+    init: Literal["middle", "first", "last"] = "middle"
+    seed: int = 0
+    min_cka: float | None = None
+    max_jump: float | None = Field(None, ge=0)
+
+
+class DistillConfig(_Strict):
+    """Plug training (``ppcl distill``, :class:`ppcl.distill.DistillSettings`; ``learning_rate`` is its ``lr``).
+    ``init`` None: the plan's choice."""
+
+    steps: int = Field(2000, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    batch_size: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mode: Literal["nonsequential", "sequential"] = "nonsequential"
+    init: Literal["middle", "first", "last"] | None = None
+    timesteps: Literal["uniform", "logit_normal"] = "logit_normal"
+    seed: int = 0
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    output_loss_weight: float = Field(0.0, ge=0)
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    lsq_batches: int = Field(8, ge=1)
+    ridge: float = Field(1e-4, ge=0)
+    guidance: float | None = None
+    use_8bit_adam: bool = True
+
+
+class EvaluateConfig(_Strict):
+    """Evaluation of each exported ratio against the teacher (``ppcl evaluate``); see
+    :class:`ppcl.evaluate.metrics.EvalSettings` for the meaning of every field but ``prompts``."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "a red circle on a blue background",
+            "two yellow squares above a green triangle",
+            "a white star in the center of a black background",
+            "a purple heart next to an orange ring",
+        ],
+        min_length=1,
+    )
+    steps: int = Field(20, ge=1)
+    height: int = Field(512, ge=8)
+    width: int = Field(512, ge=8)
+    guidance: float | None = None
+    seeds: int = Field(1, ge=1)
+    seed_offset: int = Field(0, ge=0)
+    batch_size: int = Field(4, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    clip: str | None = None
+    reference: str | None = None
+    fid_features: str | None = None
+    latency_warmup: int = Field(2, ge=0)
+    latency_repeats: int = Field(10, ge=1)
+    grid_samples: int = Field(4, ge=1)
+
+
+class GpuConfig(_Strict):
+    """GPUs of one GPU stage pod (distill, evaluate). Defaults: :data:`ppcl.cluster.GPU_POOL`."""
+
+    type: str = Field(default_factory=lambda: _gpu_pool().accelerator_type)
+    count: int = Field(default_factory=lambda: _gpu_pool().accelerator_count, ge=1)
+
+
+class StageResources(_Strict):
+    """Kubernetes requests of one stage's pod (``"2"``, ``"500m"`` CPUs; ``"8G"``, ``"16Gi"`` memory)."""
+
+    cpu: str = "2"
+    memory: str = "8G"
+
+
+def _default_resources() -> dict[str, StageResources]:
+    small, big = StageResources(cpu="2", memory="8G"), StageResources(cpu="8", memory="64G")
+    return {
+        "shard": small, "encode": big, "probe": big, "select": small,
+        "distill": big, "export": big, "evaluate": big, "report": small,
+    }  # fmt: skip
+
+
+class ResourcesConfig(_Strict):
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+    stages: dict[str, StageResources] = Field(default_factory=_default_resources)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: dict[str, StageResources]) -> dict[str, StageResources]:
+        unknown = sorted(set(v) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+        return {**_default_resources(), **v}
+
+
+class TrackingConfig(_Strict):
+    """MLflow: ``mlflow_uri`` None means ``$MLFLOW_TRACKING_URI`` (cluster ConfigMap) or sqlite in the run folder."""
+
+    mlflow_uri: str | None = None
+    experiment: str = "ppcl"
+
+
+STAGES: tuple[str, ...] = ("shard", "encode", "probe", "select", "distill", "export", "evaluate", "report")
+
+
+class RunConfig(_Strict):
+    """One compression run. ``teacher`` is required; every section has defaults."""
+
+    version: Literal[1] = 1
+    name: str = Field("ppcl", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    teacher: str = Field(min_length=1)
+    family: Literal["flux", "sd3", "qwenimage"] | None = None
+    ratios: list[float] = Field(default_factory=lambda: [0.75, 0.5], min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    run_root: str = "ppcl-runs"
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        for i, r in enumerate(v):
+            if not 0 < r <= 1:
+                raise ValueError(f"ratio #{i} = {r} is outside (0, 1]")
+        if len(set(v)) != len(v):
+            raise ValueError("ratios must be distinct")
+        return v
+
+    @property
+    def keep_params(self) -> float:
+        """The plan's budget: ``select.keep_params`` or the smallest ratio."""
+        return self.select.keep_params if self.select.keep_params is not None else min(self.ratios)
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The plain-dict settings a component receives for ``stage`` (JSON, no nulls)."""
+        section = {"shard": "data", "distill": "distill", "encode": "encode", "probe": "probe", "select": "select",
+                   "evaluate": "evaluate"}.get(stage)  # fmt: skip
+        # None means "the stage's default" everywhere, and KFP Struct parameters cannot hold null: drop them
+        out = getattr(self, section).model_dump(mode="json", exclude_none=True) if section else {}
+        if stage == "select":
+            out["keep_params"] = self.keep_params
+        if stage in ("encode", "probe", "distill", "export", "evaluate") and self.family:
+            out["family"] = self.family
+        return out
+
+
+def _gpu_pool():
+    from ppcl.cluster import GPU_POOL
+
+    return GPU_POOL
+
+
+def _where(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def validate_config(data: dict[str, Any], *, source: str = "config") -> RunConfig:
+    """Validate a config mapping; a bad one raises PPCLError naming ``source`` and the first bad field."""
+    if not isinstance(data, dict):
+        raise PPCLError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "is required"
+        elif err["type"] == "extra_forbidden":
+            msg = "is not a known setting"
+        elif err["type"] == "literal_error" and err["loc"] and err["loc"][-1] == "family":
+            msg = f"unknown family {err.get('input')!r} (expected one of {', '.join(FAMILIES)})"
+        raise PPCLError(f"{source}: field '{_where(err['loc'])}' {msg}") from None
+    if cfg.select.keep_params is not None and cfg.select.keep_params > min(cfg.ratios):
+        raise PPCLError(
+            f"{source}: field 'select.keep_params' {cfg.select.keep_params} is above the smallest ratio "
+            f"{min(cfg.ratios)}: the plan must hold enough plugs for every ratio"
+        )
+    return cfg
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` into a copy of ``base`` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a YAML config file into a mapping (not validated yet)."""
+    p = Path(path)
+    if not p.is_file():
+        raise PPCLError(f"--config {p}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise PPCLError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(data, dict):
+        raise PPCLError(f"{p}: expected a mapping of settings at the top level")
+    return data
+
+
+def load_config(path: str | os.PathLike | None, *, defaults: dict[str, Any] | None = None,
+                overrides: dict[str, Any] | None = None) -> RunConfig:
+    """``defaults`` <- file at ``path`` <- ``overrides``, validated. Raises PPCLError naming file and field."""
+    data = merge(defaults or {}, read_config_file(path) if path else {})
+    data = merge(data, overrides or {})
+    return validate_config(data, source=str(path) if path else "config")
+
+
+#: The laptop demo (``ppcl demo``): a tiny teacher, synthetic data, CPU-sized settings. ``teacher`` is filled in
+#: by the demo (the reference teacher if it ships, else a tiny random FLUX built into the run folder). Sized for
+#: a few minutes on 2 CPU cores: 24 images at 32 px, 2 shards, 30 distillation steps, 2-step evaluation.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "name": "ppcl-demo",
+    "ratios": [0.8, 0.6],
+    "data": {"shards": 2, "synth_samples": 24, "synth_size": 32},
+    "encode": {"resolution": 32, "batch_size": 8},
+    "probe": {"samples": 8, "timesteps": 2, "batch_size": 4, "hsic_tokens": 16},
+    "distill": {"steps": 30, "learning_rate": 1e-3, "batch_size": 4, "timesteps": "uniform", "checkpoint_every": 50},
+    "evaluate": {
+        "steps": 2, "height": 32, "width": 32, "seeds": 1, "batch_size": 4,
+        "latency_warmup": 1, "latency_repeats": 2, "grid_samples": 2,
+        "prompts": ["a red circle on a blue background", "two yellow squares above a green triangle"],
+    },
+}  # fmt: skip
