@@ -48,6 +48,8 @@ def _configure(task: dsl.PipelineTask, stage: str, config: RunConfig) -> dsl.Pip
     # optional: a local Kubeflow without the Secret/ConfigMap still runs (stages then use local defaults)
     kubernetes.use_secret_as_env(task, cluster.S3_SECRET.name, cluster.S3_SECRET.key_to_env, optional=True)
     kubernetes.use_config_map_as_env(task, cluster.CONFIG_MAP.name, cluster.CONFIG_MAP.key_to_env, optional=True)
+    # The tracking layer groups every step of a run under this experiment (cluster runs have no local env).
+    task.set_env_variable("MLFLOW_EXPERIMENT_NAME", config.tracking.experiment)
     return task.set_display_name(stage)
 
 

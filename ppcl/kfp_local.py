@@ -128,7 +128,8 @@ def prepare_run_dir(config: RunConfig, run_dir: str | os.PathLike) -> Path:
 
     Sets, for this process and every task subprocess: ``PPCL_RUN_ID`` (the folder name),
     ``PPCL_RUN_DIR``, ``MLFLOW_EXPERIMENT_NAME`` (``tracking.experiment``) and ``MLFLOW_TRACKING_URI``
-    (``tracking.mlflow_uri``, else an already set ``$MLFLOW_TRACKING_URI``, else sqlite in the run folder).
+    (``tracking.mlflow_uri``, else an already set ``$MLFLOW_TRACKING_URI``, else one sqlite database under
+    ``run_root`` shared by every local run, so ``ppcl compare`` and ``mlflow ui`` show them side by side).
     """
     import yaml
 
@@ -138,7 +139,9 @@ def prepare_run_dir(config: RunConfig, run_dir: str | os.PathLike) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    uri = config.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
+    from ppcl.tracking import local_uri
+
+    uri = config.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(config.run_root)
     os.environ.update({"PPCL_RUN_ID": run_dir.name, "PPCL_RUN_DIR": str(run_dir),
                        "MLFLOW_EXPERIMENT_NAME": config.tracking.experiment, "MLFLOW_TRACKING_URI": uri})  # fmt: skip
     return run_dir
