@@ -1,9 +1,19 @@
 """Pluggable distillation (method.md sections 2-3): every plug of a plan trained in one teacher pass.
 
 Units. A plan becomes *units*, each trained against the frozen teacher: one per depth interval ``[s, e]`` (a copy of
-teacher block ``plug_source(s, e, init)``) and one per teacher block touched by width ops (the block with its FFN(s)
-replaced by residual linear maps, first fitted by least squares). A unit has a start and an end block: it is fed
-the teacher's call entering ``start`` and compared with the teacher's streams leaving ``end``.
+teacher block ``plug_source(s, e, init)``), one per teacher block touched by ``ffn_linear`` ops (the block with its
+FFN(s) replaced by residual linear maps, first fitted by least squares), and one per ``text_freeze [a, b]`` (copies of
+blocks ``a+1..b`` made text-frozen, see ``ppcl.arch.common``; ``ffn_linear`` image ops on those blocks join this unit).
+A depth or ffn_linear unit has a start and an end block: it is fed the teacher's call entering ``start`` and compared
+with the teacher's streams leaving ``end``.
+
+A text_freeze unit is trained in the same teacher pass, non-sequentially too: every frozen block ``k`` is fed the
+teacher's call entering ``k`` with its text replaced by ``tau``, the teacher's text entering ``a+1`` (what the student's
+frozen text state is when block ``a`` is the teacher's); losses: ``image`` = mean over ``k`` of D(image out of k,
+teacher image leaving k), ``text`` = D(text out of b, teacher text leaving b). Everything in the frozen blocks trains
+(their image stream, the light text modulations, the projections), like the ffn_linear units. A text_freeze interval
+may not overlap a depth interval (block ``a`` and the frozen blocks must be the teacher's own), nor may an
+``ffn_linear`` text op name a frozen block (its text FFN is already gone).
 
 Non-sequential (default). One stock teacher forward under ``no_grad`` with hooks captures, for every unit, the call
 entering its start block and the streams leaving its end block (the forward stops right after the last end
@@ -132,6 +142,24 @@ class Unit:
     module: nn.Module
     interval: list[int] | None = None
     ops: list[dict[str, Any]] = field(default_factory=list)
+    #: text_freeze: the frozen blocks ``a+1..b`` (``module`` is an ``nn.ModuleList`` of them, in order)
+    members: list[int] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> set[int]:
+        """Blocks whose teacher call the unit needs."""
+        return set(self.members) if self.members else {self.start}
+
+    @property
+    def outputs(self) -> set[int]:
+        """Blocks whose teacher output the unit is compared with."""
+        return set(self.members) if self.members else {self.end}
+
+    def placed(self) -> dict[int, nn.Module]:
+        """Teacher block index -> module, for the kept blocks this unit replaces in a student (width units)."""
+        if self.members:
+            return dict(zip(self.members, self.module))
+        return {self.start: self.module}
 
 
 @dataclass
@@ -206,26 +234,68 @@ def build_units(adapter: Adapter, plan: Any, init: str | None = None) -> list[Un
             Unit(f"interval_{spec.index}", "interval", spec.start, spec.end, spec.source,
                  make_depth_plug(adapter, spec), interval=[spec.start, spec.end])
         )
+    import copy
+
     covered = {l for s, e in intervals for l in range(s, e + 1)}
+    ops = _width_ops(plan)
+    frozen: dict[int, tuple[int, int, dict[str, Any]]] = {}  # member block -> (a, b, op)
+    freezes: list[tuple[int, int, dict[str, Any]]] = []
+    for op in ops:
+        if op.get("op") != "text_freeze":
+            continue
+        a, b = adapter.text_freeze_interval(op)
+        for s, e in intervals:
+            if s <= b and a <= e:
+                raise PPCLError(f"width op text_freeze [{a}, {b}] overlaps depth interval [{s}, {e}]: a frozen text "
+                                "stream needs the teacher's own blocks a..b (not supported)")
+        for k in range(a + 1, b + 1):
+            if k in frozen:
+                fa, fb, _ = frozen[k]
+                raise PPCLError(f"width op text_freeze [{a}, {b}] overlaps text_freeze [{fa}, {fb}]")
+            frozen[k] = (a, b, op)
+        freezes.append((a, b, op))
     by_block: dict[int, list[dict[str, Any]]] = {}
-    for op in _width_ops(plan):
-        if op.get("op") != "ffn_linear":
-            raise PPCLError(f"width op '{op.get('op')}' is not supported by distill: expected ffn_linear")
+    joined: dict[int, list[dict[str, Any]]] = {}  # ffn_linear ops on frozen blocks, applied inside the freeze unit
+    for op in ops:
+        kind = op.get("op")
+        if kind == "text_freeze":
+            continue
+        if kind != "ffn_linear":
+            raise PPCLError(f"width op '{kind}' is not supported by distill: expected ffn_linear or text_freeze")
         b = int(op["block"])
         if not 0 <= b < adapter.num_blocks:
             raise PPCLError(f"width op on block {b}: the model has {adapter.num_blocks} blocks")
         if b in covered:
             raise PPCLError(f"width op on block {b}: the block lies inside a plan interval (it is removed)")
+        if b in frozen:
+            fa, fb, _ = frozen[b]
+            if op.get("stream") == "text":
+                raise PPCLError(f"width op ffn_linear block {b} stream text: the block's text stream is frozen by "
+                                f"text_freeze [{fa}, {fb}] (its text FFN is already removed)")
+            joined.setdefault(b, []).append(op)
+            continue
         by_block.setdefault(b, []).append(op)
     for b in sorted(by_block):
-        import copy
-
         module = copy.deepcopy(adapter.block(b)).float()
         for op in by_block[b]:
             adapter.apply_width_op(module, op)
         for p in module.parameters():
             p.requires_grad_(True)
         units.append(Unit(f"width_{b}", "width", b, b, b, module, ops=by_block[b]))
+    for a, b, op in freezes:
+        members = list(range(a + 1, b + 1))
+        blocks = [copy.deepcopy(adapter.block(k)).float() for k in members]
+        adapter.apply_text_freeze(adapter.block(a), blocks, op)  # block a is only read (its modulation rows)
+        extra = []
+        for k, block in zip(members, blocks):
+            for fop in joined.get(k, []):
+                adapter.apply_width_op(block, fop)
+                extra.append(fop)
+        module = nn.ModuleList(blocks).float()  # fp32 master weights, like every plug
+        for p in module.parameters():
+            p.requires_grad_(True)
+        units.append(Unit(f"text_freeze_{a}_{b}", "text_freeze", a + 1, b, a, module, interval=[a, b],
+                          ops=[op, *extra], members=members))
     return units
 
 
@@ -346,8 +416,8 @@ def teacher_pass(
 ) -> tuple[dict[int, BlockCall], dict[int, dict[str, torch.Tensor]], torch.Tensor | None]:
     """One stock teacher forward (no grad): calls entering every unit start, streams leaving every unit end, and
     (``full=True``) the model output. Without ``full`` the forward stops after the last end block."""
-    starts = {u.start for u in units}
-    ends = {u.end for u in units}
+    starts = set().union(*(u.inputs for u in units)) if units else set()
+    ends = set().union(*(u.outputs for u in units)) if units else set()
     last = max(ends) if ends else -1
     calls: dict[int, BlockCall] = {}
     outs: dict[int, dict[str, torch.Tensor]] = {}
@@ -373,12 +443,43 @@ def teacher_pass(
     return calls, outs, output
 
 
-def _run_unit(unit: Unit, call: BlockCall, checkpointing: bool) -> dict[str, torch.Tensor]:
+def _run_module(module: nn.Module, call: BlockCall, checkpointing: bool) -> dict[str, torch.Tensor]:
     if checkpointing and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint
 
-        return split_output(checkpoint(unit.module, use_reentrant=False, **call.kwargs))
-    return split_output(unit.module(**call.kwargs))
+        return split_output(checkpoint(module, use_reentrant=False, **call.kwargs))
+    return split_output(module(**call.kwargs))
+
+
+def _run_unit(unit: Unit, call: BlockCall, checkpointing: bool) -> dict[str, torch.Tensor]:
+    return _run_module(unit.module, call, checkpointing)
+
+
+def frozen_calls(unit: Unit, calls: dict[int, BlockCall]) -> dict[int, BlockCall]:
+    """The call of each frozen block of a text_freeze unit: the teacher's call entering it, with the text state
+    replaced by tau, the teacher's text entering block ``a+1`` (unchanged through the frozen blocks)."""
+    tau = calls[unit.members[0]].kwargs["encoder_hidden_states"]
+    return {k: calls[k].with_streams({"text": tau}) for k in unit.members}
+
+
+def freeze_unit_losses(
+    unit: Unit, outs: dict[int, dict[str, torch.Tensor]], target: dict[int, dict[str, torch.Tensor]], eps: float
+) -> dict[str, torch.Tensor]:
+    """``image``: mean over the frozen blocks of D on the image stream; ``text``: D at block ``b``."""
+    image = torch.stack([plug_loss(outs[k]["image"], target[k]["image"], eps) for k in unit.members]).mean()
+    return {"image": image, "text": plug_loss(outs[unit.end]["text"], target[unit.end]["text"], eps)}
+
+
+def unit_step_losses(
+    unit: Unit, calls: dict[int, BlockCall], outs: dict[int, dict[str, torch.Tensor]], eps: float,
+    checkpointing: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Non-sequential losses of one unit on one teacher pass (captured ``calls`` and ``outs``)."""
+    if unit.members:
+        fcalls = frozen_calls(unit, calls)
+        got = {k: _run_module(m, fcalls[k], checkpointing) for k, m in zip(unit.members, unit.module)}
+        return freeze_unit_losses(unit, got, outs, eps)
+    return unit_losses(unit, _run_unit(unit, calls[unit.start], checkpointing), outs[unit.end], eps)
 
 
 def unit_losses(
@@ -394,10 +495,8 @@ def nonsequential_losses(
     """Per-unit, per-stream losses of one batch, every unit fed the TEACHER state entering it."""
     full = settings.output_loss_weight > 0
     calls, outs, teacher_out = teacher_pass(adapter, model_inputs, units, full=full)
-    losses = {}
-    for u in units:
-        out = _run_unit(u, calls[u.start], settings.gradient_checkpointing)
-        losses[u.name] = unit_losses(u, out, outs[u.end], settings.loss_eps)
+    losses = {u.name: unit_step_losses(u, calls, outs, settings.loss_eps, settings.gradient_checkpointing)
+              for u in units}
     out_loss = None
     if full:
         student_out, _ = _student_forward(adapter, model_inputs, units, capture=False)
@@ -407,22 +506,28 @@ def nonsequential_losses(
 
 def student_layout(adapter: Adapter, units: list[Unit]):
     plugs = {u.start: (u.end, u.module, u.source) for u in units if u.kind == "interval"}
-    replaced = {u.start: u.module for u in units if u.kind == "width"}
+    replaced = {k: m for u in units if u.kind != "interval" for k, m in u.placed().items()}
     return student_lists(adapter, plugs, replaced)
 
 
 def _student_forward(
     adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], capture: bool, stop_early: bool = False
 ) -> tuple[torch.Tensor | None, dict[str, dict[str, torch.Tensor]]]:
-    """The student (every unit in place) through the stock forward; optionally capture each unit's output."""
+    """The student (every unit in place) through the stock forward; optionally capture each unit's output
+    (``captured[name]``: its streams; a text_freeze unit: ``captured[f"{name}@{k}"]`` for every frozen block k)."""
     lists, _, position = student_layout(adapter, units)
-    at = {position[u.start]: u for u in units}
+    at: dict[int, str] = {}
+    for u in units:
+        if u.members:
+            at.update({position[k]: f"{u.name}@{k}" for k in u.members})
+        else:
+            at[position[u.start]] = u.name
     last = max(at) if at else -1
     captured: dict[str, dict[str, torch.Tensor]] = {}
 
     def on_output(i, call, streams):
         if i in at:
-            captured[at[i].name] = streams
+            captured[at[i]] = streams
         if stop_early and i == last:
             raise _StopForward
         return None
@@ -445,7 +550,13 @@ def sequential_losses(
     full = settings.output_loss_weight > 0
     _, outs, teacher_out = teacher_pass(adapter, model_inputs, units, full=full)
     student_out, captured = _student_forward(adapter, model_inputs, units, capture=True, stop_early=not full)
-    losses = {u.name: unit_losses(u, captured[u.name], outs[u.end], settings.loss_eps) for u in units}
+    losses = {}
+    for u in units:
+        if u.members:
+            got = {k: captured[f"{u.name}@{k}"] for k in u.members}
+            losses[u.name] = freeze_unit_losses(u, got, outs, settings.loss_eps)
+        else:
+            losses[u.name] = unit_losses(u, captured[u.name], outs[u.end], settings.loss_eps)
     out_loss = None
     if full:
         out_loss = (student_out.float() - teacher_out.float()).pow(2).mean()
@@ -460,28 +571,37 @@ def fit_width_units(
 ) -> dict[str, int]:
     """Least-squares init of every width projection from normal equations over all ``batches`` (float64).
 
-    With its projections at identity, a width unit returns exactly the post-attention state ``x`` of each
-    projected stream (its FFN branch returns zeros); the target is the teacher block's output ``y`` for that
-    stream; ``y - x ~ W x + b`` is solved once from the accumulated normal equations."""
-    width = [u for u in units if u.kind == "width"]
+    With its projections at identity, a width-modified block returns exactly the input ``x`` of each projection:
+    the post-attention state of a stream whose FFN is gone (ffn_linear), or tau, the frozen text state, at block
+    ``b`` of a text_freeze (fed as in :func:`frozen_calls`). The target ``y`` is the teacher block's output for that
+    stream; ``y - x ~ W x + b`` is solved once from the normal equations accumulated over all batches.
+    Returns the token count per ``unit[@block]/stream``."""
+    width = [u for u in units if u.kind in ("width", "text_freeze")]
     if not width:
         return {}
-    eqs: dict[tuple[str, str], NormalEquations] = {}
+    # sites: (key, unit, teacher block index, module with ppcl_proj)
+    sites = []
     for u in width:
-        for s, lin in u.module.ppcl_proj.items():
+        for k, m in u.placed().items():
+            if "ppcl_proj" in m._modules:
+                sites.append((u.name if not u.members else f"{u.name}@{k}", u, k, m))
+    eqs: dict[tuple[str, str], NormalEquations] = {}
+    for key, _, _, m in sites:
+        for s, lin in m.ppcl_proj.items():
             lin.set_solution(torch.zeros_like(lin.proj.weight), torch.zeros_like(lin.proj.bias))
-            eqs[(u.name, s)] = NormalEquations(lin.proj.in_features)
+            eqs[(key, s)] = NormalEquations(lin.proj.in_features)
     for j, batch in enumerate(batches):
         inputs = noise(batch, j)
         with autocast():
             calls, outs, _ = teacher_pass(adapter, inputs, width)
-            for u in width:
-                x = split_output(u.module(**calls[u.start].kwargs))
-                for s in u.module.ppcl_proj:
-                    eqs[(u.name, s)].update(x[s], outs[u.end][s])
-    for u in width:
-        for s, lin in u.module.ppcl_proj.items():
-            w, b = eqs[(u.name, s)].solve(ridge)
+            for key, u, k, m in sites:
+                call = frozen_calls(u, calls)[k] if u.members else calls[k]
+                x = split_output(m(**call.kwargs))
+                for s in m.ppcl_proj:
+                    eqs[(key, s)].update(x[s], outs[k][s])
+    for key, _, _, m in sites:
+        for s, lin in m.ppcl_proj.items():
+            w, b = eqs[(key, s)].solve(ridge)
             lin.set_solution(w, b)
     return {f"{n}/{s}": e.count for (n, s), e in eqs.items()}
 
@@ -712,7 +832,7 @@ def distill(
             _metric_lines(metrics_path, start_step)
     else:
         # Least-squares init of width projections (fresh runs only: a resumed run has them in its checkpoint).
-        if any(u.kind == "width" for u in units):
+        if any(u.kind in ("width", "text_freeze") for u in units):
             fit_batches = batches if batches is not None else _take(stream, settings.lsq_batches)
             fit_width_units(adapter, units, list(fit_batches)[: settings.lsq_batches],
                             lambda b, j: noised(b, -1 - j), settings.ridge, accelerator.autocast)
@@ -790,6 +910,7 @@ def distill(
         final_losses[key] = sum(h[key] for h in tail) / len(tail)
     plug_info = [
         {"name": u.name, "kind": u.kind, "interval": u.interval, "block": u.start if u.kind == "width" else None,
+         "members": u.members or None,
          "source": u.source, "list_name": adapter.locate(u.source)[0], "ops": u.ops,
          "params": sum(p.numel() for p in u.module.parameters()),
          "final_loss": {k.split("/", 1)[1]: v for k, v in final_losses.items() if k.split("/", 1)[0] == u.name}}
@@ -827,9 +948,11 @@ def _take(stream: BatchStream, n: int) -> list[dict[str, Any]]:
 def heldout_losses(
     model: Any, plan: Any, batches: list[dict[str, Any]], *, run: str | Path | None = None,
     seed: int = 12345, timesteps: str = "uniform", init: str | None = None, eps: float = LOSS_EPS,
+    lsq: list[dict[str, Any]] | None = None, ridge: float = 1e-4,
 ) -> dict[str, float]:
     """Mean loss D per ``unit/stream`` on ``batches`` (non-sequential), with the trained plugs of ``run`` or, when
-    ``run`` is None, the initial copies (width projections at their least-squares init are NOT applied: identity).
+    ``run`` is None, the initial copies (width projections at identity, i.e. no projection; with ``lsq`` batches,
+    at their least-squares fit on those batches, noised with seeds distinct from the held-out ones).
     Noise is seeded by ``seed`` so two calls see the same noised inputs."""
     from ppcl.calibration import noise_batch
 
@@ -840,14 +963,17 @@ def heldout_losses(
     if run is not None:
         load_unit_weights(units, Path(run) / "plugs.safetensors")
     sched = dict(pipe.scheduler.config) if hasattr(pipe, "scheduler") else {}
+    if lsq and run is None:
+        fit_width_units(adapter, units, lsq, lambda b, j: noise_batch(
+            adapter, sched, b, scheme=timesteps, generator=torch.Generator().manual_seed(seed + 1_000_000 + j)
+        ).model_inputs, ridge)
     sums: dict[str, float] = {}
     for j, batch in enumerate(batches):
         g = torch.Generator().manual_seed(seed + j)
         inputs = noise_batch(adapter, sched, batch, scheme=timesteps, generator=g).model_inputs
         calls, outs, _ = teacher_pass(adapter, inputs, units)
         for u in units:
-            out = split_output(u.module(**calls[u.start].kwargs))
-            for s, v in unit_losses(u, out, outs[u.end], eps).items():
+            for s, v in unit_step_losses(u, calls, outs, eps).items():
                 sums[f"{u.name}/{s}"] = sums.get(f"{u.name}/{s}", 0.0) + float(v) / len(batches)
     return sums
 

@@ -12,7 +12,7 @@ layer counts are updated, weights are safetensors.
   ``["ppcl.arch.<family>", "PPCL<Class>"]`` and :func:`ppcl.arch.load_pipeline` loads it (or pass the
   transformer to the stock pipeline with ``transformer=``).
 - Subsets. One training run serves every ratio: any subset of the trained interval plugs can be exported. Width
-  ops of the plan are always applied (they are cheap and were trained together).
+  ops of the plan (ffn_linear, text_freeze) are always applied (they are cheap and were trained together).
 - ``keep_params=F`` rule: among all subsets of intervals (exhaustive up to 16 intervals, greedy beyond), pick the
   one whose exported parameter count is the LARGEST that does not exceed ``F x teacher parameters`` (the least
   pruning that meets the budget); ties go to the smaller sum of the plugs' final training losses. If even all
@@ -225,8 +225,9 @@ def export(
 
     n_iv = len(plan_obj.intervals)
     teacher_params = adapter.total_parameters()
-    width_units = [u for u in units if u.kind == "width"]
-    width_saving = sum(count_parameters(adapter.block(u.start)) - count_parameters(u.module) for u in width_units)
+    width_units = [u for u in units if u.kind in ("width", "text_freeze")]
+    width_saving = sum(count_parameters(adapter.block(k)) - count_parameters(m)
+                       for u in width_units for k, m in u.placed().items())
     savings = interval_savings(adapter, units)
     if all_intervals:
         chosen = list(range(n_iv))
@@ -244,12 +245,16 @@ def export(
 
     from ppcl.distill import student_layout
 
-    selected = [u for u in units if u.kind == "width" or int(u.name.split("_")[1]) in chosen]
+    selected = [u for u in units if u.kind != "interval" or int(u.name.split("_")[1]) in chosen]
     lists, keep, position = student_layout(adapter, selected)
     width_new = []
-    for u in width_units:
+    for u in width_units:  # indices of the pruned model (no depth interval lies inside a text_freeze)
         for op in u.ops:
-            width_new.append({**op, "block": position[u.start]})
+            if op.get("op") == "text_freeze":
+                a, b = op["interval"]
+                width_new.append({**op, "interval": [position[a], position[b]]})
+            else:
+                width_new.append({**op, "block": position[int(op["block"])]})
     pruned = build_pruned_transformer(adapter, selected, width_new, lists, keep)
     params = count_parameters(pruned)
     predicted = teacher_params - width_saving - sum(savings[k] for k in chosen)

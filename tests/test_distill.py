@@ -129,3 +129,81 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pipe_dir, tmp_path):
     assert ckpts[-1] == f"step-{step - 1:06d}" if step > 1 else ckpts == []
     assert not (tmp_path / "run" / "plugs.safetensors").exists()
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ text_freeze
+#: per family: a text_freeze interval of dual blocks with a text stream of their own
+TEXT_FREEZE = {"flux": [0, 3], "sd3": [1, 4], "qwenimage": [2, 5]}
+
+
+def test_text_freeze_lsq_init_and_distillation_lower_heldout_loss(family, tiny_pipe_dir, tmp_path):
+    pipe_dir = tiny_pipe_dir[family]
+    a, b = TEXT_FREEZE[family]
+    plan = write_plan(pipe_dir, family, tmp_path / "plan.json", intervals=[],
+                      width=[{"op": "text_freeze", "interval": [a, b]}])
+    pipe = load_pipeline(pipe_dir)
+    heldout = list(synthetic_batches(pipe, n_samples=4, batch_size=2, seed=99))
+    fit = list(synthetic_batches(pipe, n_samples=8, batch_size=2, seed=0))
+    name = f"text_freeze_{a}_{b}"
+    none = heldout_losses(str(pipe_dir), plan, heldout)  # no projection: text leaves b as it left a
+    lsq = heldout_losses(str(pipe_dir), plan, heldout, lsq=fit)
+    assert set(none) == {f"{name}/image", f"{name}/text"}
+    # the least-squares projection at b explains most of what blocks a+1..b add to the text state
+    assert lsq[f"{name}/text"] < 0.5 * none[f"{name}/text"], (none, lsq)
+    run = tmp_path / "run"
+    distill(str(pipe_dir), plan, run, **FAST)
+    after = heldout_losses(str(pipe_dir), plan, heldout, run=run)
+    # the unit's loss (image + text, what training minimises) is lower than with the initial copies
+    assert after[f"{name}/text"] + after[f"{name}/image"] < none[f"{name}/text"] + none[f"{name}/image"]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["plugs"][0]["members"] == list(range(a + 1, b + 1))
+
+
+def test_text_freeze_bad_plans_fail_cleanly(tiny_pipe_dir, tmp_path, capsys):
+    pipe_dir = tiny_pipe_dir["flux"]  # 4 dual blocks (0..3), then 6 single blocks (4..9)
+    good = json.loads(write_plan(pipe_dir, "flux", tmp_path / "good.json", intervals=[[5, 8]], width=[]).read_text())
+    cases = {"single": ([2, 5], "block 4 has no own text stream"), "negative": ([-1, 2], "out of range"),
+             "beyond": ([1, 10], "out of range"), "empty": ([2, 2], "needs start < end")}
+    for name, (iv, msg) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**good, "width": [{"op": "text_freeze", "interval": iv}]}))
+        out = tmp_path / f"run-{name}"
+        assert main(["distill", "--model", str(pipe_dir), "--plan", str(path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not out.exists()
+    # a text_freeze overlapping a depth interval: refused, naming both
+    overlap = write_plan(pipe_dir, "flux", tmp_path / "overlap.json", intervals=[[1, 2]],
+                         width=[{"op": "text_freeze", "interval": [0, 3]}])
+    out = tmp_path / "run-overlap"
+    assert main(["distill", "--model", str(pipe_dir), "--plan", str(overlap), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "text_freeze [0, 3] overlaps depth interval [1, 2]" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_distill_from_encoded_cache(tiny_pipe_dir, tmp_path):
+    """The real data path: synth images -> shards -> the teacher's encoders -> cache -> distill(data=CACHE)."""
+    from ppcl.data.cache import iter_cache_batches
+    from ppcl.data.encode import encode_shards
+    from ppcl.data.shard import shard_source
+    from ppcl.data.synth import write_synth
+
+    pipe_dir = tiny_pipe_dir["flux"]
+    write_synth(tmp_path / "src", 8, size=32)
+    shard_source(str(tmp_path / "src"), str(tmp_path / "shards"), 2, progress=False)
+    cache = tmp_path / "cache"
+    encode_shards(str(pipe_dir), str(tmp_path / "shards"), str(cache), resolution=32, batch_size=4, progress=False)
+    plan = write_plan(pipe_dir, "flux", tmp_path / "plan.json", intervals=[[1, 2]],
+                      width=[{"op": "ffn_linear", "block": 3, "stream": "image"}])
+    run = tmp_path / "run"
+    distill(str(pipe_dir), plan, run, data=cache, **{**FAST, "steps": 8, "lsq_batches": 2})
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["data"] == str(cache) and meta["steps"] == 8
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 9)) and all(l["loss"] == l["loss"] for l in lines)
+    batches = list(iter_cache_batches(str(cache), 4))
+    before = heldout_losses(str(pipe_dir), plan, batches)
+    after = heldout_losses(str(pipe_dir), plan, batches, run=run)
+    assert sum(v for k, v in after.items() if k.startswith("interval_0/")) < sum(
+        v for k, v in before.items() if k.startswith("interval_0/"))

@@ -147,3 +147,41 @@ def test_bad_export_inputs_fail_cleanly(runs, tiny_pipe_dir, tmp_path, capsys):
     assert main(["export", "--model", str(pipe_dir), "--plan", str(plan_path), "--plugs", str(bad_run), "--all",
                  "--out", str(out)]) == 2
     assert "cannot read plugs" in capsys.readouterr().err and not out.exists()
+
+
+#: per family: depth intervals outside the frozen text interval, the text_freeze, and an ffn_linear on a frozen block
+TEXT_FREEZE_PLANS = {
+    "flux": ([[5, 8]], [{"op": "text_freeze", "interval": [0, 3]}, {"op": "ffn_linear", "block": 3, "stream": "image"}]),
+    "sd3": ([[6, 8]], [{"op": "text_freeze", "interval": [1, 4]}, {"op": "ffn_linear", "block": 4, "stream": "image"}]),
+    "qwenimage": ([[1, 2]], [{"op": "text_freeze", "interval": [4, 7]},
+                             {"op": "ffn_linear", "block": 5, "stream": "image"}]),
+}
+
+
+def test_text_freeze_export_counts_round_trips_and_generates(family, tiny_pipe_dir, tmp_path):
+    pipe_dir = tiny_pipe_dir[family]
+    teacher = load_pipeline(pipe_dir)
+    adapter = get_adapter(teacher)
+    intervals, width = TEXT_FREEZE_PLANS[family]
+    plan = make_plan(adapter, intervals, width=width)
+    plan_path = save_plan(plan, tmp_path / "plan.json")
+    distill(str(pipe_dir), plan_path, tmp_path / "run", steps=4, lr=1e-3, warmup_steps=1, n_samples=4,
+            progress=False)
+    res = export(pipe_dir, plan_path, tmp_path / "run", tmp_path / "pruned", all_intervals=True)
+    # exact accounting: the frozen blocks save more than the depth intervals' plugs alone
+    assert res.parameters == plan.params.student == predict_params(plan, adapter)["student"]
+    depth_only = predict_params(make_plan(adapter, intervals), adapter)["student"]
+    assert res.parameters < depth_only
+    pruned = load_pipeline(tmp_path / "pruned")  # PPCL<Class>.from_pretrained, then the stock pipeline class
+    assert type(pruned).__name__ == type(teacher).__name__
+    assert sum(p.numel() for p in pruned.transformer.parameters()) == res.parameters
+    (a, b), shift = width[0]["interval"], sum(e - s for s, e in intervals if e < width[0]["interval"][0])
+    assert pruned.transformer.config.width_ops[0] == {"op": "text_freeze", "interval": [a - shift, b - shift]}
+    # the exported frozen blocks are the trained ones
+    from safetensors.torch import load_file
+
+    plugs = load_file(str(tmp_path / "run" / "plugs.safetensors"))
+    key = f"text_freeze_{a}_{b}.{b - a - 1}.ppcl_proj.text.proj.weight"
+    got = pruned.transformer.transformer_blocks[b - shift].ppcl_proj["text"].proj.weight
+    assert torch.equal(got.float(), plugs[key])
+    assert torch.isfinite(_latents(pruned)).all()

@@ -13,8 +13,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ppcl.arch.common import Adapter, BlockCall, BlockInfo, count_parameters, shift_sigmas
 from ppcl.errors import PPCLError
+
+# The protocol module imports torch; it is loaded on first use so that `ppcl.arch.FAMILIES` is cheap to import
+# (the config schema and the CLI use it before any model is touched).
+_COMMON = ("Adapter", "BlockCall", "BlockInfo", "count_parameters", "shift_sigmas")
+
+
+def __getattr__(name: str):
+    if name in _COMMON:
+        from ppcl.arch import common
+
+        return getattr(common, name)
+    raise AttributeError(f"module 'ppcl.arch' has no attribute {name!r}")
 
 #: family name -> "module:Class" of its adapter (imported lazily: diffusers is heavy).
 FAMILIES: dict[str, str] = {
@@ -29,7 +40,7 @@ __all__ = [
 ]
 
 
-def adapter_for(family: str) -> type[Adapter]:
+def adapter_for(family: str) -> "type[Adapter]":
     """The adapter class of a family name (``flux``, ``sd3``, ``qwenimage``)."""
     if family not in FAMILIES:
         raise PPCLError(f"unknown family '{family}': expected one of {', '.join(FAMILIES)}")
@@ -37,7 +48,7 @@ def adapter_for(family: str) -> type[Adapter]:
     return getattr(importlib.import_module(module), cls)
 
 
-def get_adapter(model: Any) -> Adapter:
+def get_adapter(model: Any) -> "Adapter":
     """The adapter for a loaded transformer, or for a pipeline (its ``.transformer``)."""
     transformer = getattr(model, "transformer", model)
     for family in FAMILIES:

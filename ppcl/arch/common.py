@@ -317,6 +317,139 @@ class Adapter(ABC):
     def pruned_config(self, keep: dict[str, list[int]]) -> dict[str, Any]:
         """The transformer config with only the blocks ``keep[list_name]`` (local indices, in order) kept."""
 
+    # ------------------------------------------------------- width operations
+    # method.md section 3; the design is in the "width operations" section at the bottom of this module.
+    def ffn_module_name(self, block: nn.Module, stream: str) -> str | None:
+        """Name of the sub-module that is ``stream``'s FFN in ``block`` (None: no separate FFN). Families override."""
+        return None
+
+    def text_stream_parts(self, block: nn.Module) -> dict[str, str] | None:
+        """The sub-modules of ``block``'s own text-stream update, by role (dotted paths inside the block):
+
+        - ``modulation``: the text adaLN that yields the modulated text state (input of joint attention) and the
+          text gates;
+        - ``ffn``: the gated text FFN branch;
+        - ``out``: the text output projection of joint attention.
+
+        None: the block has no text stream of its own (FLUX single blocks, SD3's ``context_pre_only`` last block).
+        Families override."""
+        return None
+
+    def frozen_text_modulation(self, source: nn.Module, init: bool = True) -> nn.Module:
+        """The light module that stands for a text-frozen block's text modulation, built after the modulation of
+        block ``source`` (block ``a`` of the op) and, with ``init``, holding a copy of its attention shift/scale
+        weights. Families override (FLUX and SD3: :class:`FrozenTextAdaLNZero`)."""
+        raise PPCLError(f"{self.family}: text_freeze is not supported for block {type(source).__name__}")
+
+    def text_freeze_interval(self, op: Any) -> tuple[int, int]:
+        """``(a, b)`` of a ``text_freeze`` op, validated against this model (one-line PPCLError otherwise)."""
+        iv = _op_field(op, "interval")
+        if (not isinstance(iv, (list, tuple)) or len(iv) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in iv)):
+            raise PPCLError(f"width op text_freeze: interval {iv!r} is not a [start, end] pair of integers")
+        a, b = int(iv[0]), int(iv[1])
+        where = f"width op text_freeze [{a}, {b}]"
+        if a < 0 or b >= self.num_blocks:
+            raise PPCLError(f"{where}: out of range (the model has blocks 0..{self.num_blocks - 1})")
+        if not a < b:
+            raise PPCLError(f"{where}: needs start < end (blocks start+1..end are frozen)")
+        for k in range(a, b + 1):
+            if self.text_stream_parts(self.block(k)) is None:
+                raise PPCLError(f"{where}: block {k} ({type(self.block(k)).__name__}) has no own text stream")
+        return a, b
+
+    def width_op_params(self, op: Any) -> tuple[int, int]:
+        """``(removed, added)`` parameters of one width op on the teacher (exact, from the modules)."""
+        kind = _op_field(op, "op")
+        if kind == "ffn_linear":
+            index = int(_op_field(op, "block"))
+            stream = _op_field(op, "stream", "image")
+            block = self.block(index)
+            name = _adapter_ffn_check(self, block, stream, f"width op ffn_linear on block {index}")
+            ffn = getattr(block, name)
+            dim = _first_linear(ffn).in_features
+            return count_parameters(ffn), dim * dim + dim
+        if kind == "text_freeze":
+            a, b = self.text_freeze_interval(op)
+            source = self.block(a)
+            removed = added = 0
+            for k in range(a + 1, b + 1):
+                block = self.block(k)
+                for path in self.text_stream_parts(block).values():
+                    removed += count_parameters(block.get_submodule(path))
+                with torch.device("meta"):  # shapes only: no memory, no copy
+                    added += count_parameters(self.frozen_text_modulation(source, init=False))
+            dim = _text_dim(self, self.block(b))
+            return removed, added + dim * dim + dim
+        raise PPCLError(f"width op '{kind}' is not supported: expected one of {', '.join(WIDTH_OPS)}")
+
+    def apply_width_op(self, block: nn.Module, op: Any) -> nn.Module:
+        """Turn ``block`` IN PLACE into its width-modified form for a one-block op (``ffn_linear``; works on the
+        meta device too). ``text_freeze`` spans blocks: :meth:`apply_text_freeze`."""
+        kind = _op_field(op, "op")
+        if kind == "text_freeze":
+            raise PPCLError("width op text_freeze spans several blocks: apply it with apply_text_freeze")
+        if kind != "ffn_linear":
+            raise PPCLError(f"width op '{kind}' is not supported: expected one of {', '.join(WIDTH_OPS)}")
+        stream = _op_field(op, "stream", "image")
+        name = _adapter_ffn_check(self, block, stream, f"width op ffn_linear on block {_op_field(op, 'block')}")
+        from ppcl.plugs import ResidualLinear, ZeroBranch
+
+        ffn = getattr(block, name)
+        if isinstance(ffn, ZeroBranch):
+            raise PPCLError(f"width op ffn_linear on block {_op_field(op, 'block')} {stream}: the {stream} FFN is "
+                            "already removed (applied twice, or the block's text stream is frozen)")
+        lin = _first_linear(ffn)
+        dim = lin.in_features
+        device, dtype = lin.weight.device, lin.weight.dtype
+        block.__class__ = width_block_class(type(block))
+        setattr(block, name, ZeroBranch())
+        if "ppcl_proj" not in block._modules:
+            block.ppcl_proj = nn.ModuleDict()
+        block.ppcl_proj[stream] = ResidualLinear(dim).to(device=device, dtype=dtype)
+        return block
+
+    def apply_text_freeze(self, source: nn.Module, members: list[nn.Module], op: Any) -> list[nn.Module]:
+        """Turn ``members`` (blocks ``a+1..b``, in order) IN PLACE into text-frozen blocks of ``op``; ``source`` is
+        block ``a`` (read only: its text modulation weights are copied). Works on the meta device too.
+
+        Each member's text modulation becomes :meth:`frozen_text_modulation` (a copy of block ``a``'s attention
+        shift/scale, gates 0), its text FFN and text attention output projection become :class:`ZeroBranch`, so
+        the stock forward returns the text state it was given, exactly; the last member also gets the residual
+        projection ``ppcl_proj["text"]`` applied to its text output."""
+        from ppcl.plugs import ResidualLinear, ZeroBranch
+
+        where = f"width op text_freeze {list(_op_field(op, 'interval') or [])}"
+        if not members:
+            raise PPCLError(f"{where}: no block to freeze (needs start < end)")
+        for j, block in enumerate(members):
+            parts = self.text_stream_parts(block)
+            if parts is None:
+                raise PPCLError(f"{where}: block {type(block).__name__} has no own text stream")
+            if any(isinstance(block.get_submodule(p), ZeroBranch) for p in parts.values()):
+                raise PPCLError(f"{where}: a block's text stream is already frozen or its text FFN removed")
+            mod = self.frozen_text_modulation(source, init=True)
+            block.__class__ = width_block_class(type(block))
+            _set_submodule(block, parts["modulation"], mod)
+            _set_submodule(block, parts["ffn"], ZeroBranch())
+            _set_submodule(block, parts["out"], ZeroBranch())
+            if j == len(members) - 1:
+                w = _first_linear(mod)
+                if "ppcl_proj" not in block._modules:
+                    block.ppcl_proj = nn.ModuleDict()
+                dim = _text_dim(self, source)
+                block.ppcl_proj["text"] = ResidualLinear(dim).to(device=w.weight.device, dtype=w.weight.dtype)
+        return members
+
+    def apply_width_ops(self, ops: list[dict[str, Any]]) -> None:
+        """Apply width ops (block indices of THIS model) to the transformer's own blocks, in place."""
+        for op in ops:
+            if _op_field(op, "op") == "text_freeze":
+                a, b = self.text_freeze_interval(op)
+                self.apply_text_freeze(self.block(a), [self.block(k) for k in range(a + 1, b + 1)], op)
+            else:
+                self.apply_width_op(self.block(int(_op_field(op, "block"))), op)
+
 
 def shift_sigmas(sigma: torch.Tensor, scheduler_config: dict[str, Any], image_seq_len: int) -> torch.Tensor:
     """Apply the teacher scheduler's flow shift to uniform/logit-normal ``sigma`` in [0, 1].
@@ -337,17 +470,40 @@ def shift_sigmas(sigma: torch.Tensor, scheduler_config: dict[str, Any], image_se
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-# ------------------------------------------------------------------------------------------ width operations
-# Added for width pruning (method.md section 3). Design: FFN -> residual linear is a module swap, not a forward
-# rewrite. In every family here the FFN is a gated residual branch, ``out = x + gate * ffn(modulate(norm(x)))`` with
-# ``x`` the post-attention state; replacing ``ffn`` by a branch that returns zeros makes the stock block return
-# exactly ``x`` for that stream, and a residual linear map ``y = x + W x + b`` applied to the block's output for
-# that stream is then precisely "a residual linear map from the post-attention state to the block output". The
-# modified block is the stock block's class with a thin subclass (``PPCL<Block>``) whose forward keeps the stock
-# signature (so calls bind the same way) and applies the projections to the outputs. Adapters only say which
-# sub-module is the FFN of each stream (:meth:`Adapter.ffn_module_name`).
 
-WIDTH_OPS: tuple[str, ...] = ("ffn_linear",)
+
+# ------------------------------------------------------------------------------------------ width operations
+# Width pruning (method.md section 3) is a module swap, not a forward rewrite: the modified block is the stock block's
+# class with a thin subclass (``PPCL<Block>``) whose forward keeps the stock signature (so calls bind the same way) and
+# applies residual projections ``y = x + W x + b`` (``ppcl_proj[stream]``) to the block's outputs.
+#
+# ffn_linear (block, stream). In every family here the FFN is a gated residual branch,
+# ``out = x + gate * ffn(modulate(norm(x)))`` with ``x`` the post-attention state; replacing ``ffn`` by a branch that
+# returns zeros makes the stock block return exactly ``x`` for that stream, and the projection applied to that output
+# is then precisely "a residual linear map from the post-attention state to the block output". Adapters say which
+# sub-module is the FFN of each stream (:meth:`Adapter.ffn_module_name`).
+#
+# text_freeze [a, b] (dual-stream blocks; a < b). Our precise design:
+# - block a runs unchanged. Let tau be the text state leaving block a (entering a+1).
+# - blocks a+1..b keep their image stream whole (image modulation, attention projections, FFN, gates). Their own text
+#   update is dropped: text modulation (6 chunks of adaLN), text attention output projection (``to_add_out``), text
+#   FFN, text gates. What remains of the text side is the input of joint attention: the text tokens join attention
+#   through each block's own ``add_q/add_k/add_v`` projections of m = LN(tau) * (1 + scale_a) + shift_a, block a's
+#   attention modulation (its shift/scale chunks only, as functions of temb) applied to the frozen state.
+# - the text state passes through a+1..b-1 unchanged (exactly: the gates are 0 and the dropped branches return zeros)
+#   and block b returns text tau + W tau + c (``ppcl_proj["text"]``), W, c least-squares initialised on
+#   (teacher text leaving b) - tau, then distilled with loss D.
+# - carrying m from block a to the later blocks: each frozen block RECOMPUTES m from the text state it receives
+#   (which is tau, unchanged) with its own light copy of block a's shift/scale rows
+#   (:class:`FrozenTextAdaLNZero` / the family's equivalent), instead of a holder object that block a fills during the
+#   forward. Recomputing keeps every block self-contained: a block is a pure function of its stock call (non-sequential
+#   distillation feeds each frozen block a captured teacher call; gradient checkpointing recomputes a block alone;
+#   concurrent forwards share no state), export is a plain module-list edit, and ``from_pretrained`` rebuilds the
+#   structure from the config. Cost: 2 D x D_temb (+2 D) parameters per frozen block (the removed adaLN had 6x that),
+#   counted exactly by :meth:`Adapter.width_op_params`. At init m is exactly block a's modulation of tau; the copies are
+#   trained per block afterwards (they may drift apart: a per-block light modulation initialised from block a).
+
+WIDTH_OPS: tuple[str, ...] = ("ffn_linear", "text_freeze")
 
 
 class WidthBlockMixin:
@@ -384,6 +540,58 @@ def width_block_class(base: type) -> type:
     return _WIDTH_CLASSES[base]
 
 
+class FrozenTextAdaLNZero(nn.Module):
+    """Stands for a text-frozen block's ``AdaLayerNormZero`` text modulation (FLUX dual, SD3 joint blocks).
+
+    Same call as ``AdaLayerNormZero`` (``(x, emb=temb)``); returns ``(m, gate_msa, shift_mlp, scale_mlp, gate_mlp)``
+    with ``m = norm(x) * (1 + scale) + shift`` (``(B, T, D)``), ``shift, scale = linear(silu(emb))`` (``(B, D)`` each),
+    and the four others zeros ``(B, D)``: the stock block then adds nothing to the text state.
+    ``linear`` is ``Linear(D_temb, 2 D)``, a copy of rows ``0:2D`` (shift_msa, scale_msa) of the source's linear.
+    """
+
+    def __init__(self, dim: int, emb_dim: int, norm: nn.Module, bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(emb_dim, 2 * dim, bias=bias)
+        self.norm = norm  # parameter-free LayerNorm (copied from the source)
+
+    @classmethod
+    def from_source(cls, source: nn.Module, init: bool = True) -> "FrozenTextAdaLNZero":
+        """Built after ``source`` (an ``AdaLayerNormZero`` without class embeddings)."""
+        import copy
+
+        if getattr(source, "emb", None) is not None or not hasattr(source, "linear"):
+            raise PPCLError(f"text_freeze: unsupported text modulation {type(source).__name__}")
+        lin = source.linear
+        dim = lin.out_features // 6
+        mod = cls(dim, lin.in_features, copy.deepcopy(source.norm), bias=lin.bias is not None)
+        if init:  # without init: shapes only (parameter counting under ``torch.device("meta")``)
+            mod.to(device=lin.weight.device, dtype=lin.weight.dtype)
+            with torch.no_grad():
+                mod.linear.weight.copy_(lin.weight[: 2 * dim])
+                if lin.bias is not None:
+                    mod.linear.bias.copy_(lin.bias[: 2 * dim])
+        return mod
+
+    def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+        shift, scale = self.linear(nn.functional.silu(emb)).chunk(2, dim=1)
+        m = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        zero = torch.zeros_like(shift)
+        return m, zero, zero, zero, zero
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _text_dim(adapter: "Adapter", block: nn.Module) -> int:
+    """Width of a block's text state: the output width of its text attention projection (``to_add_out``)."""
+    out = block.get_submodule(adapter.text_stream_parts(block)["out"])
+    if not isinstance(out, nn.Linear):
+        raise PPCLError(f"text_freeze: block {type(block).__name__} has no text output projection (already frozen?)")
+    return out.out_features
+
+
 def _op_field(op: Any, name: str, default: Any = None) -> Any:
     if isinstance(op, dict):
         return op.get(name, default)
@@ -393,7 +601,8 @@ def _op_field(op: Any, name: str, default: Any = None) -> Any:
 def op_dict(op: Any) -> dict[str, Any]:
     """A width op (pydantic model or dict) as a plain JSON-able dict."""
     if hasattr(op, "model_dump"):
-        return {k: v for k, v in op.model_dump(mode="json").items() if v is not None}
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in op.model_dump(mode="json").items() if v is not None}
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(op).items() if v is not None}
 
 
@@ -413,59 +622,12 @@ def _adapter_ffn_check(adapter: "Adapter", block: nn.Module, stream: str, where:
     return name
 
 
-def _width_op_params(self: "Adapter", op: Any) -> tuple[int, int]:
-    """``(removed, added)`` parameters of one width op on the teacher (exact, from the modules)."""
-    kind = _op_field(op, "op")
-    if kind != "ffn_linear":
-        raise PPCLError(f"width op '{kind}' is not supported: expected one of {', '.join(WIDTH_OPS)}")
-    index = int(_op_field(op, "block"))
-    stream = _op_field(op, "stream", "image")
-    block = self.block(index)
-    name = _adapter_ffn_check(self, block, stream, f"width op ffn_linear on block {index}")
-    ffn = getattr(block, name)
-    dim = _first_linear(ffn).in_features
-    return count_parameters(ffn), dim * dim + dim
-
-
-def _apply_width_op(self: "Adapter", block: nn.Module, op: Any) -> nn.Module:
-    """Turn ``block`` IN PLACE into its width-modified form for ``op`` (works on the meta device too)."""
-    kind = _op_field(op, "op")
-    if kind != "ffn_linear":
-        raise PPCLError(f"width op '{kind}' is not supported: expected one of {', '.join(WIDTH_OPS)}")
-    stream = _op_field(op, "stream", "image")
-    name = _adapter_ffn_check(self, block, stream, f"width op ffn_linear on block {_op_field(op, 'block')}")
-    from ppcl.plugs import ResidualLinear, ZeroBranch
-
-    ffn = getattr(block, name)
-    if isinstance(ffn, ZeroBranch):
-        raise PPCLError(f"width op ffn_linear on block {_op_field(op, 'block')} {stream}: applied twice")
-    lin = _first_linear(ffn)
-    dim = lin.in_features
-    device, dtype = lin.weight.device, lin.weight.dtype
-    block.__class__ = width_block_class(type(block))
-    setattr(block, name, ZeroBranch())
-    if "ppcl_proj" not in block._modules:
-        block.ppcl_proj = nn.ModuleDict()
-    block.ppcl_proj[stream] = ResidualLinear(dim).to(device=device, dtype=dtype)
-    return block
-
-
-def _ffn_module_name(self: "Adapter", block: nn.Module, stream: str) -> str | None:
-    """Name of the sub-module that is ``stream``'s FFN in ``block`` (None: no separate FFN). Families override."""
-    return None
-
-
-Adapter.width_op_params = _width_op_params
-Adapter.apply_width_op = _apply_width_op
-Adapter.ffn_module_name = _ffn_module_name
-
-
 def width_transformer_class(base: type, name: str, module: str) -> type:
     """A config-registered subclass of the stock transformer ``base`` with an extra config field ``width_ops``.
 
-    ``width_ops`` is a list of op dicts whose ``block`` is an execution index IN THIS (pruned) model; the
-    constructor builds the stock model, then converts those blocks, so ``from_pretrained`` round-trips and
-    ``get_adapter`` still detects the family (it is a subclass).
+    ``width_ops`` is a list of op dicts whose ``block`` / ``interval`` are execution indices IN THIS (pruned) model;
+    the constructor builds the stock model, then converts those blocks (:meth:`Adapter.apply_width_ops`), so
+    ``from_pretrained`` round-trips and ``get_adapter`` still detects the family (it is a subclass).
     """
     base_sig = inspect.signature(base.__init__)
     params = [p for p in base_sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -477,11 +639,8 @@ def width_transformer_class(base: type, name: str, module: str) -> type:
         self.register_to_config(width_ops=ops)
         from ppcl.arch import get_adapter
 
-        adapter = get_adapter(self)
-        for op in ops:
-            adapter.apply_width_op(adapter.block(int(op["block"])), op)
+        get_adapter(self).apply_width_ops(ops)
 
     __init__.__signature__ = base_sig.replace(parameters=params)
     cls = type(name, (base,), {"__init__": __init__, "__module__": module, "__qualname__": name})
-    # Modified blocks are not the stock class: let diffusers treat them as ordinary modules for device maps.
     return cls

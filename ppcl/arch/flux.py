@@ -15,7 +15,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
-from ppcl.arch.common import Adapter, BlockCall, width_transformer_class
+from ppcl.arch.common import Adapter, BlockCall, FrozenTextAdaLNZero, width_transformer_class
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -103,6 +103,16 @@ class FluxAdapter(Adapter):
         if isinstance(block, FluxSingleTransformerBlock):
             return None
         return {"image": "ff", "text": "ff_context"}.get(stream)
+
+    def text_stream_parts(self, block):
+        """Dual blocks: ``norm1_context`` (AdaLayerNormZero), ``ff_context``, ``attn.to_add_out``. Single blocks
+        have no text stream of their own (one set of weights over the concatenated streams): no text_freeze."""
+        if isinstance(block, FluxSingleTransformerBlock):
+            return None
+        return {"modulation": "norm1_context", "ffn": "ff_context", "out": "attn.to_add_out"}
+
+    def frozen_text_modulation(self, source, init=True):
+        return FrozenTextAdaLNZero.from_source(source.norm1_context, init=init)
 
     def pruned_config(self, keep):
         cfg = dict(self.transformer.config)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from diffusers import QwenImageTransformer2DModel
+from torch import nn
 
 from ppcl.arch.common import Adapter, BlockCall, width_transformer_class
 from ppcl.arch.flux import pack, unpack
@@ -23,6 +24,37 @@ def _latent_stats(vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(device, dtype)
     std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(device, dtype)
     return mean, std
+
+
+class FrozenTextQwenMod(nn.Module):
+    """Stands for a text-frozen block's ``txt_mod`` (``SiLU -> Linear(D, 6D)``) under text_freeze.
+
+    Returns ``(B, 6D)`` laid out as the block expects, ``[shift1, scale1, gate1, shift2, scale2, gate2]``, with
+    ``shift1, scale1 = linear(silu(temb))`` (a copy of rows ``0:2D`` of block ``a``'s ``txt_mod`` linear) and the rest
+    zeros: the block's ``txt_norm1`` + modulation then give block ``a``'s modulated text state for joint attention,
+    and both text gates are 0, so the text state leaves the block unchanged."""
+
+    def __init__(self, dim: int, emb_dim: int, bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(emb_dim, 2 * dim, bias=bias)
+
+    @classmethod
+    def from_source(cls, txt_mod: nn.Module, init: bool = True) -> "FrozenTextQwenMod":
+        lin = txt_mod[1]
+        dim = lin.out_features // 6
+        mod = cls(dim, lin.in_features, bias=lin.bias is not None)
+        if init:  # without init: shapes only (parameter counting under ``torch.device("meta")``)
+            mod.to(device=lin.weight.device, dtype=lin.weight.dtype)
+            with torch.no_grad():
+                mod.linear.weight.copy_(lin.weight[: 2 * dim])
+                if lin.bias is not None:
+                    mod.linear.bias.copy_(lin.bias[: 2 * dim])
+        return mod
+
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+        shift_scale = self.linear(nn.functional.silu(temb))
+        rest = shift_scale.new_zeros(*shift_scale.shape[:-1], 2 * shift_scale.shape[-1])
+        return torch.cat([shift_scale, rest], dim=-1)
 
 
 class QwenImageAdapter(Adapter):
@@ -97,6 +129,13 @@ class QwenImageAdapter(Adapter):
     def ffn_module_name(self, block, stream):
         """``img_mlp`` (image) / ``txt_mlp`` (text), each a gated residual branch after joint attention."""
         return {"image": "img_mlp", "text": "txt_mlp"}.get(stream)
+
+    def text_stream_parts(self, block):
+        """``txt_mod`` (SiLU + Linear(D, 6D)), ``txt_mlp``, ``attn.to_add_out``."""
+        return {"modulation": "txt_mod", "ffn": "txt_mlp", "out": "attn.to_add_out"}
+
+    def frozen_text_modulation(self, source, init=True):
+        return FrozenTextQwenMod.from_source(source.txt_mod, init=init)
 
     def pruned_config(self, keep):
         cfg = dict(self.transformer.config)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers import SD3Transformer2DModel
 
-from ppcl.arch.common import Adapter, BlockCall, width_transformer_class
+from ppcl.arch.common import Adapter, BlockCall, FrozenTextAdaLNZero, width_transformer_class
 
 
 class SD3Adapter(Adapter):
@@ -87,6 +87,16 @@ class SD3Adapter(Adapter):
         text FFN."""
         name = {"image": "ff", "text": "ff_context"}.get(stream)
         return name if name is not None and getattr(block, name, None) is not None else None
+
+    def text_stream_parts(self, block):
+        """``norm1_context`` (AdaLayerNormZero), ``ff_context``, ``attn.to_add_out``; the last
+        (``context_pre_only``) block has no text update of its own: no text_freeze reaches it."""
+        if getattr(block, "context_pre_only", False):
+            return None
+        return {"modulation": "norm1_context", "ffn": "ff_context", "out": "attn.to_add_out"}
+
+    def frozen_text_modulation(self, source, init=True):
+        return FrozenTextAdaLNZero.from_source(source.norm1_context, init=init)
 
     def pruned_config(self, keep):
         """``keep["transformer_blocks"]``: for each new position, the teacher block whose structure it has."""
