@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ppcl.errors import PPCLError
 
 CONFIG_VERSION = 1
-FAMILIES: tuple[str, ...] = ("flux", "sd3", "qwenimage")  # == ppcl.tiny.FAMILIES (no torch import here)
+from ppcl.arch import FAMILIES  # names only; importing it loads no model code
 SELECT_METHODS: tuple[str, ...] = ("ppcl", "shortgpt", "angular", "uniform", "random")
 
 
@@ -203,7 +203,7 @@ class RunConfig(_Strict):
     version: Literal[1] = 1
     name: str = Field("ppcl", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
     teacher: str = Field(min_length=1)
-    family: Literal["flux", "sd3", "qwenimage"] | None = None
+    family: str | None = None
     ratios: list[float] = Field(default_factory=lambda: [0.75, 0.5], min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
@@ -214,6 +214,13 @@ class RunConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     run_root: str = "ppcl-runs"
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str | None) -> str | None:
+        if value is not None and value not in FAMILIES:
+            raise ValueError(f"unknown family {value!r} (expected one of {', '.join(FAMILIES)})")
+        return value
 
     @field_validator("ratios")
     @classmethod
@@ -266,8 +273,6 @@ def validate_config(data: dict[str, Any], *, source: str = "config") -> RunConfi
             msg = "is required"
         elif err["type"] == "extra_forbidden":
             msg = "is not a known setting"
-        elif err["type"] == "literal_error" and err["loc"] and err["loc"][-1] == "family":
-            msg = f"unknown family {err.get('input')!r} (expected one of {', '.join(FAMILIES)})"
         raise PPCLError(f"{source}: field '{_where(err['loc'])}' {msg}") from None
     if cfg.select.keep_params is not None and cfg.select.keep_params > min(cfg.ratios):
         raise PPCLError(

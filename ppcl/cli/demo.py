@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from ppcl.arch import FAMILIES
+
 HELP = "run the whole PPCL pipeline locally on a tiny model and synthetic data (minutes, CPU only)"
 
 
@@ -17,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config overriding the demo defaults (see docs/pipeline.md)")
     parser.add_argument("--run-root", default=None, help="parent of the run folder (default ./ppcl-runs)")
     parser.add_argument("--run-id", default=None, help="run folder name (default demo-<date>-<time>-<hex>)")
-    parser.add_argument("--arch", default="flux", choices=["flux", "sd3", "qwenimage"],
+    parser.add_argument("--arch", default="flux", choices=list(FAMILIES),
                         help="family of the tiny teacher built when neither the config nor the shipped "
                              "reference teacher gives one (default flux)")  # fmt: skip
 
