@@ -8,7 +8,6 @@ random CLIP (:func:`build_tiny_clip`) and load it through the same :func:`load_c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -103,26 +102,15 @@ def clip_score(images: torch.Tensor, prompts: list[str], clip) -> float:
     return scorer.compute()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level BPE alphabet: each byte -> one printable unicode character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def build_tiny_clip(out: str | Path, seed: int = 0, image_size: int = 32) -> Path:
     """Save a tiny random CLIP (model + tokenizer + image processor) to ``out``; scores it gives mean nothing.
 
-    For tests and the offline demo. The tokenizer is a byte-level BPE with no merges (every byte is a token),
-    built from a generated vocab.json and merges.txt.
+    For tests and the offline demo. The tokenizer is the tiny pipelines' locally built CLIP tokenizer
+    (:func:`ppcl.tiny.tiny_clip_tokenizer`), so captions tokenize into words, not bytes.
     """
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    from ppcl.tiny import tiny_clip_tokenizer
 
     try:
         from transformers import CLIPImageProcessorPil as _ImageProcessor  # transformers >= 5 without torchvision
@@ -131,17 +119,11 @@ def build_tiny_clip(out: str | Path, seed: int = 0, image_size: int = 32) -> Pat
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = bos, eos
-    (out / "vocab.json").write_text(json.dumps(vocab))
-    (out / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"))
+    tokenizer = tiny_clip_tokenizer()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
                          pad_token_id=eos, **small),
         vision_config=dict(image_size=image_size, patch_size=8, **small),
         projection_dim=16,
