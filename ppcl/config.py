@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ppcl.errors import PPCLError
+from ppcl.evaluate.metrics import EvalSettings
 
 CONFIG_VERSION = 1
 from ppcl.arch import FAMILIES  # names only; importing it loads no model code
@@ -123,9 +124,9 @@ class DistillConfig(_Strict):
     use_8bit_adam: bool = True
 
 
-class EvaluateConfig(_Strict):
-    """Evaluation of each exported ratio against the teacher (``ppcl evaluate``); see
-    :class:`ppcl.evaluate.metrics.EvalSettings` for the meaning of every field but ``prompts``."""
+class EvaluateConfig(EvalSettings):
+    """Evaluation of each exported ratio against the teacher (``ppcl evaluate``): the prompts, plus every field
+    of :class:`ppcl.evaluate.metrics.EvalSettings` (one definition, so the two cannot drift)."""
 
     prompts: list[str] = Field(
         default_factory=lambda: [
@@ -136,20 +137,6 @@ class EvaluateConfig(_Strict):
         ],
         min_length=1,
     )
-    steps: int = Field(20, ge=1)
-    height: int = Field(512, ge=8)
-    width: int = Field(512, ge=8)
-    guidance: float | None = None
-    seeds: int = Field(1, ge=1)
-    seed_offset: int = Field(0, ge=0)
-    batch_size: int = Field(4, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    clip: str | None = None
-    reference: str | None = None
-    fid_features: str | None = None
-    latency_warmup: int = Field(2, ge=0)
-    latency_repeats: int = Field(10, ge=1)
-    grid_samples: int = Field(4, ge=1)
 
 
 class GpuConfig(_Strict):
