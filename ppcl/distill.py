@@ -11,9 +11,22 @@ A text_freeze unit is trained in the same teacher pass, non-sequentially too: ev
 teacher's call entering ``k`` with its text replaced by ``tau``, the teacher's text entering ``a+1`` (what the student's
 frozen text state is when block ``a`` is the teacher's); losses: ``image`` = mean over ``k`` of D(image out of k,
 teacher image leaving k), ``text`` = D(text out of b, teacher text leaving b). Everything in the frozen blocks trains
-(their image stream, the light text modulations, the projections), like the ffn_linear units. A text_freeze interval
-may not overlap a depth interval (block ``a`` and the frozen blocks must be the teacher's own), nor may an
-``ffn_linear`` text op name a frozen block (its text FFN is already gone).
+(their image stream, the light text modulations, the projections), like the ffn_linear units. An ``ffn_linear`` text
+op may not name a frozen block (its text FFN is already gone).
+
+text_freeze and depth intervals compose (the released Qwen-Image plan freezes [50, 59] around [52, 53], [54, 55],
+[56, 57]); the rules and the three roles (``member``, ``last``, ``source``) are :func:`ppcl.plan.text_freeze_roles`'.
+Every unit is trained on the *frozen reference* of the text stream (teacher text up to ``a``, ``tau`` through
+``a+1..b-1``, the teacher's text leaving ``b``), so each unit sees exactly what the others hand it in the student:
+- a ``member`` / ``last`` plug of ``[s, e]`` (``a < s``) is a copy of its source block made text-frozen (block ``a``'s
+  modulation copy; ``last``: with the text projection); it is fed the teacher's call entering ``s`` with text ``tau``;
+  losses: image against the teacher's image leaving ``e``; text (``last`` only) against the teacher's text leaving
+  ``b`` (a ``member`` returns ``tau`` exactly: no text loss).
+- a ``source`` plug of ``[s, e]`` (``s <= a <= e < b``) is a plain copy fed the teacher's call entering ``s``; its text
+  is compared with ``tau`` (the frozen state the blocks after it are trained on), its image with the teacher's.
+- the text_freeze unit keeps a frozen copy of EVERY block ``a+1..b``, those inside depth intervals too: one run
+  serves every subset of plugs (pluggability), and a block whose interval is left out at export needs its frozen
+  form. ``tau`` is always the teacher's text leaving block ``a`` (captured as the call entering ``a+1``).
 
 Non-sequential (default). One stock teacher forward under ``no_grad`` with hooks captures, for every unit, the call
 entering its start block and the streams leaving its end block (the forward stops right after the last end
@@ -144,11 +157,20 @@ class Unit:
     ops: list[dict[str, Any]] = field(default_factory=list)
     #: text_freeze: the frozen blocks ``a+1..b`` (``module`` is an ``nn.ModuleList`` of them, in order)
     members: list[int] = field(default_factory=list)
+    #: a unit meeting a text_freeze ``[a, b]``: ``a + 1``, whose teacher call carries ``tau`` (the frozen text)
+    tau_block: int | None = None
+    #: the text the unit is fed: ``"teacher"`` (the teacher's text entering ``start``) or ``"tau"``
+    text_input: str = "teacher"
+    #: the text the unit is compared with: ``"teacher"`` (leaving ``end``), ``"tau"``, or ``"none"`` (no text loss)
+    text_target: str = "teacher"
+    #: interval units meeting a text_freeze: the role of :func:`ppcl.plan.text_freeze_roles` and its ``[a, b]``
+    freeze: tuple[str, list[int]] | None = None
 
     @property
     def inputs(self) -> set[int]:
         """Blocks whose teacher call the unit needs."""
-        return set(self.members) if self.members else {self.start}
+        base = set(self.members) if self.members else {self.start}
+        return base | ({self.tau_block} if self.tau_block is not None else set())
 
     @property
     def outputs(self) -> set[int]:
@@ -225,18 +247,18 @@ def check_plan_family(plan: Any, adapter: Adapter, where: str) -> None:
 
 
 def build_units(adapter: Adapter, plan: Any, init: str | None = None) -> list[Unit]:
-    """The plan's units with their initial weights (copies of teacher blocks; width projections at identity)."""
-    init = init or getattr(plan, "init", None) or "middle"
-    intervals = [list(iv) for iv in plan.intervals]
-    units: list[Unit] = []
-    for spec in depth_plug_specs(adapter, intervals, init):
-        units.append(
-            Unit(f"interval_{spec.index}", "interval", spec.start, spec.end, spec.source,
-                 make_depth_plug(adapter, spec), interval=[spec.start, spec.end])
-        )
+    """The plan's units with their initial weights (copies of teacher blocks; width projections at identity).
+
+    The composition rules are checked again here (defensive: a plan made with ``model_construct`` or a dict skips
+    ``ppcl.plan``'s validation); the same one-line errors as at load time."""
     import copy
 
-    covered = {l for s, e in intervals for l in range(s, e + 1)}
+    from ppcl.plan import text_freeze_roles
+
+    init = init or getattr(plan, "init", None) or "middle"
+    intervals = [list(iv) for iv in plan.intervals]
+    specs = depth_plug_specs(adapter, intervals, init)
+    inside = {l: (s, e) for s, e in intervals for l in range(s, e + 1)}
     ops = _width_ops(plan)
     frozen: dict[int, tuple[int, int, dict[str, Any]]] = {}  # member block -> (a, b, op)
     freezes: list[tuple[int, int, dict[str, Any]]] = []
@@ -244,16 +266,31 @@ def build_units(adapter: Adapter, plan: Any, init: str | None = None) -> list[Un
         if op.get("op") != "text_freeze":
             continue
         a, b = adapter.text_freeze_interval(op)
-        for s, e in intervals:
-            if s <= b and a <= e:
-                raise PPCLError(f"width op text_freeze [{a}, {b}] overlaps depth interval [{s}, {e}]: a frozen text "
-                                "stream needs the teacher's own blocks a..b (not supported)")
-        for k in range(a + 1, b + 1):
-            if k in frozen:
-                fa, fb, _ = frozen[k]
+        for fa, fb, _ in freezes:
+            if a <= fb and fa <= b:
                 raise PPCLError(f"width op text_freeze [{a}, {b}] overlaps text_freeze [{fa}, {fb}]")
+        for k in range(a + 1, b + 1):
             frozen[k] = (a, b, op)
         freezes.append((a, b, op))
+    roles = text_freeze_roles(intervals, [(a, b) for a, b, _ in freezes])
+    freeze_op = {(a, b): op for a, b, op in freezes}
+
+    units: list[Unit] = []
+    for spec in specs:
+        plug = make_depth_plug(adapter, spec)
+        unit = Unit(f"interval_{spec.index}", "interval", spec.start, spec.end, spec.source, plug,
+                    interval=[spec.start, spec.end])
+        if spec.index in roles:
+            role, (a, b) = roles[spec.index]
+            unit.freeze, unit.tau_block = (role, [a, b]), a + 1
+            if role == "source":
+                unit.text_target = "tau"
+            else:
+                _freeze_plug(adapter, a, plug, freeze_op[(a, b)], project=role == "last")
+                unit.text_input = "tau"
+                unit.text_target = "teacher" if role == "last" else "none"
+        units.append(unit)
+
     by_block: dict[int, list[dict[str, Any]]] = {}
     joined: dict[int, list[dict[str, Any]]] = {}  # ffn_linear ops on frozen blocks, applied inside the freeze unit
     for op in ops:
@@ -265,8 +302,10 @@ def build_units(adapter: Adapter, plan: Any, init: str | None = None) -> list[Un
         b = int(op["block"])
         if not 0 <= b < adapter.num_blocks:
             raise PPCLError(f"width op on block {b}: the model has {adapter.num_blocks} blocks")
-        if b in covered:
-            raise PPCLError(f"width op on block {b}: the block lies inside a plan interval (it is removed)")
+        if b in inside:
+            s, e = inside[b]
+            raise PPCLError(f"width op ffn_linear block {b}: the block is inside a depth interval [{s}, {e}] "
+                            "(its plug replaces it)")
         if b in frozen:
             fa, fb, _ = frozen[b]
             if op.get("stream") == "text":
@@ -295,8 +334,22 @@ def build_units(adapter: Adapter, plan: Any, init: str | None = None) -> list[Un
         for p in module.parameters():
             p.requires_grad_(True)
         units.append(Unit(f"text_freeze_{a}_{b}", "text_freeze", a + 1, b, a, module, interval=[a, b],
-                          ops=[op, *extra], members=members))
+                          ops=[op, *extra], members=members, tau_block=a + 1, text_input="tau"))
     return units
+
+
+def _freeze_plug(adapter: Adapter, a: int, plug: nn.Module, op: dict[str, Any], project: bool) -> None:
+    """Make a depth plug lying inside text_freeze ``[a, b]`` a text-frozen block IN PLACE (block ``a``'s modulation
+    copy, text FFN and output projection gone), with the group's text projection only when ``project`` (the plug
+    ends at ``b``); fp32 and trainable like every plug."""
+    adapter.apply_text_freeze(adapter.block(a), [plug], op)  # a one-block group: it gets the projection ...
+    if not project:  # ... which only the last position of the group carries
+        del plug.ppcl_proj["text"]
+        if not len(plug.ppcl_proj):
+            del plug.ppcl_proj
+    plug.float()
+    for p in plug.parameters():
+        p.requires_grad_(True)
 
 
 def unit_table(units: list[Unit]) -> nn.ModuleDict:
@@ -455,19 +508,54 @@ def _run_unit(unit: Unit, call: BlockCall, checkpointing: bool) -> dict[str, tor
     return _run_module(unit.module, call, checkpointing)
 
 
+def unit_tau(unit: Unit, calls: dict[int, BlockCall]) -> torch.Tensor:
+    """``tau`` ``(B, T, D)`` of the text_freeze the unit meets: the teacher's text entering block ``a+1``."""
+    return calls[unit.tau_block].kwargs["encoder_hidden_states"]
+
+
 def frozen_calls(unit: Unit, calls: dict[int, BlockCall]) -> dict[int, BlockCall]:
     """The call of each frozen block of a text_freeze unit: the teacher's call entering it, with the text state
     replaced by tau, the teacher's text entering block ``a+1`` (unchanged through the frozen blocks)."""
-    tau = calls[unit.members[0]].kwargs["encoder_hidden_states"]
+    tau = unit_tau(unit, calls)
     return {k: calls[k].with_streams({"text": tau}) for k in unit.members}
+
+
+def unit_call(unit: Unit, calls: dict[int, BlockCall]) -> BlockCall:
+    """The call a depth / ffn_linear unit is fed: the teacher's call entering ``start``, its text replaced by
+    ``tau`` for a plug inside a frozen text interval (module doc)."""
+    call = calls[unit.start]
+    if unit.text_input == "tau":
+        call = call.with_streams({"text": unit_tau(unit, calls)})
+    return call
+
+
+def unit_target(
+    unit: Unit, calls: dict[int, BlockCall], outs: dict[int, dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The streams a depth / ffn_linear unit is compared with: the teacher's leaving ``end``, the text replaced by
+    ``tau`` (``source`` plugs) or dropped (``member`` plugs, whose text is ``tau`` by construction)."""
+    target = dict(outs[unit.end])
+    if unit.text_target == "tau":
+        target["text"] = unit_tau(unit, calls)
+    elif unit.text_target == "none":
+        target.pop("text", None)
+    return target
 
 
 def freeze_unit_losses(
     unit: Unit, outs: dict[int, dict[str, torch.Tensor]], target: dict[int, dict[str, torch.Tensor]], eps: float
 ) -> dict[str, torch.Tensor]:
-    """``image``: mean over the frozen blocks of D on the image stream; ``text``: D at block ``b``."""
-    image = torch.stack([plug_loss(outs[k]["image"], target[k]["image"], eps) for k in unit.members]).mean()
-    return {"image": image, "text": plug_loss(outs[unit.end]["text"], target[unit.end]["text"], eps)}
+    """``image``: mean over the frozen blocks in ``outs`` of D on the image stream; ``text``: D at block ``b``.
+
+    ``outs`` holds every frozen block in non-sequential mode; in the sequential student only those no depth plug
+    replaces (a plug ending at ``b`` then carries the text loss)."""
+    present = [k for k in unit.members if k in outs]
+    losses = {}
+    if present:
+        losses["image"] = torch.stack([plug_loss(outs[k]["image"], target[k]["image"], eps) for k in present]).mean()
+    if unit.end in outs:
+        losses["text"] = plug_loss(outs[unit.end]["text"], target[unit.end]["text"], eps)
+    return losses
 
 
 def unit_step_losses(
@@ -479,7 +567,8 @@ def unit_step_losses(
         fcalls = frozen_calls(unit, calls)
         got = {k: _run_module(m, fcalls[k], checkpointing) for k, m in zip(unit.members, unit.module)}
         return freeze_unit_losses(unit, got, outs, eps)
-    return unit_losses(unit, _run_unit(unit, calls[unit.start], checkpointing), outs[unit.end], eps)
+    return unit_losses(unit, _run_unit(unit, unit_call(unit, calls), checkpointing), unit_target(unit, calls, outs),
+                       eps)
 
 
 def unit_losses(
@@ -516,10 +605,11 @@ def _student_forward(
     """The student (every unit in place) through the stock forward; optionally capture each unit's output
     (``captured[name]``: its streams; a text_freeze unit: ``captured[f"{name}@{k}"]`` for every frozen block k)."""
     lists, _, position = student_layout(adapter, units)
+    covered = {l for u in units if u.kind == "interval" for l in range(u.start, u.end + 1)}
     at: dict[int, str] = {}
     for u in units:
-        if u.members:
-            at.update({position[k]: f"{u.name}@{k}" for k in u.members})
+        if u.members:  # frozen blocks a plug replaces are not in the student
+            at.update({position[k]: f"{u.name}@{k}" for k in u.members if k not in covered})
         else:
             at[position[u.start]] = u.name
     last = max(at) if at else -1
@@ -548,15 +638,15 @@ def sequential_losses(
 ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor | None]:
     """The ablation: each unit fed what the student produced before it; loss at each unit's end."""
     full = settings.output_loss_weight > 0
-    _, outs, teacher_out = teacher_pass(adapter, model_inputs, units, full=full)
+    calls, outs, teacher_out = teacher_pass(adapter, model_inputs, units, full=full)
     student_out, captured = _student_forward(adapter, model_inputs, units, capture=True, stop_early=not full)
     losses = {}
     for u in units:
         if u.members:
-            got = {k: captured[f"{u.name}@{k}"] for k in u.members}
+            got = {k: captured[f"{u.name}@{k}"] for k in u.members if f"{u.name}@{k}" in captured}
             losses[u.name] = freeze_unit_losses(u, got, outs, settings.loss_eps)
         else:
-            losses[u.name] = unit_losses(u, captured[u.name], outs[u.end], settings.loss_eps)
+            losses[u.name] = unit_losses(u, captured[u.name], unit_target(u, calls, outs), settings.loss_eps)
     out_loss = None
     if full:
         out_loss = (student_out.float() - teacher_out.float()).pow(2).mean()
@@ -573,15 +663,20 @@ def fit_width_units(
 
     With its projections at identity, a width-modified block returns exactly the input ``x`` of each projection:
     the post-attention state of a stream whose FFN is gone (ffn_linear), or tau, the frozen text state, at block
-    ``b`` of a text_freeze (fed as in :func:`frozen_calls`). The target ``y`` is the teacher block's output for that
-    stream; ``y - x ~ W x + b`` is solved once from the normal equations accumulated over all batches.
+    ``b`` of a text_freeze (fed as in :func:`frozen_calls`), also when a depth plug ending at ``b`` carries the
+    projection (fed as in :func:`unit_call`). The target ``y`` is the teacher block's output for that stream (leaving
+    ``b``); ``y - x ~ W x + b`` is solved once from the normal equations accumulated over all batches.
     Returns the token count per ``unit[@block]/stream``."""
-    width = [u for u in units if u.kind in ("width", "text_freeze")]
+    width = [u for u in units if u.kind in ("width", "text_freeze")
+             or (u.kind == "interval" and "ppcl_proj" in u.module._modules)]
     if not width:
         return {}
-    # sites: (key, unit, teacher block index, module with ppcl_proj)
+    # sites: (key, unit, teacher block index whose output is the target, module with ppcl_proj)
     sites = []
     for u in width:
+        if u.kind == "interval":
+            sites.append((u.name, u, u.end, u.module))
+            continue
         for k, m in u.placed().items():
             if "ppcl_proj" in m._modules:
                 sites.append((u.name if not u.members else f"{u.name}@{k}", u, k, m))
@@ -595,7 +690,7 @@ def fit_width_units(
         with autocast():
             calls, outs, _ = teacher_pass(adapter, inputs, width)
             for key, u, k, m in sites:
-                call = frozen_calls(u, calls)[k] if u.members else calls[k]
+                call = frozen_calls(u, calls)[k] if u.members else unit_call(u, calls)
                 x = split_output(m(**call.kwargs))
                 for s in m.ppcl_proj:
                     eqs[(key, s)].update(x[s], outs[k][s])
@@ -730,6 +825,7 @@ def distill(
     resume: bool = False,
     stop_after: int | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> DistillResult:
@@ -745,6 +841,8 @@ def distill(
         stop_after: stop as if killed after this many steps in total: no final outputs and no extra checkpoint
             (a resumed run restarts from the last regular checkpoint and replays the steps after it).
         on_step: ``on_step(step, metrics)`` after every step on rank 0 (MLflow logging hooks in here).
+        on_checkpoint: ``on_checkpoint(folder)`` on rank 0 after each checkpoint is complete on disk, before the
+            other ranks go on (``ppcl.distill_s3`` mirrors it to S3 here).
     Returns: :class:`DistillResult` (``final_losses``: mean over the last 10 steps, per ``unit/stream``).
     """
     settings = dataclasses.replace(settings or DistillSettings(), **overrides)
@@ -897,6 +995,8 @@ def distill(
                 if accelerator.is_main_process:
                     last_ckpt = save_checkpoint(run, done, table, optimizer, scheduler, stream.state(), phash,
                                                 settings.keep_checkpoints)
+                    if on_checkpoint is not None:
+                        on_checkpoint(last_ckpt)
                 accelerator.wait_for_everyone()
     finally:
         if metrics_file is not None:

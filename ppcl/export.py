@@ -13,6 +13,15 @@ layer counts are updated, weights are safetensors.
   transformer to the stock pipeline with ``transformer=``).
 - Subsets. One training run serves every ratio: any subset of the trained interval plugs can be exported. Width
   ops of the plan (ffn_linear, text_freeze) are always applied (they are cheap and were trained together).
+- Width ops and depth plugs compose (``ppcl.plan.text_freeze_roles``): a text_freeze ``[a, b]`` of the teacher
+  becomes ``[p(a), p(b)]`` of the pruned model, ``p(l)`` the position of the block that holds teacher block ``l``
+  (itself, or the plug of the chosen interval containing it). The pruned model's constructor then makes positions
+  ``p(a)+1..p(b)`` text-frozen, which is exactly what they are: kept frozen blocks of the text_freeze unit and the
+  frozen plugs of intervals inside ``[a, b]`` (the one at ``p(b)`` with the projection).
+- Accounting (additive over intervals, so every subset is exact): ``exported = teacher - width_saving -
+  sum(savings of the chosen intervals)``; ``width_saving`` counts every width-modified block (frozen blocks inside
+  intervals too), and an interval's saving is its blocks AS WIDTH-MODIFIED minus its plug, so a block inside a
+  chosen interval is counted once, through the plug.
 - ``keep_params=F`` rule: among all subsets of intervals (exhaustive up to 16 intervals, greedy beyond), pick the
   one whose exported parameter count is the LARGEST that does not exceed ``F x teacher parameters`` (the least
   pruning that meets the budget); ties go to the smaller sum of the plugs' final training losses. If even all
@@ -63,13 +72,25 @@ def _read_run(plugs: Path) -> dict[str, Any]:
 
 
 def interval_savings(adapter: Adapter, units) -> dict[int, int]:
-    """Parameters removed by each interval plug (plan index -> teacher blocks s..e minus the plug)."""
+    """Parameters removed by each interval plug (plan index -> blocks s..e as the width units leave them, minus the
+    plug)."""
+    placed = {k: m for u in units if u.kind != "interval" for k, m in u.placed().items()}
     out = {}
     for u in units:
         if u.kind == "interval":
-            removed = sum(count_parameters(adapter.block(l)) for l in range(u.start, u.end + 1))
+            removed = sum(count_parameters(placed.get(l, adapter.block(l))) for l in range(u.start, u.end + 1))
             out[int(u.name.split("_")[1])] = removed - count_parameters(u.module)
     return out
+
+
+def covering_positions(units, position: dict[int, int]) -> dict[int, int]:
+    """Teacher execution index -> position in the pruned model of the block holding it (``position`` from
+    ``student_layout``: plug starts and kept blocks; a block inside a chosen interval is held by that plug)."""
+    cover = dict(position)
+    for u in units:
+        if u.kind == "interval":
+            cover.update({l: position[u.start] for l in range(u.start, u.end + 1)})
+    return cover
 
 
 def choose_intervals(keep_params: float, teacher: int, width_saving: int, savings: dict[int, int],
@@ -247,13 +268,14 @@ def export(
 
     selected = [u for u in units if u.kind != "interval" or int(u.name.split("_")[1]) in chosen]
     lists, keep, position = student_layout(adapter, selected)
+    cover = covering_positions(selected, position)
     width_new = []
-    for u in width_units:  # indices of the pruned model (no depth interval lies inside a text_freeze)
+    for u in width_units:  # indices of the pruned model (module doc: a chosen plug may hold a or b)
         for op in u.ops:
             if op.get("op") == "text_freeze":
                 a, b = op["interval"]
-                width_new.append({**op, "interval": [position[a], position[b]]})
-            else:
+                width_new.append({**op, "interval": [cover[a], cover[b]]})
+            else:  # ffn_linear blocks are never inside an interval: always kept
                 width_new.append({**op, "block": position[int(op["block"])]})
     pruned = build_pruned_transformer(adapter, selected, width_new, lists, keep)
     params = count_parameters(pruned)

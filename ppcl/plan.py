@@ -21,15 +21,36 @@ Rules (checked on construction, on load and before anything is written):
   in place and removes nothing.
 - an interval that removes blocks (``s < e``) may not contain the first or last block unless ``allow_ends``, nor a
   protected block: a protected block is one kept exactly as the teacher has it.
-- width ops: ``ffn_linear`` names a block that the plan keeps (not inside an interval with ``s < e``) and a stream
-  that block has; at most one op per (block, stream). ``text_freeze [a, b]`` needs ``a < b``, dual blocks with a
-  text stream throughout, and no overlap with another ``text_freeze``; it may overlap depth intervals (the
-  released 10B model freezes [50, 59] around its depth intervals [52, 53], ...).
+- width ops: ``ffn_linear`` names a block that no depth interval replaces (not inside any interval, ``[s, s]``
+  included: that block's plug is a plain copy) and a stream that block has; at most one op per (block, stream).
+  ``text_freeze [a, b]`` needs ``a < b``, dual blocks with a text stream throughout, and no overlap with another
+  ``text_freeze``. An ``ffn_linear`` text op may not name a frozen block ``a+1..b`` (its text FFN is already gone;
+  block ``a`` keeps its text stream, so a text op there is fine); image ops on frozen blocks are fine.
+- text_freeze and depth intervals compose (:func:`text_freeze_roles`; the released 10B model freezes [50, 59] around
+  its depth intervals [52, 53], [54, 55], [56, 57] and its ffn_linear blocks 58, 59). The text stream of the student
+  follows the *frozen reference*: the teacher's text up to block ``a``; ``tau`` (the teacher's text leaving ``a``)
+  entering and leaving every block ``a+1..b-1``; the teacher's text leaving ``b`` after ``b``. A depth interval
+  ``[s, e]`` meeting ``[a, b]`` takes one of three roles:
 
-Parameter accounting is exact and comes from the modules: ``student = teacher - sum_intervals (params of blocks
-s..e) + params(block plug_source(s, e, init))`` minus the net savings of width ops as reported by the adapter's
-``width_op_params(op) -> (removed, added)`` (implemented with the width plugs; a plan with width ops cannot be
-counted without it).
+  * ``member`` (``a < s``, ``e < b``): its plug (a copy of the source block) is itself a text-frozen block: text
+    modulation a copy of block ``a``'s, text FFN and output projection gone; the text passes through unchanged,
+    only the image stream is distilled.
+  * ``last`` (``a < s``, ``e == b``): the same, and the plug carries the residual text projection of the group
+    (the last position of the frozen group in the student); its text is distilled to the teacher's text leaving ``b``.
+  * ``source`` (``s <= a <= e < b``): the plug stands where block ``a`` stood: a full block (its own text stream)
+    whose text is distilled to ``tau`` (the frozen state), not to the teacher's text leaving ``e``, so that the
+    frozen blocks after it see what they were trained on. The frozen blocks keep block ``a``'s modulation copy
+    (the teacher's block ``a`` is the modulation source whether or not this plug is used).
+
+  Rejected: a plug crossing the end (``a < s <= b < e``: a frozen block's text is projected back to the teacher's
+  only at ``b``) and a plug covering the whole group (``s <= a``, ``e >= b``: no frozen block would remain).
+
+Parameter accounting is exact and comes from the modules (:func:`predict_params`): every block the student keeps
+is counted as its width ops leave it (ffn_linear: the adapter's ``width_op_params(op) -> (removed, added)``;
+text_freeze: per frozen block, its own text parts removed and block ``a``'s light modulation copy added, plus the
+projection at ``b``); every interval ``[s, e]`` then replaces those counts of blocks ``s..e`` by its plug: block
+``plug_source(s, e, init)``, made text-frozen (and projected) when its role is ``member`` / ``last``. Each
+parameter is counted exactly once; a plan with width ops cannot be counted without ``width_op_params``.
 """
 
 from __future__ import annotations
@@ -43,6 +64,22 @@ from ppcl.errors import PPCLError
 
 PLAN_VERSION = 1
 INIT_MODES = ("middle", "first", "last")
+
+#: The authors' released Qwen-Image 20B -> 10B plan (method.md section 1; 0-based, inclusive): 25 of 60 blocks
+#: removed by 13 plugs ...
+QWEN_IMAGE_RELEASED_INTERVALS: list[list[int]] = [
+    [3, 4], [5, 7], [8, 10], [11, 12], [15, 24], [25, 27], [29, 30], [42, 43], [45, 47], [48, 49], [52, 53], [54, 55],
+    [56, 57],
+]
+#: ... and its width ops (method.md section 3): FFN -> linear in blocks 2, 58, 59 and the text stream frozen across
+#: [36, 37], [40, 41], [50, 59]. Block 2 has both FFNs replaced; 58 and 59 lie in the frozen [50, 59], whose text FFN
+#: is already gone, so only their image FFN is left to replace (a text op there is rejected).
+QWEN_IMAGE_RELEASED_WIDTH: list[dict[str, Any]] = [
+    {"op": "ffn_linear", "block": 2, "stream": "image"}, {"op": "ffn_linear", "block": 2, "stream": "text"},
+    {"op": "ffn_linear", "block": 58, "stream": "image"}, {"op": "ffn_linear", "block": 59, "stream": "image"},
+    {"op": "text_freeze", "interval": [36, 37]}, {"op": "text_freeze", "interval": [40, 41]},
+    {"op": "text_freeze", "interval": [50, 59]},
+]
 
 
 class _Model(BaseModel):
@@ -188,20 +225,32 @@ def check_plan(plan: Plan) -> None:
     for src, (s, e) in zip(plan.plug_sources, plan.intervals):
         if not s <= src <= e:
             raise PPCLError(f"interval [{s}, {e}]: plug source {src} lies outside the interval")
-    removed = plan.blocks_in_intervals()
+    check_width(plan.intervals, plan.width, t)
+    if plan.params.teacher != t.total_params:
+        raise PPCLError(f"params.teacher {plan.params.teacher} differs from teacher.total_params {t.total_params}")
+
+
+def check_width(intervals, width, teacher: Teacher) -> None:
+    """The width-op rules of the module docstring (ranges, streams, overlaps, and how each op composes with the
+    depth ``intervals``); raises a one-line PPCLError naming the op (and the interval)."""
+    t = teacher
+    inside = {i: (s, e) for s, e in intervals for i in range(s, e + 1)}
     seen: set[tuple[int, str]] = set()
     frozen: list[tuple[int, int]] = []
-    for op in plan.width:
+    ffn: list[FfnLinear] = []
+    for op in width:
         if isinstance(op, FfnLinear):
             if not 0 <= op.block < t.num_blocks:
                 raise PPCLError(f"width op ffn_linear block {op.block}: out of range (blocks 0..{t.num_blocks - 1})")
             if op.stream not in t.blocks[op.block].streams:
                 raise PPCLError(f"width op ffn_linear block {op.block}: the block has no {op.stream} stream")
-            if op.block in removed:
-                raise PPCLError(f"width op ffn_linear block {op.block}: the block is inside a depth interval")
+            if op.block in inside:
+                raise PPCLError(f"width op ffn_linear block {op.block}: the block is inside a depth interval "
+                                f"{_fmt(inside[op.block])} (its plug replaces it)")
             if (op.block, op.stream) in seen:
                 raise PPCLError(f"width op ffn_linear block {op.block} stream {op.stream}: given twice")
             seen.add((op.block, op.stream))
+            ffn.append(op)
         else:
             a, b = op.interval
             if not a < b:
@@ -216,8 +265,39 @@ def check_plan(plan: Plan) -> None:
                 if a <= fb and fa <= b:
                     raise PPCLError(f"width op text_freeze {_fmt(op.interval)}: overlaps text_freeze [{fa}, {fb}]")
             frozen.append((a, b))
-    if plan.params.teacher != t.total_params:
-        raise PPCLError(f"params.teacher {plan.params.teacher} differs from teacher.total_params {t.total_params}")
+    for op in ffn:
+        for a, b in frozen:
+            if op.stream == "text" and a < op.block <= b:
+                raise PPCLError(f"width op ffn_linear block {op.block} stream text: the block's text stream is frozen "
+                                f"by text_freeze [{a}, {b}] (its text FFN is already removed)")
+    text_freeze_roles(intervals, frozen)
+
+
+def text_freeze_roles(
+    intervals: list[tuple[int, int]] | list[list[int]], freezes: list[tuple[int, int]] | list[list[int]]
+) -> dict[int, tuple[str, tuple[int, int]]]:
+    """How each depth interval composes with the text_freeze intervals (module docstring).
+
+    Returns ``{interval position in the plan: (role, (a, b))}`` with role ``"member"``, ``"last"`` or ``"source"``,
+    for the intervals that meet a frozen group ``[a, b]``; the others are plain depth plugs. Raises a one-line
+    PPCLError for a plug crossing the end of a frozen group or covering it whole."""
+    roles: dict[int, tuple[str, tuple[int, int]]] = {}
+    for k, (s, e) in enumerate(intervals):
+        for a, b in freezes:
+            if e < a or s > b:
+                continue
+            if s <= a and e >= b:
+                raise PPCLError(f"depth interval [{s}, {e}] covers all of width op text_freeze [{a}, {b}]: no frozen "
+                                "block would remain (drop the text_freeze or shorten the interval)")
+            if e > b:
+                raise PPCLError(f"depth interval [{s}, {e}] crosses the end of width op text_freeze [{a}, {b}]: a "
+                                f"plug inside it must end at {b} at the latest (the frozen text is projected back "
+                                f"to the teacher's only at block {b})")
+            if s <= a:
+                roles[k] = ("source", (a, b))
+            else:
+                roles[k] = ("last" if e == b else "member", (a, b))
+    return roles
 
 
 # ------------------------------------------------------------------------------------------ accounting
@@ -235,22 +315,72 @@ def student_params(
 
 
 def predict_params(plan: Plan, adapter) -> dict[str, int]:
-    """Exact ``{"teacher": ..., "student": ...}`` counted from the adapter's modules (depth and width)."""
+    """Exact ``{"teacher": ..., "student": ...}`` counted from the adapter's modules (depth and width).
+
+    ``student = (teacher - sum of block params) + sum over kept blocks of their width-modified counts + sum of the
+    plugs' counts`` (module docstring): a block inside an interval is counted neither as a teacher block nor as a
+    width-modified one, only through its interval's plug, so every parameter is counted once."""
     blocks = adapter.blocks()
     if len(blocks) != plan.teacher.num_blocks:
         raise PPCLError(f"the plan is for {plan.teacher.num_blocks} blocks, the model has {len(blocks)}")
     check_intervals(plan.intervals, [b.kind for b in blocks], allow_ends=plan.allow_ends, protect=plan.protect)
+    check_width(plan.intervals, plan.width, teacher_from_adapter(adapter))
     teacher = adapter.total_parameters()
-    sources = [adapter.plug_source(s, e, plan.init) for s, e in plan.intervals]
-    student = student_params(teacher, [b.params for b in blocks], plan.intervals, sources)
+    params = [b.params for b in blocks]
+    kept = list(params)  # each block as the width ops leave it, when no plug replaces it
+    frozen: dict[tuple[int, int], dict[str, Any]] = {}
     if plan.width:
         op_params = getattr(adapter, "width_op_params", None)
         if op_params is None:
             raise PPCLError(f"cannot count width operations for {adapter.family}: its adapter has no width_op_params")
         for op in plan.width:
-            removed, added = op_params(op)
-            student -= removed - added
+            if isinstance(op, FfnLinear):
+                removed, added = op_params(op)
+                kept[op.block] -= removed - added
+            else:
+                a, b = op.interval
+                group = _text_freeze_counts(adapter, op, op_params)
+                frozen[(a, b)] = group
+                for k in range(a + 1, b + 1):
+                    kept[k] -= group["removed"][k] - group["added"] - (group["proj"] if k == b else 0)
+    roles = text_freeze_roles(plan.intervals, list(frozen))
+    student = teacher - sum(params) + sum(kept)
+    for k, (s, e) in enumerate(plan.intervals):
+        src = adapter.plug_source(s, e, plan.init)
+        plug = params[src]
+        role, group = roles.get(k, (None, None))
+        if role in ("member", "last"):
+            g = frozen[group]
+            plug -= _member_text_params(adapter, src) - g["added"] - (g["proj"] if role == "last" else 0)
+        student -= sum(kept[s:e + 1]) - plug
     return {"teacher": teacher, "student": student}
+
+
+def _member_text_params(adapter, index: int) -> int:
+    """Parameters of block ``index``'s own text-stream update (what text_freeze removes from it)."""
+    from ppcl.arch.common import count_parameters
+
+    block = adapter.block(index)
+    return sum(count_parameters(block.get_submodule(p)) for p in adapter.text_stream_parts(block).values())
+
+
+def _text_freeze_counts(adapter, op, op_params) -> dict[str, Any]:
+    """Per-block accounting of one text_freeze ``[a, b]``: ``removed[k]`` (block k's own text parts), ``added``
+    (one light modulation copy, the same for every frozen block), ``proj`` (the residual projection at ``b``),
+    consistent with the adapter's total ``width_op_params(op)``."""
+    import torch
+
+    from ppcl.arch.common import count_parameters
+
+    a, b = op.interval
+    removed_total, added_total = op_params(op)
+    removed = {k: _member_text_params(adapter, k) for k in range(a + 1, b + 1)}
+    with torch.device("meta"):  # shapes only
+        added = count_parameters(adapter.frozen_text_modulation(adapter.block(a), init=False))
+    proj = added_total - added * (b - a)
+    if sum(removed.values()) != removed_total or proj < 0:  # a bug in one of the two counts, not bad input
+        raise AssertionError(f"text_freeze [{a}, {b}] accounting disagrees with the adapter's width_op_params")
+    return {"removed": removed, "added": added, "proj": proj}
 
 
 def teacher_from_adapter(adapter) -> Teacher:
@@ -274,6 +404,7 @@ def make_plan(adapter, intervals, *, width=(), init: str = "middle", allow_ends:
             width=[_width_op(op) for op in width], init=init, allow_ends=allow_ends, protect=list(protect),
             params=Params(teacher=teacher.total_params, student=teacher.total_params),
         )
+        check_plan(draft)  # the plan's own rules first: one-line errors before any module is counted
         params = predict_params(draft, adapter)
         return Plan(
             family=adapter.family, teacher=teacher, intervals=intervals, width=list(draft.width), init=init,

@@ -162,6 +162,7 @@ def test_text_freeze_lsq_init_and_distillation_lower_heldout_loss(family, tiny_p
 def test_text_freeze_bad_plans_fail_cleanly(tiny_pipe_dir, tmp_path, capsys):
     pipe_dir = tiny_pipe_dir["flux"]  # 4 dual blocks (0..3), then 6 single blocks (4..9)
     good = json.loads(write_plan(pipe_dir, "flux", tmp_path / "good.json", intervals=[[5, 8]], width=[]).read_text())
+    capsys.readouterr()  # loading the pipeline may log (once per process) before the commands under test run
     cases = {"single": ([2, 5], "block 4 has no own text stream"), "negative": ([-1, 2], "out of range"),
              "beyond": ([1, 10], "out of range"), "empty": ([2, 2], "needs start < end")}
     for name, (iv, msg) in cases.items():
@@ -172,14 +173,37 @@ def test_text_freeze_bad_plans_fail_cleanly(tiny_pipe_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, (name, err)
         assert not out.exists()
-    # a text_freeze overlapping a depth interval: refused, naming both
-    overlap = write_plan(pipe_dir, "flux", tmp_path / "overlap.json", intervals=[[1, 2]],
-                         width=[{"op": "text_freeze", "interval": [0, 3]}])
+    # a depth interval crossing the end of a frozen text interval: refused at plan load, naming both
+    overlap = tmp_path / "overlap.json"
+    overlap.write_text(json.dumps({**good, "intervals": [[2, 3]], "plug_sources": [],
+                                   "width": [{"op": "text_freeze", "interval": [0, 2]}]}))
     out = tmp_path / "run-overlap"
     assert main(["distill", "--model", str(pipe_dir), "--plan", str(overlap), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "text_freeze [0, 3] overlaps depth interval [1, 2]" in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+    assert "depth interval [2, 3] crosses the end of width op text_freeze [0, 2]" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_plugs_inside_a_frozen_text_interval_follow_the_frozen_reference(tiny_pipe_dir):
+    """At init (copies of teacher blocks), on held-out batches: a plug re-training block a in place (role source) is
+    the teacher's block a, and its text target is tau, the text leaving a: both losses are 0. A plug inside the
+    frozen interval (role member) returns tau as its text (no text loss) and is fed tau. A plug ending at b (role
+    last) is compared with the teacher's text leaving b. The frozen unit keeps every block a+1..b."""
+    from ppcl.distill import build_units
+
+    pipe_dir = tiny_pipe_dir["qwenimage"]  # 10 dual blocks
+    pipe = load_pipeline(pipe_dir)
+    adapter = get_adapter(pipe)
+    plan = make_plan(adapter, [[2, 2], [3, 4], [5, 6]], width=[{"op": "text_freeze", "interval": [2, 6]}])
+    heldout = list(synthetic_batches(pipe, n_samples=2, batch_size=2, seed=99))
+    losses = heldout_losses(str(pipe_dir), plan, heldout)
+    assert losses["interval_0/image"] == pytest.approx(0.0, abs=1e-10)
+    assert losses["interval_0/text"] == pytest.approx(0.0, abs=1e-10)
+    assert "interval_1/text" not in losses and losses["interval_1/image"] > 1e-4
+    assert losses["interval_2/text"] > 1e-4 and losses["text_freeze_2_6/text"] > 1e-4
+    units = {u.name: u for u in build_units(adapter, plan)}
+    assert units["text_freeze_2_6"].members == [3, 4, 5, 6]
+    assert "ppcl_proj" in units["interval_2"].module._modules and "ppcl_proj" not in units["interval_1"].module._modules
 
 
 def test_distill_from_encoded_cache(tiny_pipe_dir, tmp_path):
@@ -207,3 +231,17 @@ def test_distill_from_encoded_cache(tiny_pipe_dir, tmp_path):
     after = heldout_losses(str(pipe_dir), plan, batches, run=run)
     assert sum(v for k, v in after.items() if k.startswith("interval_0/")) < sum(
         v for k, v in before.items() if k.startswith("interval_0/"))
+
+
+def test_sequential_mode_runs_with_plugs_inside_a_frozen_text_interval(tiny_pipe_dir, tmp_path):
+    """The ablation with a composed plan: the student holds the source plug [2, 2], the frozen plug [3, 4] and the
+    kept frozen blocks 5, 6 (the one at b = 6 carries the text loss); every unit gets a finite loss."""
+    pipe_dir = tiny_pipe_dir["qwenimage"]
+    plan = write_plan(pipe_dir, "qwenimage", tmp_path / "plan.json", intervals=[[2, 2], [3, 4]],
+                      width=[{"op": "text_freeze", "interval": [2, 6]}])
+    run = tmp_path / "run"
+    distill(str(pipe_dir), plan, run, mode="sequential", **{**FAST, "steps": 2, "n_samples": 2})
+    losses = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["losses"]
+    assert set(losses) == {"interval_0/image", "interval_0/text", "interval_1/image", "text_freeze_2_6/image",
+                           "text_freeze_2_6/text"}
+    assert all(v == v and v < 4 for v in losses.values())

@@ -185,3 +185,110 @@ def test_text_freeze_export_counts_round_trips_and_generates(family, tiny_pipe_d
     got = pruned.transformer.transformer_blocks[b - shift].ppcl_proj["text"].proj.weight
     assert torch.equal(got.float(), plugs[key])
     assert torch.isfinite(_latents(pruned)).all()
+
+
+# ------------------------------------------------------------------------------ text_freeze x depth intervals
+def _student_matches_export(pipe_dir, plan_path, run, pruned_dir, seed=5):
+    """The exported transformer computes what the in-memory student (every trained unit in place) computes."""
+    from ppcl.calibration import noise_batch, synthetic_batches
+    from ppcl.distill import build_units, load_unit_weights, student_layout
+
+    teacher = load_pipeline(pipe_dir)
+    adapter = get_adapter(teacher)
+    plan = load_plan(plan_path)
+    units = build_units(adapter, plan)
+    load_unit_weights(units, run / "plugs.safetensors")
+    batch = next(iter(synthetic_batches(teacher, n_samples=1, batch_size=1, resolution=32, seed=seed)))
+    inputs = noise_batch(adapter, dict(teacher.scheduler.config), batch,
+                         generator=torch.Generator().manual_seed(seed)).model_inputs
+    lists, _, _ = student_layout(adapter, units)
+    with torch.no_grad():
+        with StudentView(adapter, lists) as student:
+            ref = student.forward(inputs)
+        got = get_adapter(load_pipeline(pruned_dir).transformer).forward(inputs)
+    return (got - ref).abs().max().item(), ref.abs().max().item()
+
+
+#: per family: a frozen text interval with depth plugs in every role (last, source, member) and an ffn_linear on a
+#: kept frozen block
+COMPOSED = {
+    # FLUX: 4 dual blocks then 6 single; [2, 3] ends at b = 3 (its plug carries the text projection)
+    "flux": ([[2, 3], [5, 8]], [{"op": "text_freeze", "interval": [0, 3]},
+                                {"op": "ffn_linear", "block": 1, "stream": "image"}]),
+    # SD3: [1, 3] contains a = 2 (a plain plug whose text is distilled to tau), [4, 5] is a frozen plug
+    "sd3": ([[1, 3], [4, 5]], [{"op": "text_freeze", "interval": [2, 6]},
+                               {"op": "ffn_linear", "block": 6, "stream": "image"}]),
+}
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_depth_plugs_inside_frozen_text_export_exactly(family, tiny_pipe_dir, tmp_path):
+    pipe_dir = tiny_pipe_dir[family]
+    adapter = get_adapter(load_pipeline(pipe_dir))
+    intervals, width = COMPOSED[family]
+    plan = make_plan(adapter, intervals, width=width)
+    plan_path = save_plan(plan, tmp_path / "plan.json")
+    distill(str(pipe_dir), plan_path, tmp_path / "run", steps=3, lr=1e-3, warmup_steps=1, n_samples=2,
+            batch_size=1, resolution=32, lsq_batches=1, progress=False)
+    # every subset of plugs (one run serves them all) is exact: the plan's own count for that subset
+    counts = {}
+    for chosen in ([0, 1], [0], [1], []):
+        res = export(pipe_dir, plan_path, tmp_path / "run", tmp_path / f"p{len(counts)}", intervals=chosen)
+        sub = make_plan(adapter, [intervals[k] for k in chosen], width=width)
+        assert res.parameters == sub.params.student == predict_params(sub, adapter)["student"], chosen
+        counts[tuple(chosen)] = res.parameters
+    assert counts[(0, 1)] == plan.params.student < counts[(0,)] < counts[()] < plan.params.teacher
+    diff, scale = _student_matches_export(pipe_dir, plan_path, tmp_path / "run", tmp_path / "p0")
+    assert diff <= 1e-5 * max(scale, 1.0), diff
+    full = load_pipeline(tmp_path / "p0")
+    assert sum(p.numel() for p in full.transformer.parameters()) == plan.params.student
+    assert torch.isfinite(_latents(full)).all()
+    # the text_freeze lands on the pruned positions of the blocks holding a and b (a plug may hold them)
+    frozen = [op for op in full.transformer.config.width_ops if op["op"] == "text_freeze"]
+    # FLUX: 0, 1, plug [2, 3] -> [0, 2];  SD3: 0, plug [1, 3], plug [4, 5], 6 -> [1, 3]
+    assert frozen == [{"op": "text_freeze", "interval": [0, 2] if family == "flux" else [1, 3]}]
+
+
+@pytest.fixture(scope="module")
+def qwen60_dir(tmp_path_factory):
+    from ppcl.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline("qwenimage", tmp_path_factory.mktemp("qwen60") / "pipe",
+                               transformer_overrides={"num_layers": 60})
+
+
+def test_full_released_qwen_plan_distills_exports_and_generates(qwen60_dir, tmp_path):
+    """The authors' released 10B plan, depth and every width op, on a 60-block tiny Qwen-Image."""
+    from safetensors.torch import load_file
+
+    from ppcl.distill import build_units
+
+    from ppcl.plan import QWEN_IMAGE_RELEASED_INTERVALS, QWEN_IMAGE_RELEASED_WIDTH
+
+    adapter = get_adapter(load_pipeline(qwen60_dir))
+    plan = make_plan(adapter, QWEN_IMAGE_RELEASED_INTERVALS, width=QWEN_IMAGE_RELEASED_WIDTH)
+    plan_path = save_plan(plan, tmp_path / "plan.json")
+    run = tmp_path / "run"
+    distill(str(qwen60_dir), plan_path, run, steps=2, lr=1e-3, warmup_steps=1, n_samples=1, batch_size=1,
+            resolution=32, lsq_batches=1, progress=False)
+    # one teacher pass trained every unit: each has losses and weights that moved away from their initial copies
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    units = build_units(adapter, plan)
+    names = {k.split("/")[0] for k in lines[-1]["losses"]}
+    assert names == {u.name for u in units} and len(units) == 13 + 1 + 3
+    assert "interval_10/text" not in lines[-1]["losses"]  # [52, 53] inside [50, 59]: its text is tau exactly
+    trained = load_file(str(run / "plugs.safetensors"))
+    for u in units:
+        init = u.module.state_dict()
+        assert any(not torch.equal(trained[f"{u.name}.{k}"], v.float()) for k, v in init.items()), u.name
+    res = export(qwen60_dir, plan_path, run, tmp_path / "pruned", all_intervals=True)
+    assert res.parameters == plan.params.student == predict_params(plan, adapter)["student"]
+    pruned = load_pipeline(tmp_path / "pruned")
+    assert sum(p.numel() for p in pruned.transformer.parameters()) == res.parameters
+    assert pruned.transformer.config.num_layers == 35
+    assert {"op": "text_freeze", "interval": [28, 34]} in pruned.transformer.config.width_ops
+    diff, scale = _student_matches_export(qwen60_dir, plan_path, run, tmp_path / "pruned")
+    assert diff <= 1e-5 * max(scale, 1.0), diff
+    g = torch.Generator().manual_seed(0)
+    out = pruned("a red circle", num_inference_steps=2, height=32, width=32, generator=g, output_type="latent")
+    assert torch.isfinite(out.images).all()

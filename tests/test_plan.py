@@ -9,13 +9,19 @@ import pytest
 from ppcl.arch import count_parameters, get_adapter
 from ppcl.cli import main
 from ppcl.errors import PPCLError
-from ppcl.plan import Plan, load_plan, make_plan, predict_params, save_plan
+from ppcl.plan import (
+    QWEN_IMAGE_RELEASED_INTERVALS,
+    QWEN_IMAGE_RELEASED_WIDTH,
+    Plan,
+    load_plan,
+    make_plan,
+    predict_params,
+    save_plan,
+)
 from ppcl.tiny import tiny_transformer
 
-RELEASED = [[3, 4], [5, 7], [8, 10], [11, 12], [15, 24], [25, 27], [29, 30], [42, 43], [45, 47], [48, 49],
-            [52, 53], [54, 55], [56, 57]]
-RELEASED_WIDTH = ([{"op": "ffn_linear", "block": b, "stream": s} for b in (2, 58, 59) for s in ("image", "text")]
-                  + [{"op": "text_freeze", "interval": iv} for iv in ([36, 37], [40, 41], [50, 59])])
+RELEASED = QWEN_IMAGE_RELEASED_INTERVALS
+RELEASED_WIDTH = QWEN_IMAGE_RELEASED_WIDTH
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +138,71 @@ def test_plan_show_prints_table(flux, tmp_path, capsys):
     assert main(["plan", "show", str(tmp_path / "p.json")]) == 0
     out = capsys.readouterr().out
     assert "[5, 8]" in out and "removes 4" in out and "single" in out
+
+
+# ------------------------------------------------------------------------------------ text_freeze x depth intervals
+def test_full_released_plan_counts_every_parameter_once(qwen60):
+    """The released plan with all its width ops: predicted == the parameters of the pruned model built by its own
+    constructor (35 blocks; the width ops at the pruned positions, mapped here by hand)."""
+    import importlib
+
+    import torch
+
+    plan = make_plan(qwen60, RELEASED, width=RELEASED_WIDTH)
+    module = importlib.import_module(type(qwen60).__module__)
+    cfg = {k: v for k, v in qwen60.transformer.config.items() if not k.startswith("_")}
+    # teacher 2 -> 2; 36, 37 -> 18, 19; 40, 41 -> 22, 23; 50 -> 28; 51, [52,53], [54,55], [56,57], 58, 59 -> 29..34
+    width = [{"op": "ffn_linear", "block": 2, "stream": "image"}, {"op": "ffn_linear", "block": 2, "stream": "text"},
+             {"op": "text_freeze", "interval": [18, 19]}, {"op": "text_freeze", "interval": [22, 23]},
+             {"op": "text_freeze", "interval": [28, 34]}, {"op": "ffn_linear", "block": 33, "stream": "image"},
+             {"op": "ffn_linear", "block": 34, "stream": "image"}]
+    with torch.device("meta"):
+        pruned = module.PPCLQwenImageTransformer2DModel(**{**cfg, "num_layers": 35}, width_ops=width)
+    assert plan.params.student == count_parameters(pruned)
+    depth_only = make_plan(qwen60, RELEASED).params.student
+    assert plan.params.student < depth_only < plan.params.teacher
+    assert predict_params(plan, qwen60) == {"teacher": plan.params.teacher, "student": plan.params.student}
+
+
+@pytest.mark.parametrize(
+    "intervals, width, message",
+    [
+        # a plug crossing the end of the frozen group
+        ([[52, 53], [57, 58]], [{"op": "text_freeze", "interval": [50, 57]}],
+         r"depth interval \[57, 58\] crosses the end of width op text_freeze \[50, 57\]"),
+        # a plug covering the whole group
+        ([[35, 38]], [{"op": "text_freeze", "interval": [36, 37]}],
+         r"depth interval \[35, 38\] covers all of width op text_freeze \[36, 37\]"),
+        ([[36, 37]], [{"op": "text_freeze", "interval": [36, 37]}], r"covers all of width op text_freeze \[36, 37\]"),
+        # the text FFN of a frozen block is already gone
+        ([], [{"op": "text_freeze", "interval": [50, 59]}, {"op": "ffn_linear", "block": 58, "stream": "text"}],
+         r"ffn_linear block 58 stream text: the block's text stream is frozen by text_freeze \[50, 59\]"),
+        # a block re-trained in place by a plug cannot also get a width op
+        ([[2, 2]], [{"op": "ffn_linear", "block": 2, "stream": "image"}],
+         r"ffn_linear block 2: the block is inside a depth interval \[2, 2\]"),
+    ],
+)
+def test_bad_composition_fails_at_load_with_one_line(qwen60, tmp_path, capsys, intervals, width, message):
+    import re
+
+    good = make_plan(qwen60, RELEASED).model_dump(mode="json")
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**good, "intervals": intervals, "plug_sources": [], "width": width}))
+    with pytest.raises(PPCLError, match=message):
+        load_plan(path)
+    with pytest.raises(PPCLError, match=message):
+        make_plan(qwen60, intervals, width=width)
+    assert main(["plan", "show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(path) in err and re.search(message, err), err
+
+
+def test_composition_roles(qwen60):
+    from ppcl.plan import text_freeze_roles
+
+    roles = text_freeze_roles([[3, 4], [49, 51], [52, 53], [56, 59]], [(50, 59)])
+    assert roles == {1: ("source", (50, 59)), 2: ("member", (50, 59)), 3: ("last", (50, 59))}
+    # a source plug and a last plug: still exact (a plain copy stands at 50, a frozen projected copy ends at 59)
+    plan = make_plan(qwen60, [[49, 51], [52, 53], [56, 59]], width=[{"op": "text_freeze", "interval": [50, 59]}],
+                     allow_ends=True)
+    assert predict_params(plan, qwen60)["student"] == plan.params.student
