@@ -9,7 +9,8 @@ their Python definitions so ``$PPCL_IMAGE`` set at compile time reaches every st
 Cluster settings, every name from :mod:`ppcl.cluster` (the manifests use the same):
 - every step: the S3 credentials Secret and the cluster ConfigMap as environment variables (values never
   appear in the compiled YAML, only the Secret/ConfigMap names and keys), CPU and memory requests;
-- distill and evaluate: the accelerator type and count, the GPU pool's node selector and tolerations;
+- distill and evaluate: the accelerator type and count, the GPU pool's node selector and tolerations (not
+  distill in multi-node mode, ``distill.nodes`` > 1 at compile time: its pod only submits the TrainJob);
 - caching: on for every stage whose output is a function of its inputs; OFF for shard (it reads an external
   source whose URI may stay the same while its content changes; shard itself skips unchanged shards) and for
   report (cheap, and it should reflect the evaluations just run);
@@ -39,7 +40,8 @@ def _configure(task: dsl.PipelineTask, stage: str, config: RunConfig) -> dsl.Pip
     task.set_caching_options(stage in CACHED_STAGES)
     if stage in RETRIED_STAGES:
         task.set_retry(num_retries=RETRIED_STAGES[stage], backoff_duration="30s", backoff_factor=2.0)
-    if stage in GPU_STAGES:
+    # Multi-node distill trains in a TrainJob; its own pod only submits, waits and downloads: no GPU.
+    if stage in GPU_STAGES and not (stage == "distill" and config.distill.nodes > 1):
         task.set_accelerator_type(config.resources.gpu.type).set_accelerator_limit(config.resources.gpu.count)
         for key, value in cluster.GPU_POOL.node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)

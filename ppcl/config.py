@@ -101,7 +101,11 @@ class SelectConfig(_Strict):
 
 class DistillConfig(_Strict):
     """Plug training (``ppcl distill``, :class:`ppcl.distill.DistillSettings`; ``learning_rate`` is its ``lr``).
-    ``init`` None: the plan's choice."""
+    ``init`` None: the plan's choice.
+
+    ``nodes`` > 1: multi-node mode. The distill step does not train in its own pod; it submits a Kubeflow Trainer
+    TrainJob of ``nodes`` x ``gpus_per_node`` processes (:mod:`ppcl.trainjob`), waits for it and collects its
+    outputs; teacher and cache must then be on S3 (see :func:`ppcl.stages.distill`)."""
 
     steps: int = Field(2000, ge=1)
     learning_rate: float = Field(1e-5, gt=0)
@@ -122,6 +126,8 @@ class DistillConfig(_Strict):
     ridge: float = Field(1e-4, ge=0)
     guidance: float | None = None
     use_8bit_adam: bool = True
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(default_factory=lambda: _gpu_pool().accelerator_count, ge=1)
 
 
 class EvaluateConfig(EvalSettings):

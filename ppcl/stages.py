@@ -14,10 +14,13 @@ Conventions shared by every stage:
   keyed by short names (the KFP UI shows them as they are).
 - Tracking seam: after each stage :func:`_track` hands the stage name, its metrics and its output folder to
   ``ppcl.tracking.log_stage`` when that module provides one (see issue 7); without it nothing is logged.
+  distill opens its run before training (``ppcl.tracking.stage_run``) to log losses live, and hands that run
+  to the seam, so the stage has one run whatever happens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -53,25 +56,29 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _track(stage: str, metrics: dict[str, float], out: str | os.PathLike, settings: dict[str, Any]) -> None:
-    """Tracking seam: ``ppcl.tracking.log_stage(stage=, metrics=, artifacts=, settings=)`` if it exists."""
+def _track(stage: str, metrics: dict[str, float], out: str | os.PathLike, settings: dict[str, Any],
+           run: Any = None) -> None:
+    """Tracking seam: ``ppcl.tracking.log_stage(stage=, metrics=, artifacts=, settings=)`` if it exists; ``run``:
+    the stage's MLflow run when the stage opened it itself (distill logs its losses live into it)."""
     try:
         from ppcl import tracking  # type: ignore[attr-defined]
     except ImportError:
         return
     log_stage = getattr(tracking, "log_stage", None)
     if log_stage is not None:
-        log_stage(stage=stage, metrics=metrics, artifacts=str(out), settings=settings)
+        extra = {"run": run} if run is not None else {}
+        log_stage(stage=stage, metrics=metrics, artifacts=str(out), settings=settings, **extra)
 
 
-def _finish(stage: str, out: str | os.PathLike, metrics: dict[str, Any], settings: dict[str, Any] | None) -> dict[str, float]:
+def _finish(stage: str, out: str | os.PathLike, metrics: dict[str, Any], settings: dict[str, Any] | None,
+            run: Any = None) -> dict[str, float]:
     from ppcl.atomic import write_json
 
     clean = _finite(metrics)
     out = Path(out)
     if out.is_dir():
         write_json(out / STAGE_SUMMARY, {"version": 1, "stage": stage, "metrics": clean, "settings": settings or {}})
-    _track(stage, clean, out, settings or {})
+    _track(stage, clean, out, settings or {}, run)
     return clean
 
 
@@ -79,12 +86,7 @@ def local_model(uri: str, scratch: str | os.PathLike) -> str:
     """A local folder for model ``uri``: s3:// prefixes are downloaded into ``scratch`` (once), others pass."""
     from ppcl import storage
 
-    if not storage.is_s3(uri):
-        return str(uri)
-    dest = Path(scratch)
-    if not (dest / "model_index.json").is_file():
-        storage.download_dir(uri, dest)
-    return str(dest)
+    return str(storage.fetch(uri, scratch))
 
 
 def check_family(model_dir: str, family: str | None) -> None:
@@ -206,31 +208,135 @@ def select(probe_dir: str, out: str, settings: dict[str, Any] | None = None) -> 
     return _finish("select", out, metrics, cfg.model_dump(mode="json"))
 
 
+#: DistillConfig fields that shape the multi-node TrainJob rather than the training itself.
+MULTINODE_FIELDS = ("nodes", "gpus_per_node")
+
+
+def _distill_metrics(steps: int, plugs: int, final_losses: dict[str, float | None]) -> dict[str, Any]:
+    losses = {k: v for k, v in final_losses.items() if v is not None}
+    metrics: dict[str, Any] = {"steps": steps, "plugs": plugs,
+                               "loss": sum(losses.values()) / len(losses) if losses else None}  # fmt: skip
+    metrics.update({"loss_" + k.replace("/", "_").replace(".", "_"): v for k, v in losses.items()})
+    return metrics
+
+
 def distill(teacher: str, plan_dir: str, cache: str, out: str, settings: dict[str, Any] | None = None, *,
-            progress: bool = True) -> dict[str, float]:
+            progress: bool = True, cache_uri: str | None = None, out_uri: str | None = None) -> dict[str, float]:
     """Train every plug of the plan against the frozen teacher -> ``out`` (plugs.safetensors, run.json,
     metrics.jsonl, checkpoints; :func:`ppcl.distill.distill`).
 
     A folder left by an interrupted attempt (checkpoints, no run.json) is resumed, so a retried step (KFP
-    ``set_retry`` after a lost node) continues instead of starting over. Metrics: steps, plugs, loss (mean of the
-    final losses), loss_<unit>_<stream> per plug and stream.
+    ``set_retry`` after a lost node) continues instead of starting over. The stage's MLflow run is opened before
+    training and the losses per plug and stream are logged into it live (every 10 steps), so a crashed run keeps
+    its curve; the run ends FAILED then. Metrics: steps, plugs, loss (mean of the final losses),
+    loss_<unit>_<stream> per plug and stream.
+
+    ``settings["nodes"] > 1``: multi-node mode, see :func:`distill_multinode` (``cache_uri`` / ``out_uri``: the
+    KFP artifact URIs of ``cache`` and ``out``, which the component passes).
     """
+    from ppcl import tracking
     from ppcl.config import DistillConfig
     from ppcl.distill import distill as run_distill
 
     cfg = _settings(DistillConfig, settings, "distill", drop=("family",))
+    if cfg.nodes > 1:
+        return distill_multinode(teacher, plan_dir, cache, out, settings, cache_uri=cache_uri, out_uri=out_uri)
     model = local_model(teacher, Path(out).parent / "teacher")
     check_family(model, (settings or {}).get("family"))
     run = Path(out)
     resume = (run / "checkpoints").is_dir() and not (run / "run.json").exists()
-    fields = cfg.model_dump()
+    fields = cfg.model_dump(exclude=set(MULTINODE_FIELDS))
     fields["lr"] = fields.pop("learning_rate")
-    result = run_distill(model, Path(plan_dir) / "plan.json", run, data=cache, resume=resume, progress=progress,
-                         **fields)  # fmt: skip
-    losses = {k: v for k, v in result.final_losses.items() if v is not None}
-    metrics: dict[str, Any] = {"steps": result.steps, "plugs": len(result.plugs),
-                               "loss": sum(losses.values()) / len(losses) if losses else None}  # fmt: skip
-    metrics.update({"loss_" + k.replace("/", "_").replace(".", "_"): v for k, v in losses.items()})
+    with tracking.stage_run("distill", out=out) as mlflow_run:  # closed FAILED if anything below raises
+        hook = tracking.distill_callback(mlflow_run)
+        try:
+            result = run_distill(model, Path(plan_dir) / "plan.json", run, data=cache, resume=resume,
+                                 progress=progress, on_step=hook, **fields)  # fmt: skip
+        except BaseException:
+            if hook is not None:  # the curve up to the failure; a tracking error must not hide the real one
+                with contextlib.suppress(Exception):
+                    hook.flush()
+            raise
+        if hook is not None:
+            hook.flush()
+        metrics = _distill_metrics(result.steps, len(result.plugs), result.final_losses)
+        return _finish("distill", out, metrics, cfg.model_dump(mode="json"), run=mlflow_run)
+
+
+def distill_cli_args(settings: Any) -> list[str]:
+    """``ppcl distill`` arguments that reproduce a :class:`ppcl.config.DistillConfig` (``learning_rate`` -> ``--lr``;
+    None -> the CLI's default, i.e. omitted; ``max_grad_norm`` None -> ``--max-grad-norm 0``, no clipping)."""
+    args: list[str] = []
+    for name, value in settings.model_dump().items():
+        if name in MULTINODE_FIELDS:
+            continue
+        if name == "use_8bit_adam":
+            args += [] if value else ["--no-8bit-adam"]
+        elif name == "max_grad_norm":
+            args += ["--max-grad-norm", repr(float(value or 0.0))]
+        elif isinstance(value, bool):
+            args += [f"--{name.replace('_', '-')}"] if value else []
+        elif value is not None:
+            flag = "--lr" if name == "learning_rate" else f"--{name.replace('_', '-')}"
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return args
+
+
+def distill_multinode(teacher: str, plan_dir: str, cache: str, out: str, settings: dict[str, Any] | None = None, *,
+                      cache_uri: str | None = None, out_uri: str | None = None, namespace: str | None = None,
+                      timeout_s: float | None = None) -> dict[str, float]:
+    """The distill stage as a Kubeflow Trainer TrainJob of ``nodes`` x ``gpus_per_node`` (:mod:`ppcl.trainjob`).
+
+    Every node must read the same inputs, so the teacher must be ``s3://`` and so must the cache (``cache`` itself
+    or its artifact URI ``cache_uri``: KFP gives s3:// URIs when the pipeline root is an S3 bucket). The job's
+    folder is ``<artifact root>/distill-jobs/<sha of out_uri or out>/`` (artifact root: ``$PPCL_ARTIFACT_ROOT`` or
+    ``s3://$PPCL_BUCKET/ppcl-artifacts``, from the cluster ConfigMap): the stage uploads ``plan.json`` there, the
+    job trains into ``run/`` (checkpoints included) with ``--resume``. The name of the job and of its folder
+    follow from the output location, so a KFP retry of the step attaches to the running job, or replaces a
+    failed one that resumes from its last checkpoint on S3. The step's log streams the job's rank-0 log; a
+    failed job fails the step. When the job is complete, plugs.safetensors, metrics.jsonl and run.json are
+    downloaded into ``out`` (checkpoints stay on S3; ``out``/trainjob.json says where).
+    """
+    import hashlib
+
+    from ppcl import storage, tracking, trainjob
+    from ppcl.atomic import write_json
+    from ppcl.config import DistillConfig
+    from ppcl.distill_s3 import FINAL_FILES
+
+    cfg = _settings(DistillConfig, settings, "distill", drop=("family",))
+    where = f"distill with nodes={cfg.nodes}"
+    if not storage.is_s3(teacher):
+        raise PPCLError(f"{where}: the teacher must be an s3:// URI every node can read, got {teacher!r}")
+    data = cache if storage.is_s3(cache) else cache_uri
+    if not data or not storage.is_s3(data):
+        raise PPCLError(f"{where}: the cache must be on S3 so every node can read it, got {data or cache!r} (use an "
+                        "s3:// pipeline root for Kubeflow Pipelines)")
+    root = tracking.artifact_root()
+    if root is None or not storage.is_s3(root):
+        raise PPCLError(f"{where}: no S3 folder for the job's checkpoints: set PPCL_ARTIFACT_ROOT or PPCL_BUCKET")
+    base = storage.join(root, "distill-jobs", hashlib.sha256(str(out_uri or out).encode()).hexdigest()[:16])
+    plan_uri, job_out = storage.join(base, "plan.json"), storage.join(base, "run")
+    plan_file = Path(plan_dir) / "plan.json"
+    if not plan_file.is_file():
+        raise PPCLError(f"{where}: {plan_file} does not exist")
+    storage.check_bucket(base)
+    storage.upload_file(plan_file, plan_uri)
+    spec = trainjob.TrainJobSpec(model=teacher, plan=plan_uri, data=data, out_uri=job_out, nodes=cfg.nodes,
+                                 gpus=cfg.gpus_per_node, extra_args=distill_cli_args(cfg))  # fmt: skip
+    name = trainjob.submit(spec, namespace=namespace, timeout_s=timeout_s)
+    done = storage.join(job_out, "run.json")
+    if not storage.exists(done):
+        raise PPCLError(f"{where}: TrainJob {name} completed but {done} is missing")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for fname in FINAL_FILES:  # each file atomically, run.json last (the run's completion marker)
+        storage.download_file(storage.join(job_out, fname), out_dir / fname)
+    write_json(out_dir / "trainjob.json", {"version": 1, "trainjob": name, "nodes": cfg.nodes,
+                                           "gpus_per_node": cfg.gpus_per_node, "out": job_out,
+                                           "checkpoints": storage.join(job_out, "checkpoints")})  # fmt: skip
+    meta = json.loads((out_dir / "run.json").read_text())
+    metrics = _distill_metrics(int(meta["steps"]), len(meta.get("plugs") or []), meta.get("final_losses") or {})
     return _finish("distill", out, metrics, cfg.model_dump(mode="json"))
 
 

@@ -572,6 +572,45 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> list[str]:
     return rels
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created if missing), held for the block; blocks until free.
+
+    Serialises processes of one machine (the torchrun ranks of a node) around shared scratch folders.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fetch(uri: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A local copy of ``uri`` (one object or a prefix) at ``dest``, downloaded once; a local ``uri`` passes.
+
+    An existing ``dest`` is reused as it is: downloads are atomic, so one that exists is complete (inputs are
+    treated as immutable). Processes of one machine fetching the same ``dest`` at once (torchrun ranks)
+    serialise on a lock file beside it: one downloads, the others reuse its copy.
+    """
+    if not is_s3(uri):
+        return Path(uri)
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    with file_lock(dest.with_name(f".{dest.name}.lock")):
+        if not dest.exists():
+            if list_files(uri) == [str(uri)]:  # an exact object, not a prefix
+                download_file(str(uri), dest)
+            else:
+                download_dir(str(uri), dest)
+    return dest
+
+
 def remove(uri: str | os.PathLike) -> None:
     """Delete one file / object (missing is fine)."""
     if not is_s3(uri):

@@ -424,10 +424,14 @@ def distill_callback(run: Run | NullRun, *, every: int = 10) -> Callable[[int, d
     Logs ``loss``, ``lr``, ``step_time_s`` (and ``output_loss``) and ``loss/<plug>/<stream>`` at ``step``,
     buffered and sent every ``every`` steps (call the hook's ``flush()`` at the end; a final partial buffer is
     also sent by the next call or garbage-collected unsent). None when tracking is off, so distill skips it.
+    The steps it saw are remembered on ``run`` (``run.live_steps``): :func:`log_stage` given the same run then
+    logs from metrics.jsonl only the steps not logged live (those before a resume), so no point is doubled.
     """
     if not getattr(run, "active", False):
         return None
     buf: list[tuple[int, dict[str, float]]] = []
+    # Steps logged live: log_stage's post-hoc pass over metrics.jsonl skips them (no duplicate points).
+    live: set[int] = run.__dict__.setdefault("live_steps", set())
 
     def flush() -> None:
         from mlflow.entities import Metric
@@ -439,6 +443,7 @@ def distill_callback(run: Run | NullRun, *, every: int = 10) -> Callable[[int, d
 
     def on_step(step: int, record: dict[str, Any]) -> None:
         buf.append((step, _distill_record(record)))
+        live.add(step)
         if len(buf) >= every:
             flush()
 
@@ -535,12 +540,15 @@ def _log_select(run: Run, out: Path) -> None:
 
 def _log_distill(run: Run, out: Path) -> None:
     path = out / "metrics.jsonl"
-    if path.is_file():  # post hoc: the whole loss curve, each plug and stream (step = training step)
+    live = getattr(run, "live_steps", set())
+    if path.is_file():  # post hoc: the loss curve not logged live, each plug and stream (step = training step)
         series: dict[str, list[tuple[int, float]]] = {}
         for line in path.read_text().splitlines():
             if not line.strip():
                 continue
             rec = json.loads(line)
+            if int(rec["step"]) in live:
+                continue
             for k, v in _distill_record(rec).items():
                 series.setdefault(k, []).append((int(rec["step"]), v))
         for name, values in series.items():
@@ -631,7 +639,7 @@ def _annotate_model(run: Run, metrics: Mapping[str, float]) -> None:
 
 
 def log_stage(*, stage: str, metrics: Mapping[str, float], artifacts: str | os.PathLike,
-              settings: Mapping[str, Any] | None = None) -> str | None:
+              settings: Mapping[str, Any] | None = None, run: Run | NullRun | None = None) -> str | None:
     """Everything tracking does for one finished stage (the seam ``ppcl.stages`` calls); returns the run id.
 
     Args:
@@ -639,13 +647,15 @@ def log_stage(*, stage: str, metrics: Mapping[str, float], artifacts: str | os.P
         metrics: the stage's finite numbers (logged as they are; evaluate's also onto its ratio run).
         artifacts: the stage's output folder (probe.json, plan.json, metrics.jsonl, metrics.json, plots ...).
         settings: the stage's validated settings (logged as params, scrubbed).
+        run: the stage's run when the stage opened it itself (:func:`stage_run`, e.g. distill, to log its losses
+            live): everything goes into it and the caller closes it; None opens and closes a new one.
     """
-    if not enabled():
+    if not enabled() or (run is not None and not getattr(run, "active", False)):
         return None
     out = Path(artifacts)
     settings = dict(settings or {})
     ratio = _ratio_of(stage, out, settings)
-    with stage_run(stage, ratio=ratio, out=out) as run:
+    with (contextlib.nullcontext(run) if run is not None else stage_run(stage, ratio=ratio, out=out)) as run:
         run.log_params(settings, prefix=f"{stage}.")
         run.log_metrics(metrics)
         source = _upload_large(run, stage, out, ratio) if stage in LARGE_STAGES else None

@@ -92,8 +92,12 @@ def test_sections_match_the_stage_apis():
     from ppcl.evaluate.metrics import EvalSettings
     from ppcl.probe import run_probe
 
+    from ppcl.trainjob import TrainJobSpec
+
     distill_fields = {f.name for f in dataclasses.fields(DistillSettings)}
-    assert {"lr" if f == "learning_rate" else f for f in DistillConfig.model_fields} <= distill_fields
+    multinode = {"nodes": "nodes", "gpus_per_node": "gpus"}  # the TrainJob's shape (multi-node mode)
+    assert {"lr" if f == "learning_rate" else f for f in DistillConfig.model_fields if f not in multinode} <= distill_fields
+    assert set(multinode.values()) <= {f.name for f in dataclasses.fields(TrainJobSpec)}
     assert set(EvaluateConfig.model_fields) - {"prompts"} <= set(EvalSettings.model_fields)
     assert set(ProbeConfig.model_fields) <= set(inspect.signature(run_probe).parameters)
 

@@ -21,6 +21,7 @@ from ppcl.errors import PPCLError
 sys.path.insert(0, str(Path(__file__).parent))
 from mlflow_server import MlflowServer  # noqa: E402
 from s3 import ACCESS_KEY, SECRET_KEY, S3Server, weed_binary  # noqa: E402
+from test_distill_s3 import inputs  # noqa: E402,F401 - tiny teacher, plan and latent cache
 
 MiB = 1024 * 1024
 EXPERIMENT = "trk"
@@ -398,3 +399,47 @@ def test_distill_callback_logs_live_losses(tracked):
         hook.flush()
     hist = MlflowClient(tracking_uri=tracked[1].uri).get_metric_history(run.run_id, "loss/interval_0/image")
     assert sorted((m.step, m.value) for m in hist) == [(s, pytest.approx(0.5 / s)) for s in (1, 2, 3)]
+
+
+def test_distill_stage_logs_its_curve_live_and_keeps_it_when_it_fails(tracked, inputs, tmp_path, monkeypatch):
+    """Losses per plug and stream reach MLflow while distill runs: a stage that dies at step 4 (disk full while
+    writing its checkpoint) leaves a FAILED distill run holding steps 1..4, and no second distill run."""
+    import shutil
+
+    import torch
+
+    from ppcl import distill as distill_module
+    from ppcl import stages
+
+    torch.set_num_threads(1)
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+    shutil.copy(inputs["plan"], plan_dir / "plan.json")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(distill_module, "save_checkpoint", disk_full)
+    settings = {"steps": 8, "checkpoint_every": 4, "learning_rate": 2e-3, "batch_size": 2, "lsq_batches": 2,
+                "timesteps": "uniform"}  # fmt: skip
+    with pytest.raises(OSError, match="No space left"):
+        stages.distill(str(inputs["model"]), str(plan_dir), str(inputs["cache"]), str(tmp_path / "plugs"), settings,
+                       progress=False)  # fmt: skip
+    runs = [r for r in _stage_runs_all(tracked[1].uri, os.environ["PPCL_RUN_ID"]) if r.data.tags.get("ppcl.stage")]
+    assert [r.data.tags["ppcl.stage"] for r in runs] == ["distill"] and runs[0].info.status == "FAILED"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracked[1].uri)
+    lines = [json.loads(x) for x in (tmp_path / "plugs" / "metrics.jsonl").read_text().splitlines()]
+    for key in lines[0]["losses"]:  # every plug and stream, each step once
+        hist = client.get_metric_history(runs[0].info.run_id, f"loss/{key}")
+        assert sorted((m.step, m.value) for m in hist) == [(x["step"], pytest.approx(x["losses"][key])) for x in lines]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def _stage_runs_all(ml_uri: str, run_id: str):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=ml_uri)
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    return c.search_runs([exp.experiment_id], f"tags.`ppcl.pipeline_run_id` = '{run_id}'")

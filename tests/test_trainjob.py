@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +20,11 @@ from kubernetes.client.exceptions import ApiException
 from ppcl import cluster, trainjob
 from ppcl.cli import main as ppcl_main
 from ppcl.errors import PPCLError
+
+try:  # the tiny teacher + plan + latent cache fixture of the S3 distill tests
+    from tests.test_distill_s3 import inputs  # noqa: F401
+except ImportError:  # tests/ is not a package: pytest puts this folder itself on sys.path
+    from test_distill_s3 import inputs  # noqa: F401
 
 DATA = Path(__file__).resolve().parent / "data"
 NS = "kubeflow"
@@ -314,3 +320,80 @@ def test_role_without_log_access_is_refused(role_rules):
     fake = FakeCluster(rules, ["Running", "Complete"], log_lines=["x"])
     with pytest.raises(ApiException, match="Forbidden"):
         _submit(fake, trainjob.render_trainjob(_spec()), [])
+
+
+# ------------------------------------------------------------------- the distill stage in multi-node mode
+
+
+class JobRunningCluster(FakeCluster):
+    """A fake cluster whose TrainJob really runs: on creation, the job's own arguments go to ``ppcl distill`` (one
+    process standing in for every node), against the real S3 server."""
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        super().create_namespaced_custom_object(group, version, namespace, plural, body)
+        assert body["spec"]["trainer"]["command"] == ["torchrun", "-m", "ppcl", "distill"]
+        self.exit_codes = getattr(self, "exit_codes", []) + [ppcl_main(["distill", *body["spec"]["trainer"]["args"]])]
+
+
+def test_distill_stage_multinode_runs_a_trainjob_and_collects_its_outputs(role_rules, s3_server, inputs, tmp_path,
+                                                                         monkeypatch, capsys):
+    from ppcl import stages, storage
+    from ppcl.distill_s3 import complete_checkpoints
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PPCL_ARTIFACT_ROOT", "s3://multinode/artifacts")
+    monkeypatch.setenv("PPCL_SCRATCH", str(tmp_path / "node-scratch"))
+    storage._CLIENTS.clear()
+    bucket = s3_server.make_bucket("multinode")
+    teacher, cache = f"{bucket}/teacher", f"{bucket}/kfp-root/encode/cache"
+    storage.upload_dir(inputs["model"], teacher)
+    storage.upload_dir(inputs["cache"], cache)
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+    shutil.copy(inputs["plan"], plan_dir / "plan.json")
+    settings = {"steps": 4, "learning_rate": 2e-3, "batch_size": 2, "warmup_steps": 2, "checkpoint_every": 2,
+                "lsq_batches": 2, "timesteps": "uniform", "family": "flux", "nodes": 2, "gpus_per_node": 4}
+    out_uri = f"{bucket}/kfp-root/distill/plugs"
+    fake = JobRunningCluster(role_rules, ["Running", "Complete"], log_lines=["[rank 0] step 4/4"])
+    monkeypatch.setattr(trainjob, "kubernetes_clients", lambda namespace=None: (fake, fake, namespace or NS))
+
+    # The local cache path of the KFP pod is not what the job reads: its artifact URI on S3 is.
+    metrics = stages.distill(teacher, str(plan_dir), str(tmp_path / "pod-local-cache"), str(tmp_path / "plugs"),
+                             settings, cache_uri=cache, out_uri=out_uri)  # fmt: skip
+    assert fake.exit_codes == [0] and len(fake.created) == 1
+    t = fake.created[0]["spec"]["trainer"]
+    assert (t["numNodes"], t["numProcPerNode"], t["resourcesPerNode"]["limits"]["nvidia.com/gpu"]) == (2, 4, 4)
+    args = t["args"]
+    pairs = dict(zip(args[:-1:2], args[1::2]))
+    job_out = pairs["--out"]
+    assert pairs["--model"] == teacher and pairs["--data"] == cache and args[-1] == "--resume"
+    assert job_out.startswith("s3://multinode/artifacts/distill-jobs/") and pairs["--plan"].startswith(job_out[:-3])
+    assert "[rank 0] step 4/4" in capsys.readouterr().out  # the job's log is in the step's log
+
+    # What the job wrote to S3 is the step's output artifact; its checkpoints stay on S3.
+    out = tmp_path / "plugs"
+    assert (out / "plugs.safetensors").read_bytes() == storage.read_bytes(f"{job_out}/plugs.safetensors")
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["steps"] == 4 and meta["settings"]["lr"] == 2e-3 and meta["settings"]["checkpoint_every"] == 2
+    assert meta["settings"]["timesteps"] == "uniform" and meta["data"] == cache
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert json.loads((out / "trainjob.json").read_text())["checkpoints"] == f"{job_out}/checkpoints"
+    assert complete_checkpoints(job_out) == ["step-000002", "step-000004"]
+    assert metrics["steps"] == 4 and metrics["plugs"] == 2 and metrics["loss"] > 0
+
+    # A KFP retry of the step (same output URI): the complete job is found, not run again; outputs collected.
+    retry = JobRunningCluster(role_rules, ["Complete"], existing=(fake.created[0], "Complete"))
+    monkeypatch.setattr(trainjob, "kubernetes_clients", lambda namespace=None: (retry, retry, NS))
+    stages.distill(teacher, str(plan_dir), "", str(tmp_path / "plugs-retry"), settings, cache_uri=cache,
+                   out_uri=out_uri)  # fmt: skip
+    assert retry.created == [] and (tmp_path / "plugs-retry" / "plugs.safetensors").read_bytes() == (
+        out / "plugs.safetensors").read_bytes()
+
+    # Inputs a multi-node job cannot read: one line naming them, no job.
+    with pytest.raises(PPCLError, match=r"the cache must be on S3 .* got '/mnt/cache'"):
+        stages.distill(teacher, str(plan_dir), "/mnt/cache", str(tmp_path / "x"), settings)
+    with pytest.raises(PPCLError, match=r"the teacher must be an s3:// URI"):
+        stages.distill(str(inputs["model"]), str(plan_dir), cache, str(tmp_path / "x"), settings)
+    assert not (tmp_path / "x").exists()

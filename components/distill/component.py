@@ -1,7 +1,8 @@
 """KFP component ``distill``: train every plug of the plan against the frozen teacher (GPU stage).
 
 Body: marshalling only; the work is :func:`ppcl.stages.distill`. ``steps`` and ``learning_rate`` are separate
-parameters (the pipeline exposes them at the top level); they override the same keys of ``settings``.
+parameters (the pipeline exposes them at the top level); they override the same keys of ``settings``. With
+``settings["nodes"] > 1`` the step submits a multi-node TrainJob and waits for it instead of training itself.
 """
 
 from kfp import dsl
@@ -25,5 +26,7 @@ def distill(
     from ppcl import stages
 
     settings = {**settings, "steps": steps, "learning_rate": learning_rate}
-    for name, value in stages.distill(teacher, plan.path, cache.path, plugs.path, settings).items():
+    # The artifact URIs serve the multi-node mode (settings "nodes" > 1), whose TrainJob reads the cache from S3.
+    for name, value in stages.distill(teacher, plan.path, cache.path, plugs.path, settings, cache_uri=cache.uri,
+                                      out_uri=plugs.uri).items():
         metrics.log_metric(name, value)
