@@ -60,11 +60,12 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    torch.set_grad_enabled(False)
     from ppcl.evaluate.evaluation import evaluate_models
     from ppcl.evaluate.html import fmt
 
-    result = evaluate_models(args.model, args.teacher, prompts, args.out, settings, names=args.name)
+    # Scoped, not global: the CLI also runs in-process (tests, `ppcl demo`), where later training needs grad.
+    with torch.no_grad():
+        result = evaluate_models(args.model, args.teacher, prompts, args.out, settings, names=args.name)
     for m in result.metrics.models:
         f = m.fidelity
         extra = ""
