@@ -13,14 +13,11 @@ artifacts. Telemetry is off. :meth:`stop` always ends the whole process group (u
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from tests.servers import LocalServer
 
 
 def _free_port() -> int:
@@ -29,7 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class MlflowServer:
+class MlflowServer(LocalServer):
     """One ``mlflow server`` process with its sqlite database under ``directory``.
 
     Args:
@@ -38,22 +35,20 @@ class MlflowServer:
         artifacts_destination: ``s3://bucket/prefix`` (the bucket must exist).
     """
 
+    name = "mlflow server"
+    stop_grace_s = 5.0  # uvicorn may wait for idle keep-alive connections; then the group is killed
+
     def __init__(self, directory: str | os.PathLike, s3, artifacts_destination: str, *,
                  startup_timeout: float = 90.0):  # fmt: skip
-        self.directory = Path(directory)
+        super().__init__(directory, startup_timeout=startup_timeout)
         self.s3 = s3
         self.artifacts_destination = artifacts_destination
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
-        self._log = None
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> MlflowServer:
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         mlflow_bin = Path(sys.executable).parent / "mlflow"
         cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
@@ -63,46 +58,6 @@ class MlflowServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
         env.update(self.s3.env)
         env.update(MLFLOW_S3_ENDPOINT_URL=self.s3.endpoint, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
-        self._log = open(self.directory / "mlflow.log", "wb")
-        # Own process group: stop() signals the server and its uvicorn workers, nothing else.
-        self.proc = subprocess.Popen(cmd, cwd=self.directory, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(cmd, env, "mlflow.log")
+        self._wait_until_answers(self.uri + "/health", accept=lambda err, status: status == 200)
         return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}; log: {self.directory}/mlflow.log")
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"mlflow server did not answer on {self.uri} within {self.startup_timeout}s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # uvicorn may wait for idle keep-alive connections
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=20)
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> MlflowServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

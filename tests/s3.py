@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from tests.servers import LocalServer
 
 ACCESS_KEY = "ppcltestaccess"
 SECRET_KEY = "ppcltestsecret0123456789"
@@ -52,15 +50,13 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-class S3Server:
+class S3Server(LocalServer):
     """One ``weed mini`` process storing its data under ``directory``."""
 
+    name = "S3 server (weed mini)"
+
     def __init__(self, directory: str | os.PathLike, *, startup_timeout: float = 60.0):
-        self.directory = Path(directory)
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
-        self._log = None
+        super().__init__(directory, startup_timeout=startup_timeout)
 
     @property
     def endpoint(self) -> str:
@@ -95,31 +91,10 @@ class S3Server:
             args.append(f"-{flag}={port}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-        self._log = open(self.directory / "weed.log", "wb")
-        # Own process group: stop() signals only this server and its children.
-        self.proc = subprocess.Popen(
-            args, cwd=self.directory, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(args, env, "weed.log")
+        # Any HTTP answer (403 for an anonymous request) means the S3 API is up.
+        self._wait_until_answers(self.endpoint + "/", accept=lambda err, status: status is not None)
         return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited with {self.proc.returncode}; log: {self.directory}/weed.log")
-            try:
-                urllib.request.urlopen(self.endpoint + "/", timeout=1)
-                return
-            except urllib.error.HTTPError:  # 403 for an anonymous request: the S3 API is up
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"S3 server did not answer on {self.endpoint} within {self.startup_timeout}s")
 
     def client(self):
         import boto3
@@ -143,22 +118,3 @@ class S3Server:
                 last = e
                 time.sleep(0.2)
         raise RuntimeError(f"cannot create bucket {name}: {last}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=15)
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> S3Server:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
