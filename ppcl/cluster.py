@@ -41,28 +41,15 @@ def default_image() -> str:
 
 
 @dataclass(frozen=True)
-class SecretEnv:
-    """A Kubernetes Secret whose keys become environment variables of the same names."""
+class EnvSource:
+    """A Kubernetes Secret or ConfigMap whose keys become environment variables of the same names."""
 
     name: str
     keys: tuple[str, ...]
 
     @property
     def key_to_env(self) -> dict[str, str]:
-        """The mapping ``use_secret_as_env(task, name, secret_key_to_env=...)`` takes (key -> env var)."""
-        return {k: k for k in self.keys}
-
-
-@dataclass(frozen=True)
-class ConfigMapEnv:
-    """A ConfigMap whose keys become environment variables of the same names."""
-
-    name: str
-    keys: tuple[str, ...]
-
-    @property
-    def key_to_env(self) -> dict[str, str]:
-        """The mapping ``use_config_map_as_env(task, name, config_map_key_to_env=...)`` takes."""
+        """The mapping kfp-kubernetes' ``use_secret_as_env`` / ``use_config_map_as_env`` take (key -> env var)."""
         return {k: k for k in self.keys}
 
 
@@ -95,16 +82,16 @@ class GpuPool:
 
 
 #: S3 credentials (any S3 API: AWS, MinIO, SeaweedFS); boto3 and MLflow read these env vars natively.
-S3_SECRET = SecretEnv(name="ppcl-s3-credentials", keys=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+S3_SECRET = EnvSource(name="ppcl-s3-credentials", keys=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
 
 #: Database of the MLflow server: ``MLFLOW_BACKEND_STORE_URI`` (a SQLAlchemy DSN) and, in the dev overlay,
 #: the in-cluster PostgreSQL password (libpq reads it as PGPASSWORD, so the DSN carries none). Only the MLflow
 #: Deployment reads it; pipeline steps never see the database.
-MLFLOW_DB_SECRET = SecretEnv(name="ppcl-mlflow-db", keys=("MLFLOW_BACKEND_STORE_URI", "POSTGRES_PASSWORD"))
+MLFLOW_DB_SECRET = EnvSource(name="ppcl-mlflow-db", keys=("MLFLOW_BACKEND_STORE_URI", "POSTGRES_PASSWORD"))
 
 #: Non-secret cluster settings every pipeline step reads through env. ``AWS_ENDPOINT_URL`` is what boto3
 #: (>=1.28) and MLflow's S3 artifact client honour; ``PPCL_S3_ENDPOINT`` is the same URL for ppcl's own code.
-CONFIG_MAP = ConfigMapEnv(
+CONFIG_MAP = EnvSource(
     name="ppcl-cluster-config",
     keys=(
         "PPCL_IMAGE",
