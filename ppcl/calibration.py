@@ -128,12 +128,19 @@ def synthetic_batches(
     max_sequence_length: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The built-in calibration set: procedural images through the pipeline's own VAE and prompts through its own
-    text encoders, yielded as cache-shaped batches. Deterministic for a seed."""
+    text encoders, yielded as cache-shaped batches. Deterministic for a seed.
+
+    ``max_sequence_length`` None: the pipeline folder's ``ppcl.json`` default
+    (:func:`ppcl.arch.generation_defaults`), else the pipeline's own default."""
     if n_samples <= 0 or batch_size <= 0:
         raise PPCLError(f"calibration needs positive n_samples and batch_size (got {n_samples}, {batch_size})")
     from ppcl.arch import get_adapter
 
     adapter = get_adapter(pipe)
+    if max_sequence_length is None:
+        from ppcl.arch import generation_defaults
+
+        max_sequence_length = generation_defaults(pipe).get("max_sequence_length")
     prompts = list(prompts or DEFAULT_PROMPTS)
     g = torch.Generator().manual_seed(seed)
     for start in range(0, n_samples, batch_size):

@@ -63,9 +63,12 @@ class DataConfig(_Strict):
 
 
 class EncodeConfig(_Strict):
-    """Latent / prompt-embedding cache (``ppcl encode``). ``resolution`` None: the pipeline's default size."""
+    """Latent / prompt-embedding cache (``ppcl encode``). ``resolution`` None: the teacher folder's ``ppcl.json``
+    height, else the pipeline's default size. ``max_sequence_length`` None: the teacher folder's ``ppcl.json``
+    default, else the pipeline's (see :func:`ppcl.arch.generation_defaults`); evaluation has the same setting."""
 
     resolution: int | None = Field(None, ge=8)
+    max_sequence_length: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
@@ -309,7 +312,9 @@ def load_config(path: str | os.PathLike | None, *, defaults: dict[str, Any] | No
 
 #: The laptop demo (``ppcl demo``): a tiny teacher, synthetic data, CPU-sized settings. ``teacher`` is filled in
 #: by the demo (the reference teacher if it ships, else a tiny random FLUX built into the run folder). Sized for
-#: a few minutes on 2 CPU cores: 24 images at 32 px, 2 shards, 30 distillation steps, 2-step evaluation.
+#: a few minutes on 2 CPU cores: 24 images at 32 px, 2 shards, 30 distillation steps, 4-step evaluation of
+#: synth captions (what the reference teacher draws). Text length and guidance are not set here: the reference
+#: teacher's ``ppcl.json`` supplies them (16 tokens, true CFG 3; see :func:`ppcl.arch.generation_defaults`).
 DEMO_DEFAULTS: dict[str, Any] = {
     "name": "ppcl-demo",
     "ratios": [0.8, 0.6],
@@ -318,8 +323,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "probe": {"samples": 8, "timesteps": 2, "batch_size": 4, "hsic_tokens": 16},
     "distill": {"steps": 30, "learning_rate": 1e-3, "batch_size": 4, "timesteps": "uniform", "checkpoint_every": 50},
     "evaluate": {
-        "steps": 2, "height": 32, "width": 32, "seeds": 1, "batch_size": 4,
+        "steps": 4, "height": 32, "width": 32, "seeds": 1, "batch_size": 4,
         "latency_warmup": 1, "latency_repeats": 2, "grid_samples": 2,
-        "prompts": ["a red circle on a blue background", "two yellow squares above a green triangle"],
+        "prompts": ["a red circle above a blue square", "two green triangles"],
     },
 }  # fmt: skip

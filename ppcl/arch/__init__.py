@@ -4,6 +4,15 @@
 width-pruned classes subclass the stock ones, so they are detected too); ``adapter_for(name)`` maps a family
 name to its adapter class; ``load_pipeline(path)`` loads a diffusers pipeline directory, including pipelines
 whose transformer is one of ppcl's own config-registered classes.
+
+Generation defaults (:func:`generation_defaults`): a pipeline folder may carry ``ppcl.json`` beside
+``model_index.json``, ``{"version": 1, "generation": {"height", "width", "max_sequence_length", "guidance"}}``
+(every key optional). It records how the MODEL must be driven, not how a run is configured: a text encoder
+trained at 16 tokens reads 500 unseen padding tokens at FLUX's default 512, which no run setting should have to
+know. ``ppcl export`` copies it with the other non-transformer files, so a pruned pipeline inherits it. Readers:
+the encode stage (``max_sequence_length``, ``height`` as the default resolution), the built-in calibration set
+(``max_sequence_length``) and evaluation (``max_sequence_length``, ``guidance``); an explicit setting in the
+config / on the command line always wins. A folder without the file behaves as before (diffusers' defaults).
 """
 
 from __future__ import annotations
@@ -26,6 +35,41 @@ def __getattr__(name: str):
 
         return getattr(common, name)
     raise AttributeError(f"module 'ppcl.arch' has no attribute {name!r}")
+
+#: The per-pipeline generation defaults file (see the module doc).
+PIPELINE_DEFAULTS_FILE = "ppcl.json"
+GENERATION_KEYS = ("height", "width", "max_sequence_length", "guidance")
+
+
+def generation_defaults(model: Any) -> dict[str, Any]:
+    """``generation`` of ``<pipeline folder>/ppcl.json`` (see the module doc); ``{}`` when absent.
+
+    ``model``: a pipeline folder path, or a loaded diffusers pipeline (its ``name_or_path`` folder is read).
+    Raises PPCLError for a malformed file (not JSON, unknown key, a non-positive size).
+    """
+    folder = getattr(model, "name_or_path", None) if not isinstance(model, (str, Path)) else model
+    if not folder:
+        return {}
+    path = Path(folder) / PIPELINE_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PPCLError(f"unreadable {path}: {e}") from None
+    gen = data.get("generation", {}) if isinstance(data, dict) else None
+    if not isinstance(gen, dict):
+        raise PPCLError(f"{path}: field 'generation' must be a mapping")
+    for k, v in gen.items():
+        if k not in GENERATION_KEYS:
+            raise PPCLError(f"{path}: field 'generation.{k}' is not a known setting ({', '.join(GENERATION_KEYS)})")
+        if k == "guidance":
+            if v is not None and not isinstance(v, (int, float)):
+                raise PPCLError(f"{path}: field 'generation.guidance' must be a number")
+        elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise PPCLError(f"{path}: field 'generation.{k}' must be a positive integer")
+    return dict(gen)
+
 
 #: family name -> "module:Class" of its adapter (imported lazily: diffusers is heavy).
 FAMILIES: dict[str, str] = {

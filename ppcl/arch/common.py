@@ -281,9 +281,12 @@ class Adapter(ABC):
     def decode_latents(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """What the pipeline returns with ``output_type="latent"`` -> images ``(B, 3, H, W)`` in [0, 1]."""
 
-    def pipeline_call_kwargs(self, guidance_scale: float | None) -> dict[str, Any]:
-        """Family-specific keyword arguments for the stock pipeline ``__call__``."""
-        return {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    def pipeline_call_kwargs(self, guidance_scale: float | None, max_sequence_length: int | None = None
+                             ) -> dict[str, Any]:
+        """Family-specific keyword arguments for the stock pipeline ``__call__``: guidance, and the text length
+        (``max_sequence_length``, a ``__call__`` argument of every family here; None: the pipeline's default)."""
+        kw: dict[str, Any] = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        return kw if max_sequence_length is None else {**kw, "max_sequence_length": max_sequence_length}
 
     def latent_shape(self, pipe: Any, height: int, width: int) -> tuple[int, int, int]:
         """``(C, h, w)`` of the normalised latents for an image of ``height x width`` pixels."""

@@ -92,9 +92,20 @@ class FluxAdapter(Adapter):
     def latent_channels(self, pipe):
         return pipe.transformer.config.in_channels // 4
 
-    def pipeline_call_kwargs(self, guidance_scale):
-        # FLUX.1-dev's guidance is embedded (no CFG); schnell ignores it.
-        return {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    def pipeline_call_kwargs(self, guidance_scale, max_sequence_length=None):
+        """A guidance-distilled model (``guidance_embeds``, FLUX.1-dev) takes guidance as an input, not CFG. A model
+        trained with caption dropout and no guidance embedding (the reference teacher) gets true classifier-free
+        guidance instead: ``true_cfg_scale`` with the empty negative prompt it was trained on (a second pass per
+        step), when the scale is above 1."""
+        kw: dict[str, Any] = {}
+        if guidance_scale is not None:
+            if self.transformer.config.guidance_embeds:
+                kw["guidance_scale"] = guidance_scale
+            elif guidance_scale > 1:
+                kw.update(true_cfg_scale=guidance_scale, negative_prompt="")
+        if max_sequence_length is not None:
+            kw["max_sequence_length"] = max_sequence_length
+        return kw
 
     def ffn_module_name(self, block, stream):
         """Dual blocks: ``ff`` (image) / ``ff_context`` (text), each a gated residual branch. Single blocks have no

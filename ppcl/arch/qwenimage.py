@@ -117,14 +117,15 @@ class QwenImageAdapter(Adapter):
     def latent_channels(self, pipe):
         return pipe.transformer.config.in_channels // 4
 
-    def pipeline_call_kwargs(self, guidance_scale):
+    def pipeline_call_kwargs(self, guidance_scale, max_sequence_length=None):
         # Qwen-Image runs true CFG (a second, negative-prompt pass) only when a negative prompt is given; the
         # released inference uses a blank one.
+        kw: dict[str, Any] = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         if guidance_scale is None:
-            return {}
+            return kw
         if guidance_scale > 1:
-            return {"true_cfg_scale": guidance_scale, "negative_prompt": " "}
-        return {"true_cfg_scale": guidance_scale}
+            return {**kw, "true_cfg_scale": guidance_scale, "negative_prompt": " "}
+        return {**kw, "true_cfg_scale": guidance_scale}
 
     def ffn_module_name(self, block, stream):
         """``img_mlp`` (image) / ``txt_mlp`` (text), each a gated residual branch after joint attention."""

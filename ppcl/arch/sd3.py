@@ -79,8 +79,8 @@ class SD3Adapter(Adapter):
     def latent_channels(self, pipe):
         return pipe.transformer.config.in_channels
 
-    def pipeline_call_kwargs(self, guidance_scale):
-        return {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    def pipeline_call_kwargs(self, guidance_scale, max_sequence_length=None):
+        return super().pipeline_call_kwargs(guidance_scale, max_sequence_length)
 
     def ffn_module_name(self, block, stream):
         """``ff`` (image) / ``ff_context`` (text) of a joint block; the last (``context_pre_only``) block has no

@@ -247,6 +247,10 @@ def save_pipeline(pipe, out: Path, record: dict) -> None:
     with atomic_path(out, directory=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_json(tmp / "ppcl_reference.json", record)
+        # generation defaults every ppcl stage reads (ppcl.arch.generation_defaults); guidance: the better
+        # setting of the recorded judge evaluation (true CFG 3 with the empty negative prompt)
+        write_json(tmp / "ppcl.json", {"version": 1, "generation": {
+            "height": RESOLUTION, "width": RESOLUTION, "max_sequence_length": MAX_SEQUENCE_LENGTH, "guidance": 3.0}})
 
 
 EVAL_SEED = 2000

@@ -2,7 +2,9 @@
 
 Images: decoded, converted to RGB, resized so the SHORTER side equals R (bicubic), centre-cropped to R x R,
 scaled to [-1, 1] and passed to ``adapter.encode_images`` (normalised latents (B, C, R/f, R/f)). Captions go
-to ``adapter.encode_prompts`` (a family-specific dict of batch-first tensors). See :mod:`ppcl.data.cache` for
+to ``adapter.encode_prompts`` (a family-specific dict of batch-first tensors) at ``max_sequence_length`` text
+tokens (None: the pipeline folder's ``ppcl.json`` default, see :func:`ppcl.arch.generation_defaults`, else the
+pipeline's own default); the manifest's tensor shapes show the length used. See :mod:`ppcl.data.cache` for
 the on-disk format and the reader. Cache shards keep the data shards' names and keys, in the same order.
 
 Design choices: floating tensors are stored in float16 (halves the cache; latents and final-layer-normed
@@ -66,9 +68,13 @@ def encode_shards(
     batch_size: int = 8,
     device: str | None = None,
     dtype: str | None = None,
+    max_sequence_length: int | None = None,
     progress: bool = True,
 ) -> CacheManifest:
-    """Encode every shard of ``data`` (output of ``ppcl shard``) with pipeline ``model`` into ``out``."""
+    """Encode every shard of ``data`` (output of ``ppcl shard``) with pipeline ``model`` into ``out``.
+
+    ``resolution`` None: the folder's ``ppcl.json`` height, else the pipeline's default sample size.
+    ``max_sequence_length`` None: the folder's ``ppcl.json`` default, else the pipeline's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -79,6 +85,8 @@ def encode_shards(
 
     if batch_size < 1:
         raise PPCLError(f"--batch-size must be >= 1 (got {batch_size})")
+    if max_sequence_length is not None and max_sequence_length < 1:
+        raise PPCLError(f"--max-sequence-length must be >= 1 (got {max_sequence_length})")
     shards = read_shard_manifest(data)  # validate the input before loading a (possibly huge) model
     storage.check_bucket(out)
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,9 +94,14 @@ def encode_shards(
         raise PPCLError(f"--dtype must be one of float32, bfloat16, float16 (got {dtype})")
     pipe = load_pipeline(model, device=device, dtype=torch_dtype[dtype])
     adapter = get_adapter(pipe)
+    from ppcl.arch import generation_defaults
+
+    defaults = generation_defaults(model) if local_path(model) else {}
+    if max_sequence_length is None:
+        max_sequence_length = defaults.get("max_sequence_length")
     factor = int(getattr(pipe, "vae_scale_factor", 8)) * 2  # latents are packed in 2x2 patches
     if resolution is None:
-        resolution = int(getattr(pipe, "default_sample_size", 64)) * factor // 2
+        resolution = defaults.get("height") or int(getattr(pipe, "default_sample_size", 64)) * factor // 2
     if resolution < factor or resolution % factor:
         raise PPCLError(f"--resolution {resolution} must be a positive multiple of {factor} for this pipeline")
 
@@ -106,7 +119,8 @@ def encode_shards(
             tmp = (local_out or work) / f".{info.name}.tmp-{uuid.uuid4().hex[:8]}"
             try:
                 rows = _encode_shard(
-                    pipe, adapter, storage.join(data, info.name), tmp, resolution, batch_size, specs, bar, pa, pq
+                    pipe, adapter, storage.join(data, info.name), tmp, resolution, batch_size, specs, bar, pa, pq,
+                    max_sequence_length,
                 )
                 digest = storage.sha256_file(tmp)
                 nbytes = tmp.stat().st_size
@@ -129,7 +143,12 @@ def encode_shards(
     return manifest
 
 
-def _encode_shard(pipe, adapter, src: str, dst: Path, resolution, batch_size, specs, bar, pa, pq) -> int:
+def local_path(model: str) -> bool:
+    return not storage.is_s3(str(model)) and Path(model).is_dir()
+
+
+def _encode_shard(pipe, adapter, src: str, dst: Path, resolution, batch_size, specs, bar, pa, pq,
+                  max_sequence_length: int | None = None) -> int:
     import torch
 
     writer = None
@@ -160,7 +179,8 @@ def _encode_shard(pipe, adapter, src: str, dst: Path, resolution, batch_size, sp
                         raise PPCLError(f"{src}: cannot decode image of sample '{key}' ({e})") from e
                 with torch.inference_mode():
                     latents = adapter.encode_images(pipe, torch.from_numpy(np.stack(pixels)))
-                    text = adapter.encode_prompts(pipe, list(b["caption"]))
+                    kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+                    text = adapter.encode_prompts(pipe, list(b["caption"]), **kw)
                 tensors = {"latents": latents, **text}
                 for name, t in tensors.items():
                     if t.shape[0] != len(b["key"]):

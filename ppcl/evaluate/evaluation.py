@@ -132,6 +132,13 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     settings = settings.model_copy(update={"device": str(device), "dtype": str(dtype).removeprefix("torch.")})
+    # The teacher's generation defaults (ppcl.json) fill what the caller left unset; every model is driven the
+    # same way, and metrics.json records the values actually used.
+    from ppcl.arch import generation_defaults
+
+    defaults = generation_defaults(teacher)
+    settings = settings.model_copy(update={k: defaults[k] for k in ("guidance", "max_sequence_length")
+                                           if getattr(settings, k) is None and defaults.get(k) is not None})
 
     # ---- 2. measuring networks
     clip = clip_info = scorer = None
@@ -156,7 +163,8 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
     runs: list[_Run] = []
-    gen_kw = dict(steps=settings.steps, height=settings.height, width=settings.width, guidance=settings.guidance)
+    gen_kw = dict(steps=settings.steps, height=settings.height, width=settings.width, guidance=settings.guidance,
+                  max_sequence_length=settings.max_sequence_length)
     try:
         for k, (name, path) in enumerate(zip(all_names, [teacher] + models)):
             run = _Run(name, path, "teacher" if k == 0 else "model")

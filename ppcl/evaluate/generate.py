@@ -92,8 +92,10 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 @torch.no_grad()
 def generate(pipe, adapter, samples: list[Sample], *, steps: int, height: int, width: int,
-             guidance: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generate one batch of samples.
+             guidance: float | None = None, max_sequence_length: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generate one batch of samples. ``guidance`` and ``max_sequence_length`` (None: the pipeline's defaults)
+    become family-specific call arguments through ``adapter.pipeline_call_kwargs``.
 
     Returns:
         latents: what the pipeline returns with ``output_type="latent"`` (family layout, e.g. packed
@@ -101,6 +103,10 @@ def generate(pipe, adapter, samples: list[Sample], *, steps: int, height: int, w
         images: (B, 3, height, width) float32 in [0, 1] on CPU.
     """
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
+    call_kw = adapter.pipeline_call_kwargs(guidance, max_sequence_length)
+    if isinstance(call_kw.get("negative_prompt"), str):
+        # one negative prompt per image: a single string would be encoded as a batch of one
+        call_kw["negative_prompt"] = [call_kw["negative_prompt"]] * len(samples)
     out = pipe(
         prompt=[s.prompt for s in samples],
         num_inference_steps=steps,
@@ -108,7 +114,7 @@ def generate(pipe, adapter, samples: list[Sample], *, steps: int, height: int, w
         width=width,
         generator=generators,
         output_type="latent",
-        **adapter.pipeline_call_kwargs(guidance),
+        **call_kw,
     )
     latents = out.images if hasattr(out, "images") else out[0]
     images = adapter.decode_latents(pipe, latents, height, width)

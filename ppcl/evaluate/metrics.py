@@ -32,7 +32,10 @@ class EvalSettings(_Strict):
     Attributes:
         steps: denoising steps per image.
         height, width: generation resolution in pixels.
-        guidance: guidance scale passed through the family adapter (None: the pipeline's default).
+        guidance: guidance scale passed through the family adapter (None: the teacher folder's ``ppcl.json``
+            generation default when it has one, else the pipeline's default). metrics.json stores the value used.
+        max_sequence_length: text tokens per prompt (None: the teacher folder's ``ppcl.json`` default when it has
+            one, else the pipeline's default, e.g. 512 for FLUX). metrics.json stores the value used.
         seeds: images per prompt; sample (prompt i, seed j) uses ``torch.Generator("cpu").manual_seed(seed_offset
             + j)`` for every model, so the initial noise is identical across models and runs.
         seed_offset: first seed.
@@ -53,6 +56,7 @@ class EvalSettings(_Strict):
     height: int = Field(512, ge=8)
     width: int = Field(512, ge=8)
     guidance: float | None = None
+    max_sequence_length: int | None = Field(None, ge=1)
     seeds: int = Field(1, ge=1)
     seed_offset: int = Field(0, ge=0)
     batch_size: int = Field(4, ge=1)

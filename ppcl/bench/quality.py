@@ -1,0 +1,510 @@
+"""``ppcl bench quality``: the paper's claims measured on the reference teacher (issue 9, method.md section 5).
+
+One table at keep-params 0.7 and 0.5 (Markdown ``quality.md``, JSON ``quality.json``, plot ``quality.png``).
+
+Shared by every row (so rows differ only in what the row names):
+
+- data: ``synth`` images (seed 0, 32 px) -> ``shard`` -> ``encode`` with the teacher's own VAE and text encoders
+  at ``max_sequence_length`` 16 (the teacher folder's ``ppcl.json``), built ONCE; every distillation reads it;
+- one probe of the teacher on that cache; every selector reads the same probe.json;
+- every distillation: same steps, batch, lr, logit-normal timesteps, seed, plug init (middle);
+- evaluation: the first ``eval_n`` captions of :func:`ppcl.bench.teacher.eval_prompts` (seed 2000), image i from
+  generator seed i, ``eval_steps`` Euler steps, true CFG 3 with the empty negative prompt, 16 text tokens; judge
+  attribute accuracy (:func:`ppcl.bench.judge.judge_scores`, attributes from :func:`ppcl.data.synth.parse_caption`
+  of the prompt), judge-FID against the real synth images of the same captions, teacher fidelity = latent PSNR of
+  the final latents against the teacher's (same prompt and seed), latency ratio = median transformer forward at
+  32 px / the teacher's (one image, ``ppcl.evaluate.cost.measure_latency``).
+
+Rows (``plan`` = intervals; ``run`` = one distillation):
+
+- ``teacher``.
+- ``ppcl``: probe -> ``select(method="ppcl", keep_params=0.5)`` -> ONE non-sequential run -> ``export`` at 0.7
+  (the export's subset rule over the same plugs) and at 0.5: one training run serves both ratios.
+- ``no-distill``: the intervals ``ppcl`` exports at that ratio, each replaced by its untrained plug, i.e. the
+  teacher's own middle block of the interval kept and the others dropped (same parameters as ``ppcl``; the
+  interval's blocks "simply removed", with the block every plug starts from left in place).
+- ``shortgpt``, ``angular``, ``uniform``, ``random``: the baseline selectors at the same budget (0.5), each one run
+  distilled exactly like ``ppcl`` and exported at both ratios by the same subset rule.
+- ``scattered``: the same number of removed blocks as ``ppcl``'s 0.5 plan, no two adjacent: blocks taken in
+  order of best single-block linear-probe R^2 (the PPCL probe's own per-block score), each removal expressed as
+  a two-block interval; one run, exported at both ratios.
+- ``sequential``: ``ppcl``'s plan, distilled in sequential mode (each plug fed by the previous plug's output).
+- ``per-ratio``: one run per ratio; at 0.7 a plan selected at 0.7 and trained alone (exported whole); at 0.5 that
+  run is ``ppcl``'s own run (the plan selected at 0.5, exported whole), so the row repeats it.
+
+Each row records whether it beats ``ppcl`` at the same ratio on judge accuracy (higher) and judge-FID (lower).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ppcl.errors import PPCLError
+
+REFERENCE_TEACHER = Path(__file__).parent / "assets" / "reference-teacher"
+RATIOS = (0.7, 0.5)
+BASELINES = ("shortgpt", "angular", "uniform", "random")
+
+
+@dataclass
+class QualitySettings:
+    """Every knob of the benchmark (recorded in quality.json)."""
+
+    ratios: tuple[float, ...] = RATIOS
+    data_samples: int = 2048
+    probe_samples: int = 256
+    probe_timesteps: int = 4
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    timesteps: str = "logit_normal"
+    eval_n: int = 256
+    eval_steps: int = 10
+    guidance: float = 3.0
+    seed: int = 0
+    latency_repeats: int = 20
+    threads: int | None = None
+    rows: tuple[str, ...] = ("ppcl", "no-distill", *BASELINES, "scattered", "sequential", "per-ratio")
+
+    @classmethod
+    def smoke(cls) -> "QualitySettings":
+        """Minutes on 2 cores: the whole table's machinery, few steps and prompts (numbers not meaningful)."""
+        return cls(data_samples=64, probe_samples=16, probe_timesteps=2, steps=3, batch_size=8, eval_n=8,
+                   eval_steps=2, latency_repeats=2, rows=("ppcl", "no-distill", "shortgpt", "scattered", "per-ratio"))
+
+
+@dataclass
+class Row:
+    name: str
+    ratio: float | None
+    parameters: int
+    params_ratio: float
+    latency_ratio: float
+    judge_accuracy: float
+    image_accuracy: float
+    judge_fid: float
+    latent_psnr_db: float | None
+    intervals: list[list[int]] = field(default_factory=list)
+    run: str | None = None
+    beats_ppcl: dict[str, bool] | None = None
+    note: str = ""
+
+
+def _log(msg: str, t0: float) -> None:
+    print(f"[bench quality {time.time() - t0:6.0f}s] {msg}", flush=True)
+
+
+def scattered_plan(probe, adapter, remove: int, seed: int = 0):
+    """``remove`` blocks as scattered as the budget allows: blocks in order of best single-block probe R^2, first
+    only blocks with no removed neighbour, then (when more are needed than can stand apart: 9 of 14 removable
+    blocks cannot) the rest in the same order. Each maximal run of removed blocks becomes one interval as in
+    :func:`ppcl.select.scattered_to_intervals`."""
+    from ppcl.plan import make_plan
+    from ppcl.select import Budget, SelectionContext, scattered_to_intervals
+
+    ctx = SelectionContext(probe=probe, budget=Budget(remove_blocks=remove), seed=seed)
+    order = sorted((i for i in range(ctx.L) if ctx.removable(i)),
+                   key=lambda i: (-(probe.blocks[i].r2 if probe.blocks[i].r2 is not None else -1e9), i))
+    removed: set[int] = set()
+    intervals: list[tuple[int, int]] = []
+    for apart in (True, False):
+        for i in order:
+            if len(removed) == remove or i in removed or (apart and (i - 1 in removed or i + 1 in removed)):
+                continue
+            trial = scattered_to_intervals(ctx, removed | {i})
+            if trial is None:
+                continue
+            removed.add(i)
+            intervals = trial
+    if len(removed) != remove:
+        raise PPCLError(f"scattered ablation: only {len(removed)} of {remove} blocks can be removed")
+    return make_plan(adapter, intervals, selection={"method": "scattered", "removed_blocks": sorted(removed)})
+
+
+def select_ppcl(probe, keep_params: float, seed: int = 0):
+    """``select(method="ppcl")`` with its default thresholds; when its greedy cover cannot meet the budget
+    (chosen intervals can isolate the remaining removable blocks), the CKA threshold ``min_cka`` is lowered step
+    by step until it can. The threshold used is in the plan's selection metadata (``min_cka``)."""
+    from ppcl.select import select
+
+    try:
+        return select(probe, method="ppcl", keep_params=keep_params, seed=seed)
+    except PPCLError as first:
+        for min_cka in (0.98, 0.97, 0.96, 0.95, 0.9, 0.8, 0.0):
+            try:
+                return select(probe, method="ppcl", keep_params=keep_params, seed=seed, min_cka=min_cka)
+            except PPCLError:
+                continue
+        raise first
+
+
+def _untrained_pruned(teacher_dir: Path, plan, chosen: list[int]):
+    """Teacher pipeline with ``chosen`` plan intervals replaced by their untrained plugs (the interval's middle
+    teacher block), built by the same surgery as :func:`ppcl.export.export`."""
+    from ppcl.arch import get_adapter, load_pipeline
+    from ppcl.distill import build_units, student_layout
+    from ppcl.export import build_pruned_transformer
+
+    pipe = load_pipeline(teacher_dir)
+    adapter = get_adapter(pipe)
+    units = build_units(adapter, plan)
+    selected = [u for u in units if u.kind != "interval" or int(u.name.split("_")[1]) in chosen]
+    lists, keep, _ = student_layout(adapter, selected)
+    pipe.transformer = build_pruned_transformer(adapter, selected, [], lists, keep).eval()
+    return pipe
+
+
+class _Evaluator:
+    """Generates the fixed evaluation set with any pipeline and scores it against the teacher's generations."""
+
+    def __init__(self, teacher_dir: Path, s: QualitySettings):
+        import torch
+
+        from ppcl.arch import generation_defaults
+        from ppcl.bench.judge import load_judge, synth_batch
+        from ppcl.bench.teacher import EVAL_SEED, eval_prompts
+        from ppcl.data.synth import parse_caption
+
+        self.s = s
+        self.defaults = generation_defaults(teacher_dir)
+        self.prompts, attrs, self.seeds = eval_prompts(s.eval_n)
+        # attributes as the caption states them (what the judge scores), checked against the generator's record
+        self.attrs = [parse_caption(p) for p in self.prompts]
+        for p, a, b in zip(self.prompts, self.attrs, attrs):
+            if a.get("kind") != b.get("kind"):
+                raise AssertionError(f"parse_caption disagrees with synth on {p!r}")
+        self.real, _ = synth_batch(s.eval_n, EVAL_SEED, 32)
+        self.judge = load_judge()
+        self.teacher_latents = None
+        self.teacher_latency = None
+        torch.manual_seed(0)
+
+    def __call__(self, pipe, name: str) -> dict[str, Any]:
+        import torch
+
+        from ppcl.arch import count_parameters, get_adapter
+        from ppcl.bench.judge import judge_fid, judge_scores
+        from ppcl.evaluate.cost import capture_transformer_call, measure_latency
+        from ppcl.evaluate.fidelity import fidelity
+        from ppcl.evaluate.generate import Sample, batched, generate
+
+        pipe.set_progress_bar_config(disable=True)
+        adapter = get_adapter(pipe)
+        samples = [Sample(i, i, p, sd) for i, (p, sd) in enumerate(zip(self.prompts, self.seeds))]
+        h, w = self.defaults.get("height", 32), self.defaults.get("width", 32)
+        lat, img = [], []
+        with capture_transformer_call(pipe.transformer) as call:
+            for batch in batched(samples, 64):
+                lt, im = generate(pipe, adapter, batch, steps=self.s.eval_steps, height=h, width=w,
+                                  guidance=self.s.guidance, max_sequence_length=self.defaults.get("max_sequence_length"))
+                lat.append(lt)
+                img.append(im)
+        latents, images = torch.cat(lat), torch.cat(img)
+        one = _first_sample_call(call)
+        latency = measure_latency(pipe.transformer, one, warmup=3, repeats=self.s.latency_repeats).median_s
+        scores = judge_scores(images, self.attrs, self.judge)
+        out = {
+            "parameters": count_parameters(pipe.transformer),
+            "latency_s": latency,
+            "judge_accuracy": scores["attribute_accuracy"],
+            "image_accuracy": scores["image_accuracy"],
+            "judge_fid": judge_fid(images, self.real, self.judge),
+        }
+        if self.teacher_latents is None:
+            self.teacher_latents, self.teacher_latency = latents, latency
+            out["latent_psnr_db"] = None
+        else:
+            out["latent_psnr_db"] = fidelity(self.teacher_latents, latents).latent_psnr_db
+        out["latency_ratio"] = latency / self.teacher_latency
+        return out
+
+
+def _first_sample_call(call):
+    """The captured first transformer call cut to ONE image (batch dimension 0 of every batched tensor)."""
+    import torch
+
+    from ppcl.evaluate.cost import CapturedCall
+
+    b = call.kwargs["hidden_states"].shape[0]
+
+    def cut(x):
+        return x[:1] if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == b else x
+
+    return CapturedCall(args=tuple(cut(a) for a in call.args), kwargs={k: cut(v) for k, v in call.kwargs.items()},
+                        calls=1)
+
+
+def run_quality(out: str | Path, settings: QualitySettings | None = None, *, teacher: str | Path | None = None,
+                keep_work: bool = True) -> dict[str, Any]:
+    """Run the benchmark; write ``out``/quality.{json,md,png} (and ``out/work``: cache, probe, plans, runs,
+    exported models). Returns the quality.json content."""
+    import torch
+
+    s = settings or QualitySettings()
+    t0 = time.time()
+    cpu0 = _cpu_seconds()
+    teacher_dir = Path(teacher) if teacher else REFERENCE_TEACHER
+    if not (teacher_dir / "model_index.json").is_file():
+        raise PPCLError(f"reference teacher not found: {teacher_dir} (no model_index.json)")
+    if any(not 0 < r <= 1 for r in s.ratios):
+        raise PPCLError(f"ratios must be in (0, 1] (got {list(s.ratios)})")
+    unknown = sorted(set(s.rows) - set(QualitySettings().rows))
+    if unknown:
+        raise PPCLError(f"unknown benchmark row {unknown[0]!r}")
+    out = Path(out)
+    work = out / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+
+    from ppcl.arch import generation_defaults, get_adapter, load_pipeline
+    from ppcl.data.encode import encode_shards
+    from ppcl.data.shard import shard_source
+    from ppcl.data.synth import write_synth
+    from ppcl.distill import distill
+    from ppcl.export import export
+    from ppcl.plan import save_plan
+    from ppcl.probe import run_probe
+    from ppcl.select import select
+
+    defaults = generation_defaults(teacher_dir)
+    res = defaults.get("height", 32)
+    timings: dict[str, float] = {}
+
+    # ---- data, once
+    write_synth(work / "synth", s.data_samples, size=res, seed=s.seed)
+    shard_source(str(work / "synth"), str(work / "shards"), 2, progress=False)
+    encode_shards(str(teacher_dir), str(work / "shards"), str(work / "cache"), resolution=res, batch_size=64,
+                  progress=False)
+    shutil.rmtree(work / "synth")
+    timings["data"] = time.time() - t0
+    _log(f"cache of {s.data_samples} samples at {res} px, text length {defaults.get('max_sequence_length')}", t0)
+
+    # ---- probe, once
+    probe = run_probe(str(teacher_dir), work / "probe", data=str(work / "cache"), samples=s.probe_samples,
+                      timesteps=s.probe_timesteps, batch_size=16, seed=s.seed, progress=False, plots=False)
+    timings["probe"] = time.time() - t0 - sum(timings.values())
+    _log("probe done", t0)
+
+    # ---- plans
+    low = min(s.ratios)
+    adapter = get_adapter(load_pipeline(teacher_dir))
+    plans: dict[str, Any] = {"ppcl": select_ppcl(probe, low, s.seed)}
+    for m in BASELINES:
+        if m in s.rows:
+            plans[m] = select(probe, method=m, keep_params=low, seed=s.seed)
+    if "scattered" in s.rows:
+        plans["scattered"] = scattered_plan(probe, adapter, sum(e - st for st, e in plans["ppcl"].intervals), s.seed)
+    per_ratio = {r: select_ppcl(probe, r, s.seed) for r in s.ratios if r != low}
+    for name, plan in plans.items():
+        save_plan(plan, work / "plans" / f"{name}.json")
+    for r, plan in per_ratio.items():
+        save_plan(plan, work / "plans" / f"ppcl-{r:g}.json")
+
+    # ---- distillation runs, all with the same settings
+    dkw = dict(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, timesteps=s.timesteps,
+               seed=s.seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False)
+    runs: dict[str, Path] = {}
+    run_seconds: dict[str, float] = {}
+
+    def train(name: str, plan, **kw) -> Path:
+        t = time.time()
+        d = work / "runs" / name
+        res_ = distill(str(teacher_dir), plan, d, data=str(work / "cache"), **dkw, **kw)
+        run_seconds[name] = time.time() - t
+        _log(f"distilled {name}: {len(plan.intervals)} plugs, {s.steps} steps in {run_seconds[name]:.0f}s, "
+             f"final loss {sum(v for v in res_.final_losses.values() if v is not None):.4f}", t0)
+        return d
+
+    for name, plan in plans.items():
+        runs[name] = train(name, plan)
+    if "sequential" in s.rows:
+        runs["sequential"] = train("sequential", plans["ppcl"], mode="sequential")
+    if "per-ratio" in s.rows:
+        for r, plan in per_ratio.items():
+            runs[f"ppcl-{r:g}"] = train(f"ppcl-{r:g}", plan)
+    timings["distill"] = sum(run_seconds.values())
+
+    # ---- evaluation
+    ev = _Evaluator(teacher_dir, s)
+    t_eval = time.time()
+    rows: list[Row] = []
+    teacher_pipe = load_pipeline(teacher_dir)
+    m = ev(teacher_pipe, "teacher")
+    total = m["parameters"]
+    rows.append(Row("teacher", None, total, 1.0, 1.0, m["judge_accuracy"], m["image_accuracy"], m["judge_fid"], None))
+    del teacher_pipe
+    _log(f"teacher: accuracy {m['judge_accuracy']:.4f}, FID {m['judge_fid']:.2f}", t0)
+
+    def add(name: str, ratio: float, pipe, plan, chosen: list[int], run: str | None, note: str = "") -> None:
+        m = ev(pipe, name)
+        rows.append(Row(name, ratio, m["parameters"], m["parameters"] / total, m["latency_ratio"],
+                        m["judge_accuracy"], m["image_accuracy"], m["judge_fid"], m["latent_psnr_db"],
+                        [list(plan.intervals[k]) for k in chosen], run, note=note))
+        _log(f"{name} @ {ratio:g}: params {m['parameters'] / total:.3f}, accuracy {m['judge_accuracy']:.4f}, "
+             f"FID {m['judge_fid']:.2f}, PSNR {m['latent_psnr_db']}", t0)
+
+    def exported(name: str, plan, run: Path, ratio: float, **kw):
+        d = work / "models" / f"{name}-{ratio:g}"
+        res_ = export(str(teacher_dir), plan, run, d, **(kw or {"keep_params": ratio}))
+        return load_pipeline(d), res_.intervals
+
+    for ratio in s.ratios:
+        pipe, chosen = exported("ppcl", plans["ppcl"], runs["ppcl"], ratio)
+        add("ppcl", ratio, pipe, plans["ppcl"], chosen, "ppcl")
+        if "no-distill" in s.rows:
+            add("no-distill", ratio, _untrained_pruned(teacher_dir, plans["ppcl"], chosen), plans["ppcl"], chosen,
+                None, "ppcl's intervals, untrained plugs (middle teacher block kept)")
+        for name in (*BASELINES, "scattered", "sequential"):
+            if name not in s.rows:
+                continue
+            plan = plans.get(name, plans["ppcl"])
+            if name == "scattered" and ratio == low:
+                # the same NUMBER of blocks as ppcl's plan: single blocks weigh less than ppcl's mix, so this
+                # row keeps a little more than the budget (its params column says how much)
+                pipe, ch = exported(name, plan, runs[name], ratio, all_intervals=True)
+                add(name, ratio, pipe, plan, ch, name, "same number of removed blocks as ppcl's plan")
+                continue
+            pipe, ch = exported(name, plan, runs[name], ratio)
+            add(name, ratio, pipe, plan, ch, name)
+        if "per-ratio" in s.rows:
+            if ratio == low:
+                src = next(r for r in rows if r.name == "ppcl" and r.ratio == ratio)
+                rows.append(Row(**{**asdict(src), "name": "per-ratio", "note": "the 0.5 run is ppcl's own run"}))
+            else:
+                pipe, ch = exported(f"ppcl-{ratio:g}", per_ratio[ratio], runs[f"ppcl-{ratio:g}"], ratio,
+                                    all_intervals=True)
+                add("per-ratio", ratio, pipe, per_ratio[ratio], ch, f"ppcl-{ratio:g}", "plan selected at this ratio, own run")
+    timings["evaluate"] = time.time() - t_eval
+
+    for r in rows:
+        if r.ratio is None or r.name == "ppcl":
+            continue
+        ref = next(x for x in rows if x.name == "ppcl" and x.ratio == r.ratio)
+        r.beats_ppcl = {"judge_accuracy": r.judge_accuracy > ref.judge_accuracy, "judge_fid": r.judge_fid < ref.judge_fid}
+
+    result = {
+        "version": 1,
+        "teacher": str(teacher_dir),
+        "generation": defaults,
+        "settings": {**asdict(s), "ratios": list(s.ratios), "rows": list(s.rows)},
+        "plans": {k: {"intervals": [list(iv) for iv in p.intervals], "keep_fraction": p.params.student / p.params.teacher}
+                  for k, p in {**plans, **{f"ppcl-{r:g}": p for r, p in per_ratio.items()}}.items()},
+        "rows": [asdict(r) for r in rows],
+        "targets": targets([asdict(r) for r in rows], low),
+        "seconds": {**timings, "total": time.time() - t0, "distill_runs": run_seconds},
+        "cpu_seconds": _cpu_seconds() - cpu0,
+        "threads": torch.get_num_threads(),
+    }
+    from ppcl.atomic import write_bytes, write_json
+
+    write_json(out / "quality.json", result)
+    write_bytes(out / "quality.md", markdown(result).encode())
+    write_bytes(out / "quality.png", plot(result))
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    _log(f"done: {out / 'quality.md'}", t0)
+    return result
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (user + system)."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def targets(rows: list[dict], low: float) -> dict[str, Any]:
+    """The issue's targets, measured: each with the numbers it was judged on."""
+    teacher = next(r for r in rows if r["name"] == "teacher")
+    ppcl = {r["ratio"]: r for r in rows if r["name"] == "ppcl"}
+    out: dict[str, Any] = {}
+    if low in ppcl:
+        rel = (teacher["judge_accuracy"] - ppcl[low]["judge_accuracy"]) / teacher["judge_accuracy"]
+        out["ppcl_within_3pct_at_low"] = {"met": rel <= 0.03, "relative_drop": rel}
+    losers = [f"{r['name']}@{r['ratio']:g}" for r in rows if r.get("beats_ppcl") and any(r["beats_ppcl"].values())
+              and r["name"] not in ("per-ratio",)]
+    out["ppcl_beats_all"] = {"met": not losers, "rows_beating_ppcl_on_a_metric": losers}
+    per = {r["ratio"]: r for r in rows if r["name"] == "per-ratio"}
+    gaps = {f"{k:g}": 100 * (per[k]["judge_accuracy"] - ppcl[k]["judge_accuracy"]) for k in per if k in ppcl}
+    if gaps:
+        out["one_run_within_1pt"] = {"met": all(g <= 1.0 for g in gaps.values()),
+                                     "per_ratio_minus_one_run_points": gaps}
+    return out
+
+
+def _f(x: float | None, d: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{d}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    lines = [
+        "| ratio | row | params | latency ratio | judge acc. | image acc. | judge-FID | latent PSNR (dB) | beats PPCL? |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        b = r.get("beats_ppcl")
+        beats = "—" if b is None else (", ".join(k.replace("judge_", "") for k, v in b.items() if v) or "no")
+        lines.append(
+            f"| {'' if r['ratio'] is None else format(r['ratio'], 'g')} | {r['name']} | {r['params_ratio']:.3f} "
+            f"({r['parameters'] / 1e6:.2f} M) | {r['latency_ratio']:.2f} | {r['judge_accuracy']:.4f} | "
+            f"{r['image_accuracy']:.3f} | {_f(r['judge_fid'], 2)} | {_f(r['latent_psnr_db'], 2)} | {beats} |"
+        )
+    t = result["targets"]
+    sec = result["seconds"]
+    lines += [
+        "",
+        f"Settings: {s['data_samples']} cached samples, probe {s['probe_samples']} x {s['probe_timesteps']}, "
+        f"{s['steps']} distillation steps x batch {s['batch_size']} (lr {s['lr']:g}, {s['timesteps']}), "
+        f"{s['eval_n']} evaluation prompts x {s['eval_steps']} steps, true CFG {s['guidance']:g}.",
+        f"Time: {sec['total'] / 60:.1f} min wall ({result['cpu_seconds'] / 60:.1f} CPU-min, "
+        f"{result['threads']} torch threads); data {sec['data']:.0f}s, probe {sec['probe']:.0f}s, "
+        f"distillation {sec['distill']:.0f}s, evaluation {sec['evaluate']:.0f}s.",
+        "",
+        "Targets:",
+    ]
+    for k, v in t.items():
+        lines.append(f"- {k}: {'met' if v['met'] else 'MISSED'} "
+                     f"({', '.join(f'{a}={b:.4f}' if isinstance(b, float) else f'{a}={b}' for a, b in v.items() if a != 'met')})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any]) -> bytes:
+    """Two panels (judge accuracy, judge-FID), one group of bars per ratio, teacher as a line."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    teacher = rows[0]
+    ratios = [r for r in result["settings"]["ratios"]]
+    names = list(dict.fromkeys(r["name"] for r in rows if r["ratio"] is not None))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / max(1, len(names))
+    for ax, key, label in ((axes[0], "judge_accuracy", "judge attribute accuracy"), (axes[1], "judge_fid", "judge-FID (lower is better)")):
+        for j, n in enumerate(names):
+            vals = [next((r[key] for r in rows if r["name"] == n and r["ratio"] == k), float("nan")) for k in ratios]
+            ax.bar([i + j * width for i in range(len(ratios))], vals, width, label=n)
+        ax.axhline(teacher[key], color="k", ls="--", lw=1, label="teacher")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ratios))], [f"keep {k:g}" for k in ratios])
+        ax.set_title(label)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
