@@ -21,7 +21,7 @@ from ppcl.distill import DistillSettings, build_units, nonsequential_losses, stu
 from ppcl.export import build_pruned_transformer
 from ppcl.plan import make_plan
 from ppcl.plugs import freeze
-from ppcl.tiny import tiny_transformer
+from ppcl.arch.tiny import tiny_transformer
 
 INTERVALS = [[2, 4], [8, 10], [13, 16]]
 

@@ -20,7 +20,7 @@ import torch
 torch.set_num_threads(1)
 from ppcl.arch import get_adapter
 from ppcl.calibration import noise_batch
-from ppcl.tiny import tiny_transformer
+from ppcl.arch.tiny import tiny_transformer
 
 def bench_model():
     # 12 blocks, 2 heads x 128 = width 256; rope axes sum to the head dim

@@ -24,7 +24,7 @@ OFFLINE_ENV: dict[str, str] = {
 }
 os.environ.update(OFFLINE_ENV)
 
-FAMILIES: tuple[str, ...] = ("flux", "sd3", "qwenimage")  # == ppcl.tiny.FAMILIES, without importing torch here
+FAMILIES: tuple[str, ...] = ("flux", "sd3", "qwenimage")  # == ppcl.arch.tiny.FAMILIES, without importing torch here
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -51,7 +51,7 @@ class TinyPipelines(Mapping[str, Path]):
         if arch not in FAMILIES:
             raise KeyError(f"unknown family {arch!r}: expected one of {', '.join(FAMILIES)}")
         if arch not in self._built:
-            from ppcl.tiny import build_tiny_pipeline
+            from ppcl.arch.tiny import build_tiny_pipeline
 
             self._built[arch] = build_tiny_pipeline(arch, self._root / arch, seed=0)
         return self._built[arch]

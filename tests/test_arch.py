@@ -6,7 +6,7 @@ import torch
 from ppcl.arch import adapter_for, count_parameters, get_adapter
 from ppcl.calibration import noise_batch, sample_sigmas
 from ppcl.errors import PPCLError
-from ppcl.tiny import FAMILIES, tiny_transformer
+from ppcl.arch.tiny import FAMILIES, tiny_transformer
 
 
 def _batch(adapter, b=2, h=8, w=8):

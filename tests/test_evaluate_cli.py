@@ -28,7 +28,7 @@ def assets(tmp_path_factory, tiny_pipe_dir):
     from PIL import Image
 
     from ppcl.evaluate.clip import build_tiny_clip
-    from ppcl.tiny import build_tiny_pipeline
+    from ppcl.arch.tiny import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("eval_assets")
     small = build_tiny_pipeline("flux", root / "small", seed=0,

@@ -251,7 +251,7 @@ def test_depth_plugs_inside_frozen_text_export_exactly(family, tiny_pipe_dir, tm
 
 @pytest.fixture(scope="module")
 def qwen60_dir(tmp_path_factory):
-    from ppcl.tiny import build_tiny_pipeline
+    from ppcl.arch.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("qwenimage", tmp_path_factory.mktemp("qwen60") / "pipe",
                                transformer_overrides={"num_layers": 60})

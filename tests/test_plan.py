@@ -18,7 +18,7 @@ from ppcl.plan import (
     predict_params,
     save_plan,
 )
-from ppcl.tiny import tiny_transformer
+from ppcl.arch.tiny import tiny_transformer
 
 RELEASED = QWEN_IMAGE_RELEASED_INTERVALS
 RELEASED_WIDTH = QWEN_IMAGE_RELEASED_WIDTH

@@ -11,7 +11,7 @@ from ppcl.arch import get_adapter
 from ppcl.arch.common import split_output
 from ppcl.errors import PPCLError
 from ppcl.plugs import NormalEquations, ResidualLinear, plug_loss
-from ppcl.tiny import tiny_transformer
+from ppcl.arch.tiny import tiny_transformer
 
 
 def test_plug_loss_is_two_minus_two_cos_and_scale_free():
@@ -88,7 +88,7 @@ def test_ffn_linear_refused_where_there_is_no_separate_ffn():
 def test_width_transformer_class_round_trips(arch, tmp_path):
     import importlib
 
-    from ppcl.tiny import tiny_transformer_config
+    from ppcl.arch.tiny import tiny_transformer_config
 
     adapter_cls = type(get_adapter(tiny_transformer(arch, seed=0)))
     module = importlib.import_module(adapter_cls.__module__)
@@ -171,7 +171,7 @@ def test_text_freeze_bad_input_is_one_line_error():
 def test_text_freeze_transformer_class_round_trips(arch, tmp_path):
     import importlib
 
-    from ppcl.tiny import tiny_transformer_config
+    from ppcl.arch.tiny import tiny_transformer_config
 
     adapter_cls = type(get_adapter(tiny_transformer(arch, seed=0)))
     cls = getattr(importlib.import_module(adapter_cls.__module__), f"PPCL{adapter_cls.transformer_class.__name__}")

@@ -19,7 +19,7 @@ from ppcl.probe import (
     probe_transformer,
     residual_probe,
 )
-from ppcl.tiny import tiny_transformer, tiny_transformer_config
+from ppcl.arch.tiny import tiny_transformer, tiny_transformer_config
 
 SCHED = {"shift": 3.0}
 

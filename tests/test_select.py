@@ -14,7 +14,7 @@ from ppcl.errors import PPCLError
 from ppcl.plan import load_plan, predict_params
 from ppcl.probe import ProbeResult, probe_transformer, write_probe
 from ppcl.select import METHODS, select
-from ppcl.tiny import tiny_transformer, tiny_transformer_config
+from ppcl.arch.tiny import tiny_transformer, tiny_transformer_config
 
 
 def _batches(arch, n=2, b=2, seed=0):

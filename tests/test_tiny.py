@@ -12,7 +12,7 @@ import torch
 
 from ppcl.cli import main
 from ppcl.errors import PPCLError
-from ppcl.tiny import (
+from ppcl.arch.tiny import (
     FAMILIES,
     build_tiny_pipeline,
     tiny_transformer,

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     config = validate_config(data, source=args.config or "demo config")
     run_dir = prepare_run_dir(config, run_dir)
     if build_teacher:
-        from ppcl.tiny import build_tiny_pipeline
+        from ppcl.arch.tiny import build_tiny_pipeline
 
         print(f"[demo] building a tiny random {config.family} teacher in {config.teacher}", flush=True)
         build_tiny_pipeline(config.family, config.teacher, seed=0)

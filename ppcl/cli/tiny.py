@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ppcl.errors import PPCLError
-    from ppcl.tiny import FAMILIES, build_tiny_pipeline
+    from ppcl.arch.tiny import FAMILIES, build_tiny_pipeline
 
     if args.arch not in FAMILIES:  # checked before torch/diffusers are imported, so bad input fails instantly
         raise PPCLError(f"unknown family {args.arch!r}: expected one of {', '.join(FAMILIES)}")

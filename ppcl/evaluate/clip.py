@@ -106,11 +106,11 @@ def build_tiny_clip(out: str | Path, seed: int = 0, image_size: int = 32) -> Pat
     """Save a tiny random CLIP (model + tokenizer + image processor) to ``out``; scores it gives mean nothing.
 
     For tests and the offline demo. The tokenizer is the tiny pipelines' locally built CLIP tokenizer
-    (:func:`ppcl.tiny.tiny_clip_tokenizer`), so captions tokenize into words, not bytes.
+    (:func:`ppcl.arch.tiny.tiny_clip_tokenizer`), so captions tokenize into words, not bytes.
     """
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-    from ppcl.tiny import tiny_clip_tokenizer
+    from ppcl.arch.tiny import tiny_clip_tokenizer
 
     try:
         from transformers import CLIPImageProcessorPil as _ImageProcessor  # transformers >= 5 without torchvision

@@ -161,7 +161,7 @@ def _transformer_class(arch: str):
 
 def _component_seed(seed: int, name: str) -> int:
     """A 63-bit seed for one component, derived from the user's seed and the component's name."""
-    digest = hashlib.sha256(f"ppcl.tiny:{int(seed)}:{name}".encode()).digest()
+    digest = hashlib.sha256(f"ppcl.arch.tiny:{int(seed)}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
