@@ -454,6 +454,20 @@ class Adapter(ABC):
                 self.apply_width_op(self.block(int(_op_field(op, "block"))), op)
 
 
+def kl_vae_encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """``AutoencoderKL`` (FLUX, SD3): pixels ``(B, 3, H, W)`` in [-1, 1] -> shifted, scaled latents (the
+    distribution's mode, so the cache is deterministic)."""
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def kl_vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`kl_vae_encode` through the decoder: images ``(B, 3, H, W)`` in [0, 1]."""
+    x = latents / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(x.to(vae.dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
 def shift_sigmas(sigma: torch.Tensor, scheduler_config: dict[str, Any], image_seq_len: int) -> torch.Tensor:
     """Apply the teacher scheduler's flow shift to uniform/logit-normal ``sigma`` in [0, 1].
 

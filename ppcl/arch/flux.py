@@ -15,7 +15,14 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
-from ppcl.arch.common import Adapter, BlockCall, FrozenTextAdaLNZero, width_transformer_class
+from ppcl.arch.common import (
+    Adapter,
+    BlockCall,
+    FrozenTextAdaLNZero,
+    kl_vae_decode,
+    kl_vae_encode,
+    width_transformer_class,
+)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -76,18 +83,12 @@ class FluxAdapter(Adapter):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def encode_images(self, pipe, pixels):
-        vae = pipe.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return kl_vae_encode(pipe.vae, pixels)
 
     def decode_latents(self, pipe, latents, height, width):
-        vae = pipe.vae
         f = pipe.vae_scale_factor
         h, w = 2 * (height // (f * 2)), 2 * (width // (f * 2))
-        x = unpack(latents, h, w) if latents.ndim == 3 else latents
-        x = x / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(x.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return kl_vae_decode(pipe.vae, unpack(latents, h, w) if latents.ndim == 3 else latents)
 
     def latent_channels(self, pipe):
         return pipe.transformer.config.in_channels // 4

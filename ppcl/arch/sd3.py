@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from diffusers import SD3Transformer2DModel
 
-from ppcl.arch.common import Adapter, BlockCall, FrozenTextAdaLNZero, width_transformer_class
+from ppcl.arch.common import (
+    Adapter,
+    BlockCall,
+    FrozenTextAdaLNZero,
+    kl_vae_decode,
+    kl_vae_encode,
+    width_transformer_class,
+)
 
 
 class SD3Adapter(Adapter):
@@ -66,15 +73,10 @@ class SD3Adapter(Adapter):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def encode_images(self, pipe, pixels):
-        vae = pipe.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return kl_vae_encode(pipe.vae, pixels)
 
     def decode_latents(self, pipe, latents, height, width):
-        vae = pipe.vae
-        x = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(x.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return kl_vae_decode(pipe.vae, latents)
 
     def latent_channels(self, pipe):
         return pipe.transformer.config.in_channels
