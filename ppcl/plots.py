@@ -59,8 +59,11 @@ def plot_trend(probe: "ProbeResult", path: str | Path, intervals: list[list[int]
         for b0, b1 in zip(probe.blocks, probe.blocks[1:]):
             if b0.kind != b1.kind:
                 a.axvline(b1.index - 0.5, color="tab:red", ls="--", lw=1)
-        for s, e in intervals or []:
-            a.axvspan(s - 0.5, e + 0.5, color="tab:orange", alpha=0.25, lw=0)
+        # Alternate colours and draw edges so adjacent intervals stay distinguishable.
+        for k, (s, e) in enumerate(intervals or []):
+            a.axvspan(s - 0.5, e + 0.5, color=("tab:orange", "tab:green")[k % 2], alpha=0.22, lw=0)
+            a.axvline(s - 0.5, color="0.4", lw=0.6)
+            a.axvline(e + 0.5, color="0.4", lw=0.6)
     ax.set_ylabel("CKA(h_l, h_l+1)")
     axd.set_ylabel("trend d_l")
     axd.set_xlabel("block")
