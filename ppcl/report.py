@@ -118,24 +118,34 @@ def _scatter(ax, rows, value, ylabel: str) -> bool:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("transformer parameters (M)")
     ax.set_ylabel(ylabel)
+    ax.margins(x=0.2, y=0.15)  # room for the point labels
     ax.grid(alpha=0.3)
     return True
 
 
+QUALITY_PANELS = (
+    (lambda e: e.fid, "FID (lower is better)"),
+    (lambda e: e.clip_score, "CLIP score"),
+    (lambda e: e.fidelity.latent_psnr_db if e.fidelity else None, "latent PSNR vs teacher (dB)"),
+    (lambda e: e.fidelity.latent_cosine if e.fidelity else None, "latent cosine vs teacher"),
+)
+
+
 def plot_quality(rows: list[tuple[str, ModelMetrics]]) -> bytes:
+    """One panel per quality metric that was measured (unmeasured ones would be empty axes)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    _scatter(axes[0], rows, lambda e: e.fid, "FID (lower is better)")
-    _scatter(axes[1], rows, lambda e: e.clip_score, "CLIP score")
-    _scatter(axes[2], rows, lambda e: e.fidelity.latent_psnr_db if e.fidelity else None, "latent PSNR vs teacher (dB)")
-    _scatter(axes[3], rows, lambda e: e.fidelity.latent_cosine if e.fidelity else None, "latent cosine vs teacher")
+    panels = [(value, label) for value, label in QUALITY_PANELS if any(value(e) is not None for _, e in rows)]
+    panels = panels or list(QUALITY_PANELS[:1])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), layout="constrained", squeeze=False)
+    for ax, (value, label) in zip(axes[0], panels, strict=True):
+        _scatter(ax, rows, value, label)
     fig.suptitle("quality vs parameters")
     return _fig_png(fig, plt)
 
 
 def plot_latency(rows: list[tuple[str, ModelMetrics]]) -> bytes:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     ax = axes[0]
     _scatter(ax, rows, lambda e: e.latency.per_step_s * 1e3, "latency per step (ms)")
     for _, e in rows:
