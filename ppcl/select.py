@@ -9,21 +9,38 @@ inputs come from probe.json (block kinds, exact per-block and total parameter co
 departures), so selection needs no model.
 
 Budget: ``keep_params=F`` (student parameters <= F x teacher parameters; selectors add removals until it is met,
-the last one chosen as the smallest that completes it, so the overshoot is at most one interval) or ``remove_blocks=N`` (exactly N blocks removed). An unreachable budget is a PPCLError. Every method
+the last one chosen as the smallest that completes it - ppcl: no chosen interval is superfluous - so the overshoot
+is at most one interval) or
+``remove_blocks=N`` (exactly N blocks removed). An unreachable budget is a PPCLError. Every method
 obeys the same constraints: no interval crosses a kind boundary; first/last blocks (unless ``allow_ends``) and
 protected blocks are never inside an interval that removes blocks.
 
 Methods:
 
-- ``ppcl``: flat runs of the CKA trend. Block ``l`` is *high* when ``c_l >= min_cka`` (default: the median of
-  ``c`` over removable blocks); consecutive high blocks of one kind join one run unless the trend jumps,
-  ``|d_{l-1}| > max_jump`` (default: 2 x the median ``|d|``), which makes an edge. Candidates are all
-  sub-intervals of the runs, 2..``max_interval`` blocks long (those the probe scored), ranked by
-  ``(1 - R^2 of the interval probe) / parameters removed`` - quality lost per parameter removed, lowest first.
-  Greedy: take the best candidate that fits the remaining need and shares no block with a chosen one (splitting
-  and trimming come for free: every sub-interval is a candidate); if none fits under a ``keep_params`` budget,
-  the smallest one that completes it. If flat runs cannot reach the budget, candidates are widened to every
-  removable interval (recorded as ``relaxed`` in the plan's selection metadata).
+- ``ppcl``: flat runs of the CKA trend first, then interval probe quality per parameter removed, solved EXACTLY.
+  Block ``l`` is *high* when ``c_l >= min_cka`` (default: the median of ``c`` over removable blocks); consecutive
+  high blocks of one kind join one *flat run* unless the trend jumps, ``|d_{l-1}| > max_jump`` (default: 2 x the
+  median ``|d|``), which makes an edge. Every allowed interval ``[s, e]`` (one kind, no end/protected block,
+  removing something) is a candidate with the cost::
+
+      cost = (1 - R^2 of the interval probe h_{e+1} ~ f(h_s))  +  break_cost x breaks  +  1e-6
+
+  ``breaks`` counts how far the interval leaves a flat run: its low-CKA blocks plus the ``|d|`` jumps between
+  two of its consecutive blocks (0 exactly for the sub-intervals of flat runs - the paper's candidates, split or
+  trimmed to fit). ``break_cost`` (default 1.0: one break costs as much as an interval the probe cannot predict
+  at all, R^2 = 0) makes flat runs come first through the cost instead of a hard filter, so ``min_cka`` and
+  ``max_jump`` still decide what is preferred but can never make a feasible budget unreachable. Intervals longer
+  than the probe's ``max_interval`` (or with no R^2) have no score: their quality term is the worst scored one,
+  at least 1; they only exist so that any feasible budget stays reachable. The plan is the set of non-overlapping
+  candidates of minimum total cost that meets the budget, found by a dynamic programme over block positions
+  (state: position and amount removed so far, exact - blocks, or parameters capped at the need). Minimising the
+  summed quality lost under a parameter budget is the exact form of "ranked by quality lost per parameter
+  removed" (the greedy ratio ranking is the knapsack heuristic, which can strand isolated blocks and miss a
+  reachable budget); merging, extending, splitting or trimming intervals all come out of it. Every interval
+  costs > 0, so no chosen interval is superfluous: the overshoot of a ``keep_params`` budget is at most one
+  interval. Deterministic: ties go to fewer intervals, then the first found in execution order. The metadata
+  records the thresholds, the flat runs, each interval's R^2, breaks and cost, and ``relaxed`` (some chosen
+  interval leaves the flat runs or is unscored).
 - ``shortgpt``: block influence ``BI_l = 1 - cos(h_l, h_{l+1})``; remove the blocks with the lowest BI.
 - ``uniform``: removed blocks evenly spaced over the removable blocks.
 - ``random``: removed blocks drawn with ``seed``.
@@ -58,6 +75,11 @@ from ppcl.plan import (
 from ppcl.probe import ProbeResult
 
 METHODS = ("ppcl", "shortgpt", "angular", "uniform", "random")
+#: ppcl: cost of one flat-run break inside an interval (a low-CKA block, or a |d| jump between two of its blocks).
+DEFAULT_BREAK_COST = 1.0
+#: ppcl: cost of every interval (one more plug to train): makes each interval cost > 0, so no chosen interval is
+#: superfluous, and prefers fewer plugs at equal quality.
+INTERVAL_COST = 1e-6
 Interval = tuple[int, int]
 
 
@@ -190,72 +212,148 @@ def check_feasible(ctx: SelectionContext) -> None:
 
 
 # ------------------------------------------------------------------------------------------ selectors
-def _greedy(ctx: SelectionContext, candidates: list[tuple[float, Interval]], chosen: list[Interval]) -> None:
-    """Add candidates (cost, interval), lowest cost first, to ``chosen`` until the budget is met."""
-    used = {i for s, e in chosen for i in range(s, e + 1)}
-    pool = sorted(candidates)
-    while ctx.need(chosen) > 0:
-        need = ctx.need(chosen)
-        free = [(cost, iv) for cost, iv in pool if not used.intersection(range(iv[0], iv[1] + 1))]
-        fits = [x for x in free if ctx.amount(*x[1]) <= need]
-        if fits:
-            pick = fits[0][1]
-        elif free and ctx.budget.keep_params is not None:
-            pick = min(free, key=lambda x: (ctx.amount(*x[1]), x[0]))[1]
-        else:
-            return
-        chosen.append(pick)
-        used.update(range(pick[0], pick[1] + 1))
-
-
-def select_ppcl(ctx: SelectionContext) -> list[Interval]:
-    """Flat runs of the CKA trend, ranked by interval-probe quality lost per parameter removed."""
+def _ppcl_thresholds(ctx: SelectionContext) -> tuple[float, float, float]:
+    """``(min_cka, max_jump, break_cost)`` from ``ctx.options`` or their defaults (see the module docstring)."""
     rem = [i for i in range(ctx.L) if ctx.removable(i) and ctx.c(i) is not None]
     cs = [ctx.c(i) for i in rem]
     ds = [abs(ctx.d(i)) for i in rem if ctx.d(i) is not None]
     min_cka = ctx.options.get("min_cka")
     max_jump = ctx.options.get("max_jump")
+    break_cost = ctx.options.get("break_cost")
     min_cka = statistics.median(cs) if min_cka is None and cs else (min_cka if min_cka is not None else 1.0)
     max_jump = 2 * statistics.median(ds) if max_jump is None and ds else (max_jump if max_jump is not None else 0.0)
-    runs: list[tuple[int, int]] = []
+    break_cost = DEFAULT_BREAK_COST if break_cost is None else break_cost
+    for name, value in (("min_cka", min_cka), ("max_jump", max_jump), ("break_cost", break_cost)):
+        if not isinstance(value, (int, float)) or value != value:
+            raise PPCLError(f"ppcl selector: {name} must be a number (got {value!r})")
+    if max_jump < 0 or break_cost < 0:
+        raise PPCLError(f"ppcl selector: max_jump and break_cost must be >= 0 (got {max_jump:g}, {break_cost:g})")
+    return float(min_cka), float(max_jump), float(break_cost)
+
+
+def _flat_runs(ctx: SelectionContext, min_cka: float, max_jump: float) -> tuple[list[Interval], list[bool], list[bool]]:
+    """Maximal flat runs (2+ blocks), and per block: ``high`` (``c_l >= min_cka``, removable) and ``jump`` (block
+    ``l`` does not join block ``l - 1``'s run: ``|d_{l-1}| > max_jump`` or no trend)."""
+    high = [ctx.removable(i) and ctx.c(i) is not None and ctx.c(i) >= min_cka for i in range(ctx.L)]
+    jump = [i == 0 or ctx.d(i - 1) is None or abs(ctx.d(i - 1)) > max_jump for i in range(ctx.L)]
+    runs: list[Interval] = []
     start = None
     for i in range(ctx.L + 1):
-        high = i < ctx.L and ctx.removable(i) and ctx.c(i) is not None and ctx.c(i) >= min_cka
-        joins = (high and start is not None and ctx.kinds[i] == ctx.kinds[i - 1]
-                 and ctx.d(i - 1) is not None and abs(ctx.d(i - 1)) <= max_jump)
+        joins = (i < ctx.L and high[i] and start is not None and ctx.kinds[i] == ctx.kinds[i - 1] and not jump[i])
         if start is not None and not joins:
             runs.append((start, i - 1))
             start = None
-        if high and start is None:
+        if i < ctx.L and high[i] and start is None:
             start = i
-    runs = [r for r in runs if r[1] > r[0]]
+    return [r for r in runs if r[1] > r[0]], high, jump
 
-    def scored(pairs) -> list[tuple[float, Interval]]:
-        out = []
-        for s, e in pairs:
-            iv = ctx.probe.interval(s, e)
-            removed = ctx.removed_params(s, e)
-            if iv is None or iv.r2 is None or removed <= 0:
-                continue
-            out.append(((1.0 - iv.r2) / removed, (s, e)))
-        return out
 
-    def subintervals(spans):
-        return [(s, e) for a, b in spans for s in range(a, b + 1) for e in range(s + 1, b + 1)
-                if e - s + 1 <= ctx.probe.max_interval and ctx.interval_ok(s, e)]
+@dataclass(frozen=True)
+class _Candidate:
+    s: int
+    e: int
+    cost: float  # quality + break_cost * breaks + INTERVAL_COST
+    quality: float  # 1 - R^2 of the interval probe (clamped at 0); unscored: the worst scored value, at least 1
+    breaks: int
+    scored: bool
+    amount: int  # what it contributes to the budget: blocks (remove_blocks) or parameters (keep_params)
 
-    chosen: list[Interval] = []
-    _greedy(ctx, scored(subintervals(runs)), chosen)
-    relaxed = ctx.need(chosen) > 0
-    if relaxed:
-        _greedy(ctx, scored(subintervals(ctx.segments())), chosen)
-    ctx.notes.update(min_cka=min_cka, max_jump=max_jump, flat_runs=[list(r) for r in runs], relaxed=relaxed)
+
+def _ppcl_candidates(ctx: SelectionContext, high: list[bool], jump: list[bool], break_cost: float) -> list[_Candidate]:
+    """Every allowed interval removing something, with its cost (see the module docstring)."""
+    spans = []
+    for a, b in ctx.segments():
+        spans += [(s, e) for s in range(a, b + 1) for e in range(s + 1, b + 1)]
+    scored_q: dict[Interval, float] = {}
+    for s, e in spans:
+        iv = ctx.probe.interval(s, e) if e - s + 1 <= ctx.probe.max_interval else None
+        if iv is not None and iv.r2 is not None and iv.r2 == iv.r2:
+            scored_q[(s, e)] = max(0.0, 1.0 - iv.r2)
+    # An interval the probe did not score (longer than max_interval, or degenerate) is assumed as bad as the worst
+    # scored one and never better than R^2 = 0: it is there so that any feasible budget stays reachable.
+    unscored_q = max([1.0, *scored_q.values()])
+    out = []
+    for s, e in spans:
+        amount = ctx.amount(s, e)
+        if amount <= 0:
+            continue
+        breaks = sum(not high[i] for i in range(s, e + 1)) + sum(jump[i] for i in range(s + 1, e + 1))
+        q = scored_q.get((s, e), unscored_q)
+        out.append(_Candidate(s, e, q + break_cost * breaks + INTERVAL_COST, q, breaks, (s, e) in scored_q, amount))
+    return out
+
+
+def _min_cost_cover(ctx: SelectionContext, candidates: list[_Candidate]) -> list[_Candidate] | None:
+    """Exact minimum-total-cost set of non-overlapping candidates meeting the budget, or None if none does.
+
+    Dynamic programme over block positions ``p = 0..L`` (candidates are contiguous, so "no overlap" means each
+    one starts at or after the previous one's end + 1). State at ``p``: the amount removed so far (exact integer:
+    blocks, or parameters clamped at the need, since any amount beyond the need is equally feasible). Each state
+    keeps its cheapest path; under ``keep_params`` a state is dropped when another at the same position removes
+    at least as much for at most the same cost (it cannot lead anywhere cheaper). Ties: lower cost, then fewer
+    intervals, then the first found in execution order - deterministic."""
+    need = ctx.need([])
+    if need <= 0:
+        return []
+    exact = ctx.budget.remove_blocks is not None
+    starting: dict[int, list[_Candidate]] = {}
+    for c in candidates:
+        starting.setdefault(c.s, []).append(c)
+    # states[p]: amount -> (cost, n_intervals, previous position, previous amount, candidate or None)
+    states: list[dict[int, tuple[float, int, int, int, _Candidate | None]]] = [{} for _ in range(ctx.L + 1)]
+    states[0][0] = (0.0, 0, -1, -1, None)
+
+    def offer(p: int, amount: int, entry) -> None:
+        old = states[p].get(amount)
+        if old is None or (entry[0], entry[1]) < (old[0], old[1]):
+            states[p][amount] = entry
+
+    for p in range(ctx.L):
+        here = states[p]
+        if not exact and len(here) > 1:  # Pareto pruning (see the docstring)
+            kept, best = {}, None
+            for amount in sorted(here, reverse=True):
+                key = (here[amount][0], here[amount][1])
+                if best is None or key < best:
+                    kept[amount], best = here[amount], key
+            states[p] = here = kept
+        for amount, (cost, n, *_rest) in sorted(here.items()):
+            offer(p + 1, amount, (cost, n, p, amount, None))  # block p stays as it is
+            for c in starting.get(p, ()):
+                total = amount + c.amount
+                if exact and total > need:
+                    continue
+                offer(c.e + 1, total if exact else min(total, need), (cost + c.cost, n + 1, p, amount, c))
+    final = states[ctx.L].get(need)
+    if final is None:
+        return None
+    chosen, p, amount = [], ctx.L, need
+    while p > 0:
+        _cost, _n, prev_p, prev_amount, cand = states[p][amount]
+        if cand is not None:
+            chosen.append(cand)
+        p, amount = prev_p, prev_amount
+    return sorted(chosen, key=lambda c: c.s)
+
+
+def select_ppcl(ctx: SelectionContext) -> list[Interval]:
+    """Flat runs of the CKA trend first, then interval-probe quality lost per parameter removed, solved exactly
+    (minimum total cost over non-overlapping intervals that meets the budget; see the module docstring)."""
+    min_cka, max_jump, break_cost = _ppcl_thresholds(ctx)
+    runs, high, jump = _flat_runs(ctx, min_cka, max_jump)
+    chosen = _min_cost_cover(ctx, _ppcl_candidates(ctx, high, jump, break_cost))
+    if chosen is None:  # only when no set of allowed intervals meets it; select() names the budget
+        chosen = []
+    ctx.notes.update(min_cka=min_cka, max_jump=max_jump, break_cost=break_cost, flat_runs=[list(r) for r in runs],
+                     relaxed=any(c.breaks > 0 or not c.scored for c in chosen),
+                     cost=sum(c.cost for c in chosen))
     ctx.notes["interval_scores"] = {
-        f"{s}-{e}": {"r2": ctx.probe.interval(s, e).r2,
-                     "cost_per_param": (1 - ctx.probe.interval(s, e).r2) / ctx.removed_params(s, e)}
-        for s, e in chosen if ctx.probe.interval(s, e) is not None and ctx.probe.interval(s, e).r2 is not None
+        f"{c.s}-{c.e}": {"r2": ctx.probe.interval(c.s, c.e).r2 if c.scored else None, "breaks": c.breaks,
+                         "cost": c.cost, "cost_per_param": c.quality / ctx.removed_params(c.s, c.e)
+                         if ctx.removed_params(c.s, c.e) > 0 else None}
+        for c in chosen
     }
-    return sorted(chosen)
+    return [(c.s, c.e) for c in chosen]
 
 
 def scattered_to_intervals(ctx: SelectionContext, removed: set[int]) -> list[Interval] | None:
@@ -403,8 +501,8 @@ def select(
 ) -> Plan:
     """Choose intervals with ``method`` under the budget and return the validated Plan (exact params).
 
-    ``options``: ``min_cka``, ``max_jump`` (ppcl). Raises PPCLError for an unknown method, a bad or infeasible
-    budget, or a budget the method could not reach.
+    ``options``: ``min_cka``, ``max_jump``, ``break_cost`` (ppcl). Raises PPCLError for an unknown method, a bad
+    or infeasible budget, or a budget the method could not reach.
     """
     if method not in SELECTORS:
         raise PPCLError(f"unknown selection method '{method}': expected one of {', '.join(SELECTORS)}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +13,9 @@ import torch
 from ppcl.arch import get_adapter
 from ppcl.cli import main
 from ppcl.errors import PPCLError
-from ppcl.plan import load_plan, predict_params
+from ppcl.plan import check_intervals, load_plan, predict_params
 from ppcl.probe import ProbeResult, probe_transformer, write_probe
-from ppcl.select import METHODS, select
+from ppcl.select import METHODS, Budget, SelectionContext, _flat_runs, _ppcl_candidates, _ppcl_thresholds, select
 from ppcl.arch.tiny import tiny_transformer, tiny_transformer_config
 
 
@@ -34,12 +36,7 @@ def _batches(arch, n=2, b=2, seed=0):
 def probes():
     """A real probe per family (tiny transformer, 2 samples x 2 timesteps) and its adapter."""
     out = {}
-    for arch in ("flux", "sd3", "qwenimage"):
-        adapter = get_adapter(tiny_transformer(arch))
-        acc, sig = probe_transformer(adapter, {"shift": 3.0}, _batches(arch), timesteps=2)
-        out[arch] = (acc.result(family=arch, model="tiny", calibration=dict(
-            source="synthetic", samples=2, batch_size=2, timesteps=2, sigmas=sig, seed=0)), adapter)
-    return out
+    return {arch: _probe_of(arch) for arch in ("flux", "sd3", "qwenimage")}
 
 
 @pytest.mark.parametrize("arch", ["flux", "sd3", "qwenimage"])
@@ -126,6 +123,127 @@ def test_ppcl_splits_to_fit_and_ranks_by_quality_per_param():
     # more than the flat run holds: widened beyond it, and recorded
     plan = select(probe, method="ppcl", remove_blocks=6)
     assert plan.removed_blocks == 6 and plan.selection["relaxed"]
+
+
+def _probe_of(arch, **overrides):
+    adapter = get_adapter(tiny_transformer(arch, **overrides))
+    acc, sig = probe_transformer(adapter, {"shift": 3.0}, _batches(arch), timesteps=2)
+    return acc.result(family=arch, model="tiny", calibration=dict(
+        source="synthetic", samples=2, batch_size=2, timesteps=2, sigmas=sig, seed=0)), adapter
+
+
+@pytest.fixture(scope="module")
+def qwen60():
+    """A 60-block tiny Qwen-Image (the real model's depth) and its probe."""
+    return _probe_of("qwenimage", num_layers=60)
+
+
+def _assert_meets_minimally(probe, plan, keep):
+    """Budget met, and no interval superfluous: dropping any one of them misses the budget (overshoot <= one)."""
+    ctx = SelectionContext(probe=probe, budget=Budget(keep_params=keep), init=plan.init)
+    assert plan.params.student <= keep * plan.params.teacher
+    assert plan.params.student == ctx.student(plan.intervals)
+    for iv in plan.intervals:
+        assert ctx.student([x for x in plan.intervals if x != iv]) > keep * plan.params.teacher
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3", "qwenimage", "qwenimage-60"])
+def test_ppcl_meets_every_feasible_keep_budget(probes, qwen60, arch):
+    probe, adapter = qwen60 if arch == "qwenimage-60" else probes[arch]
+    kinds = [b.kind for b in probe.blocks]
+    for keep in (0.75, 0.6, 0.5):
+        plan = select(probe, method="ppcl", keep_params=keep)
+        _assert_meets_minimally(probe, plan, keep)
+        check_intervals(plan.intervals, kinds)
+        assert predict_params(plan, adapter) == {"teacher": plan.params.teacher, "student": plan.params.student}
+        # same inputs, same plan
+        assert select(probe, method="ppcl", keep_params=keep).intervals == plan.intervals
+    if arch == "qwenimage-60":
+        assert select(probe, method="ppcl", remove_blocks=25).removed_blocks == 25
+        # longer than the probe's max_interval: reachable through unscored intervals, still exact
+        assert select(probe, method="ppcl", remove_blocks=50).removed_blocks == 50
+
+
+def _brute_force_cost(ctx, candidates):
+    """Minimum total cost over ALL sets of non-overlapping candidates meeting the budget (exponential)."""
+    by_start = {}
+    for c in candidates:
+        by_start.setdefault(c.s, []).append(c)
+    best = math.inf
+
+    def walk(p, chosen, cost):
+        nonlocal best
+        if cost >= best:
+            return
+        ivs = [(c.s, c.e) for c in chosen]
+        if ctx.met(ivs) if ctx.budget.remove_blocks is not None else ctx.need(ivs) <= 0:
+            best = cost
+            return
+        for q in range(p, ctx.L):
+            for c in by_start.get(q, ()):
+                walk(c.e + 1, chosen + [c], cost + c.cost)
+
+    walk(0, [], 0.0)
+    return best
+
+
+@pytest.mark.parametrize("budget", [{"remove_blocks": 4}, {"remove_blocks": 7}, {"keep_params": 0.55},
+                                    {"keep_params": 0.35}])
+def test_ppcl_plan_is_the_exact_minimum_cost(budget):
+    """The dynamic programme finds the cheapest plan that exhaustive search finds (random interval qualities)."""
+    probe = _synthetic_probe(L=11)
+    rng = random.Random(7)
+    for iv in probe.intervals:
+        iv.r2 = rng.uniform(0.3, 0.99)
+    plan = select(probe, method="ppcl", **budget)
+    ctx = SelectionContext(probe=probe, budget=Budget(**budget))
+    min_cka, max_jump, break_cost = _ppcl_thresholds(ctx)
+    _, high, jump = _flat_runs(ctx, min_cka, max_jump)
+    cands = _ppcl_candidates(ctx, high, jump, break_cost)
+    assert plan.selection["cost"] == pytest.approx(_brute_force_cost(ctx, cands), abs=1e-12)
+
+
+def test_ppcl_thresholds_steer_the_choice():
+    """min_cka / max_jump / break_cost stay meaningful: flat runs are preferred through the cost."""
+    probe = _synthetic_probe()
+    for iv in probe.intervals:
+        if (iv.start, iv.end) == (1, 4):
+            iv.r2 = 0.995  # better predicted than the flat run, but outside it (low CKA 0.79..0.85)
+    assert select(probe, method="ppcl", remove_blocks=3).intervals == [(6, 9)]
+    assert select(probe, method="ppcl", remove_blocks=3, break_cost=0.0).intervals == [(1, 4)]
+    everything_flat = select(probe, method="ppcl", remove_blocks=3, min_cka=0.0, max_jump=1.0)
+    assert everything_flat.intervals == [(1, 4)] and not everything_flat.selection["relaxed"]
+    assert everything_flat.selection["flat_runs"] == [[1, 10]]
+    with pytest.raises(PPCLError, match="break_cost must be >= 0"):
+        select(probe, method="ppcl", remove_blocks=3, break_cost=-1.0)
+
+
+REFERENCE_TEACHER = Path(__file__).resolve().parents[1] / "ppcl" / "bench" / "assets" / "reference-teacher"
+
+
+@pytest.mark.skipif(not (REFERENCE_TEACHER / "model_index.json").exists(), reason="no reference teacher")
+def test_ppcl_on_the_reference_teacher_reaches_what_other_selectors_reach(tmp_path):
+    """The benchmark's teacher (FLUX, 6 dual + 10 single blocks): ppcl used to stop above the budget at keep 0.5
+    (its greedy cover stranded isolated blocks); it must meet any budget some selector meets."""
+    from ppcl.probe import run_probe
+
+    torch.set_num_threads(1)
+    probe = run_probe(str(REFERENCE_TEACHER), tmp_path / "probe", samples=16, timesteps=2, resolution=32,
+                      progress=False, plots=False)
+    for keep in (0.75, 0.7, 0.6, 0.5, 0.47, 0.4):
+        reached = [m for m in METHODS if m != "ppcl" and _meets(probe, m, keep)]
+        plan = select(probe, method="ppcl", keep_params=keep)
+        _assert_meets_minimally(probe, plan, keep)
+        assert reached, keep  # the budgets tried are feasible for some baseline too
+    with pytest.raises(PPCLError, match="infeasible budget"):
+        select(probe, method="ppcl", keep_params=0.01)
+
+
+def _meets(probe, method, keep):
+    try:
+        return select(probe, method=method, keep_params=keep).params.student <= keep * probe.total_params
+    except PPCLError:
+        return False
 
 
 def test_infeasible_and_bad_budgets():

@@ -131,20 +131,11 @@ def scattered_plan(probe, adapter, remove: int, seed: int = 0):
 
 
 def select_ppcl(probe, keep_params: float, seed: int = 0):
-    """``select(method="ppcl")`` with its default thresholds; when its greedy cover cannot meet the budget
-    (chosen intervals can isolate the remaining removable blocks), the CKA threshold ``min_cka`` is lowered step
-    by step until it can. The threshold used is in the plan's selection metadata (``min_cka``)."""
+    """``select(method="ppcl")`` with its default thresholds (it meets every feasible budget: flat runs are a
+    preference in its cost, not a filter)."""
     from ppcl.select import select
 
-    try:
-        return select(probe, method="ppcl", keep_params=keep_params, seed=seed)
-    except PPCLError as first:
-        for min_cka in (0.98, 0.97, 0.96, 0.95, 0.9, 0.8, 0.0):
-            try:
-                return select(probe, method="ppcl", keep_params=keep_params, seed=seed, min_cka=min_cka)
-            except PPCLError:
-                continue
-        raise first
+    return select(probe, method="ppcl", keep_params=keep_params, seed=seed)
 
 
 def _untrained_pruned(teacher_dir: Path, plan, chosen: list[int]):
