@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selector (default 0)")
     parser.add_argument("--min-cka", type=float, default=None, help="ppcl: CKA threshold of flat runs")
     parser.add_argument("--max-jump", type=float, default=None, help="ppcl: largest |trend| inside a run")
+    parser.add_argument("--break-cost", type=float, default=None,
+                        help="ppcl: cost of each place an interval leaves a flat run (default 1.0 = an unpredictable interval)")
     parser.add_argument("--out", required=True, help="plan.json to write")
     parser.add_argument("--plot", default=None,
                         help="folder for trend.png with the intervals marked (default: beside plan.json)")
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from ppcl.select import select
 
     probe = load_probe(args.probe)
-    options = {k: v for k, v in (("min_cka", args.min_cka), ("max_jump", args.max_jump)) if v is not None}
+    options = {k: v for k, v in (("min_cka", args.min_cka), ("max_jump", args.max_jump),
+                                                    ("break_cost", args.break_cost)) if v is not None}
     plan = select(probe, method=args.method, keep_params=args.keep_params, remove_blocks=args.remove_blocks,
                   protect=args.protect, allow_ends=args.allow_ends, init=args.init, seed=args.seed, **options)
     plan.selection["probe"] = str(args.probe)
