@@ -312,19 +312,22 @@ def load_config(path: str | os.PathLike | None, *, defaults: dict[str, Any] | No
 
 #: The laptop demo (``ppcl demo``): a tiny teacher, synthetic data, CPU-sized settings. ``teacher`` is filled in
 #: by the demo (the reference teacher if it ships, else a tiny random FLUX built into the run folder). Sized for
-#: a few minutes on 2 CPU cores: 24 images at 32 px, 2 shards, 30 distillation steps, 4-step evaluation of
+#: a few minutes on 2 CPU cores: 64 images at 32 px, 2 shards, 60 distillation steps, 4-step evaluation of
 #: synth captions (what the reference teacher draws). Text length and guidance are not set here: the reference
 #: teacher's ``ppcl.json`` supplies them (16 tokens, true CFG 3; see :func:`ppcl.arch.generation_defaults`).
 DEMO_DEFAULTS: dict[str, Any] = {
     "name": "ppcl-demo",
     "ratios": [0.8, 0.6],
-    "data": {"shards": 2, "synth_samples": 24, "synth_size": 32},
-    "encode": {"resolution": 32, "batch_size": 8},
-    "probe": {"samples": 8, "timesteps": 2, "batch_size": 4, "hsic_tokens": 16},
-    "distill": {"steps": 30, "learning_rate": 1e-3, "batch_size": 4, "timesteps": "uniform", "checkpoint_every": 50},
+    "data": {"shards": 2, "synth_samples": 64, "synth_size": 32},
+    "encode": {"resolution": 32, "batch_size": 16},
+    "probe": {"samples": 16, "timesteps": 2, "batch_size": 8, "hsic_tokens": 16},
+    "distill": {"steps": 60, "learning_rate": 1e-3, "batch_size": 8, "timesteps": "logit_normal",
+                "checkpoint_every": 30},
     "evaluate": {
         "steps": 4, "height": 32, "width": 32, "seeds": 1, "batch_size": 4,
-        "latency_warmup": 1, "latency_repeats": 2, "grid_samples": 2,
-        "prompts": ["a red circle above a blue square", "two green triangles"],
+        # enough repeats that the speedup column is not noise (a forward of this model takes milliseconds)
+        "latency_warmup": 2, "latency_repeats": 10, "grid_samples": 4,
+        "prompts": ["a red circle above a blue square", "two green triangles",
+                    "a yellow square to the left of a purple circle", "a blue triangle"],
     },
 }  # fmt: skip
