@@ -14,6 +14,7 @@ settings (secrets, node selectors) are ignored locally. Layout of one local run:
 from __future__ import annotations
 
 import ast
+import builtins
 import datetime as _dt
 import importlib.util
 import os
@@ -160,6 +161,9 @@ def run_local(config: RunConfig, run_dir: str | os.PathLike, *, raise_on_error: 
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = module.make_pipeline(config)
+    # kfp.local indents task logs by swapping builtins.print; tasks of a ParallelFor run in threads whose
+    # save/restore pairs interleave, which can leave the indenting print installed for the rest of the process.
+    original_print = builtins.print
     try:
         with warnings.catch_warnings():
             # kfp warns that our image is "non-Python": locally the current environment IS the image's content
@@ -168,6 +172,8 @@ def run_local(config: RunConfig, run_dir: str | os.PathLike, *, raise_on_error: 
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PPCLError(f"local pipeline run failed: {first} (task logs above; artifacts under {root})") from None
+    finally:
+        builtins.print = original_print
     runs = sorted(p for p in root.iterdir() if p.is_dir())
     if not runs:
         raise PPCLError(f"local pipeline run left nothing under {root}")

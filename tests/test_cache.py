@@ -67,6 +67,10 @@ def test_two_workers_two_processes_see_every_sample_once(tmp_path, shuffle):
 
 
 def test_rank_from_environment(tmp_path, monkeypatch):
+    from accelerate.state import PartialState
+
+    # An accelerate state left by an earlier in-process distillation (world 1) would take precedence over env.
+    monkeypatch.setattr(PartialState, "_shared_state", {})
     keys = make_cache(tmp_path / "c", [5, 4])
     seen = []
     for rank in range(3):

@@ -3,6 +3,7 @@ fed artifacts from a previous run's folders (the reuse case: someone else's pipe
 
 from __future__ import annotations
 
+import builtins
 import json
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def kfp_local(tmp_path):
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
-    return tmp_path / "kfp"
+    original_print = builtins.print
+    yield tmp_path / "kfp"
+    builtins.print = original_print  # kfp.local can leave its indenting print installed (see ppcl.kfp_local)
 
 
 def _run(pipeline_func, root: Path) -> Path:
