@@ -16,7 +16,7 @@ from ppcl.cli import main
 from ppcl.kfp_local import PIPELINE_YAML, compile_pipeline
 
 FAKE_SECRETS = {
-    "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID0000042",
+    "AWS_ACCESS_KEY_ID": "AKIA-FAKE-KEY-ID-0042",
     "AWS_SECRET_ACCESS_KEY": "fake-secret-value-7f3a9c1e",
     "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-x81",
     "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-q2w",

@@ -557,6 +557,15 @@ def width_block_class(base: type) -> type:
     return _WIDTH_CLASSES[base]
 
 
+def copy_attention_modulation(dst: nn.Linear, src: nn.Linear, dim: int) -> None:
+    """Copy the attention shift/scale rows (the first ``2 * dim`` outputs) of an adaLN-Zero modulation linear
+    ``src`` (6 x dim outputs) into ``dst`` (2 x dim outputs)."""
+    with torch.no_grad():
+        dst.weight.copy_(src.weight[: 2 * dim])
+        if src.bias is not None:
+            dst.bias.copy_(src.bias[: 2 * dim])
+
+
 class FrozenTextAdaLNZero(nn.Module):
     """Stands for a text-frozen block's ``AdaLayerNormZero`` text modulation (FLUX dual, SD3 joint blocks).
 
@@ -583,10 +592,7 @@ class FrozenTextAdaLNZero(nn.Module):
         mod = cls(dim, lin.in_features, copy.deepcopy(source.norm), bias=lin.bias is not None)
         if init:  # without init: shapes only (parameter counting under ``torch.device("meta")``)
             mod.to(device=lin.weight.device, dtype=lin.weight.dtype)
-            with torch.no_grad():
-                mod.linear.weight.copy_(lin.weight[: 2 * dim])
-                if lin.bias is not None:
-                    mod.linear.bias.copy_(lin.bias[: 2 * dim])
+            copy_attention_modulation(mod.linear, lin, dim)
         return mod
 
     def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):

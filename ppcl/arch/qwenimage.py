@@ -15,7 +15,7 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from torch import nn
 
-from ppcl.arch.common import Adapter, BlockCall, width_transformer_class
+from ppcl.arch.common import Adapter, BlockCall, copy_attention_modulation, width_transformer_class
 from ppcl.arch.flux import pack, unpack
 
 
@@ -45,10 +45,7 @@ class FrozenTextQwenMod(nn.Module):
         mod = cls(dim, lin.in_features, bias=lin.bias is not None)
         if init:  # without init: shapes only (parameter counting under ``torch.device("meta")``)
             mod.to(device=lin.weight.device, dtype=lin.weight.dtype)
-            with torch.no_grad():
-                mod.linear.weight.copy_(lin.weight[: 2 * dim])
-                if lin.bias is not None:
-                    mod.linear.bias.copy_(lin.bias[: 2 * dim])
+            copy_attention_modulation(mod.linear, lin, dim)
         return mod
 
     def forward(self, temb: torch.Tensor) -> torch.Tensor:
