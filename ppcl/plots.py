@@ -3,6 +3,7 @@ intervals shaded). matplotlib with the Agg backend; files are written atomically
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,8 +32,13 @@ def plot_cka_heatmap(probe: "ProbeResult", path: str | Path) -> Path:
     mats = probe.cka_matrix.matrices
     streams = list(mats)
     fig, axes = plt.subplots(1, max(1, len(streams)), figsize=(5 * max(1, len(streams)), 4.4), squeeze=False)
+    # One colour range for all panels, from the data (floored to 0.05): redundant models have every entry in
+    # 0.9..1, where a fixed 0..1 scale shows a flat block of one colour.
+    values = [v for m in mats.values() for row in m for v in row if v is not None and v == v]
+    vmin = max(0.0, math.floor(min(values, default=0.0) * 20) / 20)
+    vmin = min(vmin, 0.95)
     for ax, stream in zip(axes[0], streams):
-        im = ax.imshow(_nan(mats[stream]), vmin=0, vmax=1, cmap="viridis", origin="lower")
+        im = ax.imshow(_nan(mats[stream]), vmin=vmin, vmax=1, cmap="viridis", origin="lower")
         ax.set_title(f"{stream} stream: CKA between block outputs")
         ax.set_xlabel("block")
         ax.set_ylabel("block")
