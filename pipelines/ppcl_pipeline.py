@@ -74,8 +74,12 @@ def pipeline_arguments(config: RunConfig) -> dict:
     }  # fmt: skip
 
 
-def make_pipeline(config: RunConfig | None = None):
-    """The pipeline function for ``config``'s resources and defaults (None: schema defaults, teacher required)."""
+def make_pipeline(config: RunConfig | None = None, *, ratio_parallelism: int = 0):
+    """The pipeline function for ``config``'s resources and defaults (None: schema defaults, teacher required).
+
+    ``ratio_parallelism``: how many ratio branches run at once (0: all). On a cluster each branch has its own
+    GPU pod; a local run shares one machine, where concurrent branches would time each other's latency.
+    """
     cfg = _defaults(config)
     args = pipeline_arguments(cfg)
     shard, encode, probe, select = (load_component(s) for s in ("shard", "encode", "probe", "select"))
@@ -109,7 +113,7 @@ def make_pipeline(config: RunConfig | None = None):
                     steps=distill_steps, learning_rate=learning_rate, settings=distill_settings),
             "distill", cfg,
         )  # fmt: skip
-        with dsl.ParallelFor(ratios, name="ratio") as ratio:
+        with dsl.ParallelFor(ratios, name="ratio", parallelism=ratio_parallelism) as ratio:
             t_export = _configure(
                 export(teacher=teacher, plan=t_select.outputs["plan"], plugs=t_distill.outputs["plugs"],
                        keep_params=ratio, settings=export_settings),

@@ -160,7 +160,8 @@ def run_local(config: RunConfig, run_dir: str | os.PathLike, *, raise_on_error: 
     root = run_dir / "kfp"
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    pipeline = module.make_pipeline(config)
+    # One ratio branch at a time: branches on one machine would skew each other's latency measurements.
+    pipeline = module.make_pipeline(config, ratio_parallelism=1)
     # kfp.local indents task logs by swapping builtins.print; tasks of a ParallelFor run in threads whose
     # save/restore pairs interleave, which can leave the indenting print installed for the rest of the process.
     original_print = builtins.print
