@@ -489,10 +489,8 @@ def teacher_pass(
 
     output = None
     with torch.no_grad(), adapter.hooks(on_input=on_input, on_output=on_output, indices=starts | ends):
-        try:
+        with contextlib.suppress(_StopForward):  # the pass ends after the last interval: nothing later is needed
             output = adapter.forward(model_inputs)
-        except _StopForward:
-            pass
     return calls, outs, output
 
 
@@ -625,11 +623,8 @@ def _student_forward(
     output = None
     with StudentView(adapter, lists) as student:
         ctx = student.hooks(on_output=on_output, indices=set(at)) if capture else contextlib.nullcontext()
-        with ctx:
-            try:
-                output = student.forward(model_inputs)
-            except _StopForward:
-                pass
+        with ctx, contextlib.suppress(_StopForward):
+            output = student.forward(model_inputs)
     return output, captured
 
 

@@ -18,6 +18,7 @@ family's own timestep convention (FLUX and Qwen-Image take ``sigma`` and multipl
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from abc import ABC, abstractmethod
@@ -237,10 +238,8 @@ class Adapter(ABC):
             raise _StopForward
 
         with self.hooks(on_input=grab, indices={0}):
-            try:
+            with contextlib.suppress(_StopForward):  # raised by ``grab`` once block 0's call is captured
                 self.forward(model_inputs)
-            except _StopForward:
-                pass
         return captured["call"]
 
     def run_block(self, index: int, call: BlockCall) -> dict[str, torch.Tensor]:
