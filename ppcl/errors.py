@@ -11,3 +11,12 @@ class PPCLError(Exception):
     def __init__(self, message: str):
         # One line, always: multi-line messages break the "one-line error" contract of the CLI.
         super().__init__(" ".join(str(message).split()))
+
+
+def first_field_error(error) -> tuple[str, str]:
+    """``(where, message)`` of the first error of a pydantic ``ValidationError``: the dotted field path
+    (``"(top level)"`` for the document itself) and the message without pydantic's ``"Value error, "`` prefix.
+    Every validated artifact and settings block reports bad input through this, so messages read alike."""
+    err = error.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    return where, str(err["msg"]).removeprefix("Value error, ")

@@ -60,7 +60,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ppcl.errors import PPCLError
+from ppcl.errors import PPCLError, first_field_error
 
 PLAN_VERSION = 1
 INIT_MODES = ("middle", "first", "last")
@@ -426,9 +426,7 @@ def _width_op(op):
 
 
 def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-    msg = str(err["msg"]).removeprefix("Value error, ")
+    where, msg = first_field_error(e)
     return f"field {where}: {msg}"
 
 

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ppcl.errors import PPCLError
+from ppcl.errors import PPCLError, first_field_error
 
 PROBE_VERSION = 1
 STREAMS: tuple[str, ...] = ("image", "text")
@@ -177,9 +177,8 @@ def load_probe(path: str | Path) -> ProbeResult:
     try:
         result = ProbeResult.model_validate_json(path.read_text())
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise PPCLError(f"invalid probe file {path}: field {where}: {err['msg']}") from None
+        where, msg = first_field_error(e)
+        raise PPCLError(f"invalid probe file {path}: field {where}: {msg}") from None
     except ValueError as e:
         raise PPCLError(f"invalid probe file {path}: {e}") from None
     from ppcl.arch import FAMILIES

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ppcl.errors import PPCLError
+from ppcl.errors import PPCLError, first_field_error
 
 #: Name of the summary every stage writes beside its outputs (``<out>/stage.json``): stage, metrics, settings.
 STAGE_SUMMARY = "stage.json"
@@ -40,9 +40,8 @@ def _settings(model: type, settings: dict[str, Any] | None, stage: str, drop: tu
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise PPCLError(f"{stage} settings: field '{where}' {err['msg'].removeprefix('Value error, ')}") from None
+        where, msg = first_field_error(e)
+        raise PPCLError(f"{stage} settings: field '{where}' {msg}") from None
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:

@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from ppcl import storage
-from ppcl.errors import PPCLError
+from ppcl.errors import PPCLError, first_field_error
 
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
@@ -71,9 +71,8 @@ def read_cache_manifest(path: str) -> CacheManifest:
     try:
         return CacheManifest.model_validate_json(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(map(str, err["loc"]))
-        raise PPCLError(f"{mpath}: invalid cache manifest, field '{field}': {err['msg']}") from e
+        field, msg = first_field_error(e)
+        raise PPCLError(f"{mpath}: invalid cache manifest, field '{field}': {msg}") from e
 
 
 def decode_tensor(data: bytes, dtype: str, shape) -> torch.Tensor:

@@ -45,7 +45,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ppcl import storage
 from ppcl.data.sources import iter_samples
-from ppcl.errors import PPCLError
+from ppcl.errors import PPCLError, first_field_error
 
 MANIFEST = "manifest.json"
 #: Rows per Parquet row group (fixed: row-group boundaries are part of the bytes).
@@ -129,9 +129,8 @@ def read_shard_manifest(data_dir: str) -> ShardManifest:
     try:
         return ShardManifest.model_validate_json(storage.read_bytes(path))
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(map(str, err["loc"]))
-        raise PPCLError(f"{path}: invalid shard manifest, field '{field}': {err['msg']}") from e
+        field, msg = first_field_error(e)
+        raise PPCLError(f"{path}: invalid shard manifest, field '{field}': {msg}") from e
 
 
 def inspect_image(data: bytes, min_size: int = 0) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ppcl.errors import PPCLError
+from ppcl.errors import PPCLError, first_field_error
 
 METRICS_VERSION = 1
 
@@ -189,6 +189,5 @@ def load_metrics(path: str | Path) -> EvalMetrics:
     try:
         return EvalMetrics.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise PPCLError(f"{path}: field '{where}': {err['msg']}") from None
+        where, msg = first_field_error(e)
+        raise PPCLError(f"{path}: field '{where}': {msg}") from None
