@@ -151,7 +151,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 class _ChecksumMismatch(Exception):
-    pass
+    """An uploaded part or object whose checksum differs from what we sent (retried like a transient error)."""
 
 
 def _translate(exc: BaseException, path: S3Path, action: str) -> PPCLError:
