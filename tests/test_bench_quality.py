@@ -82,3 +82,14 @@ def test_pipeline_generation_defaults_set_text_length(tiny_pipe_dir, tmp_path):
     (pipe_dir / "ppcl.json").write_text(json.dumps({"generation": {"max_sequence_length": 0}}))
     with pytest.raises(PPCLError, match="generation.max_sequence_length"):
         generation_defaults(pipe_dir)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lr", "0", "--lr must be a positive number"),
+    ("--output-loss-weight", "-1", "--output-loss-weight must be >= 0"),
+])
+def test_bad_training_flags_are_one_line_errors(tmp_path, capsys, flag, value, message):
+    assert main(["bench", "quality", "--smoke", flag, value, "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q").exists()

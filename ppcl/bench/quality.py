@@ -7,7 +7,9 @@ Shared by every row (so rows differ only in what the row names):
 - data: ``synth`` images (seed 0, 32 px) -> ``shard`` -> ``encode`` with the teacher's own VAE and text encoders
   at ``max_sequence_length`` 16 (the teacher folder's ``ppcl.json``), built ONCE; every distillation reads it;
 - one probe of the teacher on that cache; every selector reads the same probe.json;
-- every distillation: same steps, batch, lr, logit-normal timesteps, seed, plug init (middle);
+- every distillation: same steps, batch, lr, logit-normal timesteps, seed, plug init (middle), output-level loss
+  weight; two rows whose plans (intervals, init, mode) coincide share one run (deterministic, so training it
+  twice would give the same plugs);
 - evaluation: the first ``eval_n`` captions of :func:`ppcl.bench.teacher.eval_prompts` (seed 2000), image i from
   generator seed i, ``eval_steps`` Euler steps, true CFG 3 with the empty negative prompt, 16 text tokens; judge
   attribute accuracy (:func:`ppcl.bench.judge.judge_scores`, attributes from :func:`ppcl.data.synth.parse_caption`
@@ -62,12 +64,16 @@ class QualitySettings:
     data_samples: int = 2048
     probe_samples: int = 256
     probe_timesteps: int = 4
-    steps: int = 400
-    batch_size: int = 32
-    lr: float = 1e-3
+    # Distillation: chosen by the sweep in docs/benchmark.md (the first table used 400 steps x 32 at lr 1e-3 with
+    # no output-level loss and was undertrained: 0.81 judge accuracy at keep 0.5 where these settings reach ~0.95).
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-2
     warmup_steps: int = 20
     timesteps: str = "logit_normal"
-    eval_n: int = 256
+    #: method.md's optional output-level loss (teacher vs student velocity, every plug in place), same for every run
+    output_loss_weight: float = 1.0
+    eval_n: int = 512
     eval_steps: int = 10
     guidance: float = 3.0
     seed: int = 0
@@ -305,17 +311,24 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
 
     # ---- distillation runs, all with the same settings
     dkw = dict(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, timesteps=s.timesteps,
-               seed=s.seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False)
+               seed=s.seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False,
+               output_loss_weight=s.output_loss_weight)
     runs: dict[str, Path] = {}
     run_seconds: dict[str, float] = {}
+    trained: dict[tuple, Path] = {}  # (intervals, settings) -> run: a plan two selectors agree on is trained once
 
     def train(name: str, plan, **kw) -> Path:
+        key = (tuple(tuple(iv) for iv in plan.intervals), plan.init, tuple(sorted(kw.items())))
+        if key in trained:  # deterministic: the same plan and settings give the same plugs
+            _log(f"distilled {name}: same plan and settings as {trained[key].name}, its run reused", t0)
+            return trained[key]
         t = time.time()
         d = work / "runs" / name
         res_ = distill(str(teacher_dir), plan, d, data=str(work / "cache"), **dkw, **kw)
         run_seconds[name] = time.time() - t
         _log(f"distilled {name}: {len(plan.intervals)} plugs, {s.steps} steps in {run_seconds[name]:.0f}s, "
              f"final loss {sum(v for v in res_.final_losses.values() if v is not None):.4f}", t0)
+        trained[key] = d
         return d
 
     for name, plan in plans.items():
@@ -425,7 +438,8 @@ def targets(rows: list[dict], low: float) -> dict[str, Any]:
         out["ppcl_within_3pct_at_low"] = {"met": rel <= 0.03, "relative_drop": rel}
     losers = [f"{r['name']}@{r['ratio']:g}" for r in rows if r.get("beats_ppcl") and any(r["beats_ppcl"].values())
               and r["name"] not in ("per-ratio",)]
-    out["ppcl_beats_all"] = {"met": not losers, "rows_beating_ppcl_on_a_metric": losers}
+    if any(r.get("beats_ppcl") is not None and r["name"] != "per-ratio" for r in rows):  # nothing to beat: no claim
+        out["ppcl_beats_all"] = {"met": not losers, "rows_beating_ppcl_on_a_metric": losers}
     per = {r["ratio"]: r for r in rows if r["name"] == "per-ratio"}
     gaps = {f"{k:g}": 100 * (per[k]["judge_accuracy"] - ppcl[k]["judge_accuracy"]) for k in per if k in ppcl}
     if gaps:
@@ -457,7 +471,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"Settings: {s['data_samples']} cached samples, probe {s['probe_samples']} x {s['probe_timesteps']}, "
-        f"{s['steps']} distillation steps x batch {s['batch_size']} (lr {s['lr']:g}, {s['timesteps']}), "
+        f"{s['steps']} distillation steps x batch {s['batch_size']} (lr {s['lr']:g}, {s['timesteps']}, "
+        f"output-level loss weight {s.get('output_loss_weight', 0.0):g}), "
         f"{s['eval_n']} evaluation prompts x {s['eval_steps']} steps, true CFG {s['guidance']:g}.",
         f"Time: {sec['total'] / 60:.1f} min wall ({result['cpu_seconds'] / 60:.1f} CPU-min, "
         f"{result['threads']} torch threads); data {sec['data']:.0f}s, probe {sec['probe']:.0f}s, "

@@ -20,7 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--out", default="ppcl-bench/quality", help="output folder (default ppcl-bench/quality)")
     q.add_argument("--smoke", action="store_true",
                    help="a few steps and prompts on a subset of rows: checks the machinery in a minute")
-    q.add_argument("--steps", type=int, default=None, help="distillation steps of every run (default 400)")
+    from ppcl.bench.quality import QualitySettings  # a dataclass, no torch: the defaults shown are the real ones
+
+    d = QualitySettings()
+    q.add_argument("--steps", type=int, default=None, help=f"distillation steps of every run (default {d.steps})")
+    q.add_argument("--batch-size", type=int, default=None,
+                   help=f"distillation batch of every run (default {d.batch_size})")
+    q.add_argument("--lr", type=float, default=None, help=f"learning rate of every run (default {d.lr:g})")
+    q.add_argument("--output-loss-weight", type=float, default=None,
+                   help=f"weight of the output-level loss in every run (default {d.output_loss_weight:g})")
+    q.add_argument("--rows", default=None,
+                   help="comma-separated rows besides teacher and ppcl (default: all of "
+                        f"{','.join(r for r in d.rows if r != 'ppcl')}); e.g. --rows ppcl for a settings sweep")
+    q.add_argument("--eval-n", type=int, default=None, help=f"evaluation prompts (default {d.eval_n})")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     q.add_argument("--teacher", default=None, help="pipeline folder (default: the shipped reference teacher)")
     q.add_argument("--no-keep-work", action="store_true", help="delete OUT/work at the end")
@@ -37,6 +49,28 @@ def run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise PPCLError(f"--steps must be >= 1 (got {args.steps})")
         s = dataclasses.replace(s, steps=args.steps)
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise PPCLError(f"--batch-size must be >= 1 (got {args.batch_size})")
+        s = dataclasses.replace(s, batch_size=args.batch_size)
+    if args.lr is not None:
+        if not args.lr > 0 or args.lr == float("inf"):
+            raise PPCLError(f"--lr must be a positive number (got {args.lr})")
+        s = dataclasses.replace(s, lr=args.lr)
+    if args.output_loss_weight is not None:
+        if not 0 <= args.output_loss_weight < float("inf"):
+            raise PPCLError(f"--output-loss-weight must be >= 0 (got {args.output_loss_weight})")
+        s = dataclasses.replace(s, output_loss_weight=args.output_loss_weight)
+    if args.rows is not None:
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = [r for r in rows if r not in QualitySettings().rows]
+        if unknown:
+            raise PPCLError(f"--rows: unknown row {unknown[0]!r} (expected some of {', '.join(QualitySettings().rows)})")
+        s = dataclasses.replace(s, rows=tuple(["ppcl", *[r for r in rows if r != "ppcl"]]))
+    if args.eval_n is not None:
+        if args.eval_n < 2:
+            raise PPCLError(f"--eval-n must be >= 2 (FID needs two images; got {args.eval_n})")
+        s = dataclasses.replace(s, eval_n=args.eval_n)
     if args.threads is not None:
         if args.threads < 1:
             raise PPCLError(f"--threads must be >= 1 (got {args.threads})")
