@@ -51,7 +51,10 @@ Choices where method.md is silent (all parameters of :class:`DistillSettings`):
 - Optimiser: AdamW (bitsandbytes 8-bit on CUDA when importable), linear warm-up then cosine to zero, gradient
   clipping at ``max_grad_norm``. Mixed precision: bf16 autocast on CUDA (fp32 master weights), none on CPU.
 - Output-level loss (off by default): ``output_loss_weight * mean((v_student - v_teacher)^2)`` with every unit in
-  place (needs a full student forward, so it only runs when the weight is > 0).
+  place (needs a full student forward, so it only runs when the weight is > 0). It couples the plugs: each one's
+  gradient then also depends on the others being in place, so a subset exported without some of them runs in a
+  context it was not trained for (on the reference teacher it is worth ~3 accuracy points at the full plan and
+  costs 1.2 points to a plug exported alone; docs/benchmark.md).
 
 RUN layout: ``RUN/plugs.safetensors`` (final plug weights, keys ``<unit>.<param>``), ``RUN/run.json`` (versioned:
 plan hash, teacher, settings, per-unit source block, final losses), ``RUN/metrics.jsonl`` (one line per step),
