@@ -123,6 +123,7 @@ class DistillConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     output_loss_weight: float = Field(0.0, ge=0)
+    output_loss_keep: float = Field(1.0, gt=0, le=1)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     lsq_batches: int = Field(8, ge=1)

@@ -54,7 +54,9 @@ Choices where method.md is silent (all parameters of :class:`DistillSettings`):
   place (needs a full student forward, so it only runs when the weight is > 0). It couples the plugs: each one's
   gradient then also depends on the others being in place, so a subset exported without some of them runs in a
   context it was not trained for (on the reference teacher it is worth ~3 accuracy points at the full plan and
-  costs 1.2 points to a plug exported alone; docs/benchmark.md).
+  costs 1.2 points to a plug exported alone; docs/benchmark.md). ``output_loss_keep < 1`` puts a random subset of
+  the depth plugs in place for that term each step, so each plug is also trained in the contexts a subset export
+  creates.
 
 RUN layout: ``RUN/plugs.safetensors`` (final plug weights, keys ``<unit>.<param>``), ``RUN/run.json`` (versioned:
 plan hash, teacher, settings, per-unit source block, final losses), ``RUN/metrics.jsonl`` (one line per step),
@@ -118,6 +120,9 @@ class DistillSettings:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     output_loss_weight: float = 0.0
+    #: non-sequential only: probability that each depth plug is in place for the output-level term (1: all of
+    #: them; < 1: a random subset per step, at least one, so each plug also learns to work without the others)
+    output_loss_keep: float = 1.0
     gradient_checkpointing: bool = False
     #: ``auto`` (bf16 on CUDA, none on CPU) | ``no`` | ``bf16``
     mixed_precision: str = "auto"
@@ -144,6 +149,8 @@ class DistillSettings:
             raise PPCLError(f"checkpoint_every must be >= 1 (got {self.checkpoint_every})")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise PPCLError(f"learning rate must be positive (got {self.lr})")
+        if not 0 < self.output_loss_keep <= 1:
+            raise PPCLError(f"output_loss_keep must be in (0, 1] (got {self.output_loss_keep})")
 
 
 @dataclass
@@ -579,17 +586,35 @@ def unit_losses(
     return {s: plug_loss(out[s], target[s], eps) for s in out if s in target}
 
 
+def output_loss_units(units: list[Unit], keep: float, generator: torch.Generator) -> list[Unit]:
+    """The units in place for the output-level term of one step: every width / text_freeze unit and each depth
+    plug with probability ``keep`` (at least one plug). Plugs tied to a text_freeze (``freeze`` role) are always in
+    place: their roles assume the whole plan."""
+    plugs = [u for u in units if u.kind == "interval" and u.freeze is None]
+    if keep >= 1 or len(plugs) < 2:
+        return units
+    draw = torch.rand(len(plugs), generator=generator) < keep
+    if not bool(draw.any()):
+        draw[int(torch.randint(len(plugs), (1,), generator=generator))] = True
+    dropped = {u.name for u, d in zip(plugs, draw.tolist()) if not d}
+    return [u for u in units if u.name not in dropped]
+
+
 def nonsequential_losses(
-    adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], settings: DistillSettings
+    adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], settings: DistillSettings, step: int = 0
 ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor | None]:
-    """Per-unit, per-stream losses of one batch, every unit fed the TEACHER state entering it."""
+    """Per-unit, per-stream losses of one batch, every unit fed the TEACHER state entering it. The output-level
+    term (weight > 0) runs the student with the units of :func:`output_loss_units`, drawn from a generator seeded
+    by ``(seed, step)``: a resumed run draws what the uninterrupted one drew, and every rank draws the same."""
     full = settings.output_loss_weight > 0
     calls, outs, teacher_out = teacher_pass(adapter, model_inputs, units, full=full)
     losses = {u.name: unit_step_losses(u, calls, outs, settings.loss_eps, settings.gradient_checkpointing)
               for u in units}
     out_loss = None
     if full:
-        student_out, _ = _student_forward(adapter, model_inputs, units, capture=False)
+        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 7_919 + 104_729)
+        placed = output_loss_units(units, settings.output_loss_keep, g)
+        student_out, _ = _student_forward(adapter, model_inputs, placed, capture=False)
         out_loss = (student_out.float() - teacher_out.float()).pow(2).mean()
     return losses, out_loss
 
@@ -632,9 +657,10 @@ def _student_forward(
 
 
 def sequential_losses(
-    adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], settings: DistillSettings
+    adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], settings: DistillSettings, step: int = 0
 ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor | None]:
-    """The ablation: each unit fed what the student produced before it; loss at each unit's end."""
+    """The ablation: each unit fed what the student produced before it; loss at each unit's end (the output-level
+    term uses the same full student: ``output_loss_keep`` does not apply)."""
     full = settings.output_loss_weight > 0
     calls, outs, teacher_out = teacher_pass(adapter, model_inputs, units, full=full)
     student_out, captured = _student_forward(adapter, model_inputs, units, capture=True, stop_early=not full)
@@ -955,7 +981,7 @@ def distill(
             batch = next(stream)
             inputs = noised(batch, step)
             with accelerator.autocast():
-                losses, out_loss = loss_fn(adapter, inputs, units, settings)
+                losses, out_loss = loss_fn(adapter, inputs, units, settings, step=step)
             total = sum(v for per in losses.values() for v in per.values())
             if out_loss is not None:
                 total = total + settings.output_loss_weight * out_loss

@@ -70,6 +70,42 @@ def test_sequential_mode_and_output_loss_run(tiny_pipe_dir, tmp_path):
     assert [s for s, _ in seen] == [1, 2, 3] and all(v >= 0 for _, v in seen)
 
 
+def test_output_loss_subsets_keep_width_units_and_at_least_one_plug(tiny_pipe_dir):
+    from ppcl.distill import build_units, output_loss_units
+
+    pipe_dir = tiny_pipe_dir["flux"]
+    adapter = get_adapter(load_pipeline(pipe_dir))
+    units = build_units(adapter, make_plan(adapter, [[1, 2], [5, 6], [7, 8]],
+                                           width=[{"op": "ffn_linear", "block": 3, "stream": "image"}]))
+    plugs = {u.name for u in units if u.kind == "interval"}
+    assert output_loss_units(units, 1.0, torch.Generator().manual_seed(0)) == units
+    seen = set()
+    for seed in range(40):
+        placed = output_loss_units(units, 0.3, torch.Generator().manual_seed(seed))
+        names = {u.name for u in placed}
+        assert {u.name for u in units if u.kind != "interval"} <= names  # width units always in place
+        assert names & plugs  # never the bare teacher
+        assert [u.name for u in placed] == [u.name for u in units if u.name in names]  # order kept
+        assert placed == output_loss_units(units, 0.3, torch.Generator().manual_seed(seed))  # reproducible
+        seen.add(frozenset(names & plugs))
+    assert len(seen) > 3  # real, varying subsets are drawn (7 are possible)
+
+
+def test_output_loss_subsets_train_and_resume_exactly(tiny_pipe_dir, tmp_path):
+    pipe_dir = tiny_pipe_dir["flux"]
+    plan = write_plan(pipe_dir, "flux", tmp_path / "plan.json", width=[])
+    kw = {**FAST, "steps": 5, "checkpoint_every": 2, "output_loss_weight": 0.5, "output_loss_keep": 0.5}
+    seen = []
+    distill(str(pipe_dir), plan, tmp_path / "full", on_step=lambda s, m: seen.append(m["output_loss"]), **kw)
+    assert len(seen) == 5 and all(v >= 0 for v in seen)
+    distill(str(pipe_dir), plan, tmp_path / "cut", stop_after=3, **kw)
+    distill(str(pipe_dir), plan, tmp_path / "cut", resume=True, **kw)
+    assert (tmp_path / "full" / "plugs.safetensors").read_bytes() == (tmp_path / "cut" / "plugs.safetensors").read_bytes()
+    with pytest.raises(PPCLError, match="output_loss_keep must be in"):
+        distill(str(pipe_dir), plan, tmp_path / "bad", **{**kw, "output_loss_keep": 0.0})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_is_bit_identical(tiny_pipe_dir, tmp_path):
     pipe_dir = tiny_pipe_dir["flux"]
     plan = write_plan(pipe_dir, "flux", tmp_path / "plan.json")

@@ -73,6 +73,8 @@ class QualitySettings:
     timesteps: str = "logit_normal"
     #: method.md's optional output-level loss (teacher vs student velocity, every plug in place), same for every run
     output_loss_weight: float = 1.0
+    #: probability each plug is in place for the output-level term (``DistillSettings.output_loss_keep``)
+    output_loss_keep: float = 1.0
     eval_n: int = 512
     eval_steps: int = 10
     guidance: float = 3.0
@@ -312,7 +314,7 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     # ---- distillation runs, all with the same settings
     dkw = dict(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, timesteps=s.timesteps,
                seed=s.seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False,
-               output_loss_weight=s.output_loss_weight)
+               output_loss_weight=s.output_loss_weight, output_loss_keep=s.output_loss_keep)
     runs: dict[str, Path] = {}
     run_seconds: dict[str, float] = {}
     trained: dict[tuple, Path] = {}  # (intervals, settings) -> run: a plan two selectors agree on is trained once
@@ -472,7 +474,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Settings: {s['data_samples']} cached samples, probe {s['probe_samples']} x {s['probe_timesteps']}, "
         f"{s['steps']} distillation steps x batch {s['batch_size']} (lr {s['lr']:g}, {s['timesteps']}, "
-        f"output-level loss weight {s.get('output_loss_weight', 0.0):g}), "
+        f"output-level loss weight {s.get('output_loss_weight', 0.0):g}, plugs in place for it "
+        f"{s.get('output_loss_keep', 1.0):g}), "
         f"{s['eval_n']} evaluation prompts x {s['eval_steps']} steps, true CFG {s['guidance']:g}.",
         f"Time: {sec['total'] / 60:.1f} min wall ({result['cpu_seconds'] / 60:.1f} CPU-min, "
         f"{result['threads']} torch threads); data {sec['data']:.0f}s, probe {sec['probe']:.0f}s, "

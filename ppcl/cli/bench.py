@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--lr", type=float, default=None, help=f"learning rate of every run (default {d.lr:g})")
     q.add_argument("--output-loss-weight", type=float, default=None,
                    help=f"weight of the output-level loss in every run (default {d.output_loss_weight:g})")
+    q.add_argument("--output-loss-keep", type=float, default=None,
+                   help="probability each plug is in place for the output-level loss "
+                        f"(default {d.output_loss_keep:g})")
     q.add_argument("--rows", default=None,
                    help="comma-separated rows besides teacher and ppcl (default: all of "
                         f"{','.join(r for r in d.rows if r != 'ppcl')}); e.g. --rows ppcl for a settings sweep")
@@ -61,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.output_loss_weight < float("inf"):
             raise PPCLError(f"--output-loss-weight must be >= 0 (got {args.output_loss_weight})")
         s = dataclasses.replace(s, output_loss_weight=args.output_loss_weight)
+    if args.output_loss_keep is not None:
+        if not 0 < args.output_loss_keep <= 1:
+            raise PPCLError(f"--output-loss-keep must be in (0, 1] (got {args.output_loss_keep})")
+        s = dataclasses.replace(s, output_loss_keep=args.output_loss_keep)
     if args.rows is not None:
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
         unknown = [r for r in rows if r not in QualitySettings().rows]

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plain AdamW even where bitsandbytes is installed")
     parser.add_argument("--output-loss-weight", type=float, default=0.0,
                         help="weight of the output-level (velocity) loss; 0 = off (default)")
+    parser.add_argument("--output-loss-keep", type=float, default=1.0,
+                        help="probability each plug is in place for the output-level loss (default 1: all; "
+                             "< 1: a random subset per step, so plugs also learn to work alone)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute plug activations")
     parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                         help="auto (default): bf16 autocast on CUDA, none on CPU")
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, mode=args.mode, init=args.init, timesteps=args.timesteps, seed=args.seed,
         checkpoint_every=args.checkpoint_every, output_loss_weight=args.output_loss_weight,
+        output_loss_keep=args.output_loss_keep,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
         n_samples=args.n_samples, resolution=args.resolution,
     )
