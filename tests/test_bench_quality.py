@@ -87,6 +87,9 @@ def test_pipeline_generation_defaults_set_text_length(tiny_pipe_dir, tmp_path):
 @pytest.mark.parametrize("flag,value,message", [
     ("--lr", "0", "--lr must be a positive number"),
     ("--output-loss-weight", "-1", "--output-loss-weight must be >= 0"),
+    ("--output-loss-keep", "0", "--output-loss-keep must be in (0, 1]"),
+    ("--eval-n", "1", "--eval-n must be >= 2"),
+    ("--rows", "ppcl,nope", "--rows: unknown row 'nope'"),
 ])
 def test_bad_training_flags_are_one_line_errors(tmp_path, capsys, flag, value, message):
     assert main(["bench", "quality", "--smoke", flag, value, "--out", str(tmp_path / "q")]) == 2

@@ -41,6 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--no-keep-work", action="store_true", help="delete OUT/work at the end")
 
 
+#: overridable settings: (field, flag, check, what the check requires)
+_OVERRIDES = (
+    ("steps", "--steps", lambda v: v >= 1, "must be >= 1"),
+    ("batch_size", "--batch-size", lambda v: v >= 1, "must be >= 1"),
+    ("lr", "--lr", lambda v: 0 < v < float("inf"), "must be a positive number"),
+    ("output_loss_weight", "--output-loss-weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
+    ("output_loss_keep", "--output-loss-keep", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("eval_n", "--eval-n", lambda v: v >= 2, "must be >= 2 (FID needs two images)"),
+    ("threads", "--threads", lambda v: v >= 1, "must be >= 1"),
+)
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -48,40 +60,20 @@ def run(args: argparse.Namespace) -> int:
     from ppcl.errors import PPCLError
 
     s = QualitySettings.smoke() if args.smoke else QualitySettings()
-    if args.steps is not None:
-        if args.steps < 1:
-            raise PPCLError(f"--steps must be >= 1 (got {args.steps})")
-        s = dataclasses.replace(s, steps=args.steps)
-    if args.batch_size is not None:
-        if args.batch_size < 1:
-            raise PPCLError(f"--batch-size must be >= 1 (got {args.batch_size})")
-        s = dataclasses.replace(s, batch_size=args.batch_size)
-    if args.lr is not None:
-        if not args.lr > 0 or args.lr == float("inf"):
-            raise PPCLError(f"--lr must be a positive number (got {args.lr})")
-        s = dataclasses.replace(s, lr=args.lr)
-    if args.output_loss_weight is not None:
-        if not 0 <= args.output_loss_weight < float("inf"):
-            raise PPCLError(f"--output-loss-weight must be >= 0 (got {args.output_loss_weight})")
-        s = dataclasses.replace(s, output_loss_weight=args.output_loss_weight)
-    if args.output_loss_keep is not None:
-        if not 0 < args.output_loss_keep <= 1:
-            raise PPCLError(f"--output-loss-keep must be in (0, 1] (got {args.output_loss_keep})")
-        s = dataclasses.replace(s, output_loss_keep=args.output_loss_keep)
+    for field, flag, ok, what in _OVERRIDES:
+        value = getattr(args, field)
+        if value is None:
+            continue
+        if not ok(value):
+            raise PPCLError(f"{flag} {what} (got {value})")
+        s = dataclasses.replace(s, **{field: value})
     if args.rows is not None:
+        known = QualitySettings().rows
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-        unknown = [r for r in rows if r not in QualitySettings().rows]
+        unknown = [r for r in rows if r not in known]
         if unknown:
-            raise PPCLError(f"--rows: unknown row {unknown[0]!r} (expected some of {', '.join(QualitySettings().rows)})")
+            raise PPCLError(f"--rows: unknown row {unknown[0]!r} (expected some of {', '.join(known)})")
         s = dataclasses.replace(s, rows=tuple(["ppcl", *[r for r in rows if r != "ppcl"]]))
-    if args.eval_n is not None:
-        if args.eval_n < 2:
-            raise PPCLError(f"--eval-n must be >= 2 (FID needs two images; got {args.eval_n})")
-        s = dataclasses.replace(s, eval_n=args.eval_n)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise PPCLError(f"--threads must be >= 1 (got {args.threads})")
-        s = dataclasses.replace(s, threads=args.threads)
     result = run_quality(args.out, s, teacher=args.teacher, keep_work=not args.no_keep_work)
     from pathlib import Path
 
