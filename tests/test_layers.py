@@ -230,3 +230,25 @@ def test_dag_commands_live_in_the_dag_layer(command):
 
     assert COMMANDS[command] == f"ppcl_kfp.cli.{command}"
     assert COMMANDS[command] in MODULES
+
+
+def test_a_command_whose_module_is_not_installed_is_left_out(tmp_path, monkeypatch):
+    """ppcl without ppcl_kfp (the runtime image) still parses every other command; a missing dependency INSIDE
+    an installed command module is still an error, not a silently missing command."""
+    import sys
+
+    from ppcl import cli
+
+    (tmp_path / "ppcl_layers_probe_pkg").mkdir()
+    (tmp_path / "ppcl_layers_probe_pkg" / "__init__.py").write_text("")
+    (tmp_path / "ppcl_layers_probe_pkg" / "broken.py").write_text("import ppcl_layers_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "COMMANDS", {"tiny": "ppcl.cli.tiny", "pipeline": "ppcl_layers_absent.cli.pipeline"})
+    parser = cli.build_parser()
+    assert parser.parse_args(["tiny", "--arch", "flux", "--out", "x"]).command == "tiny"
+    with pytest.raises(SystemExit):  # not offered
+        parser.parse_args(["pipeline", "compile"])
+    monkeypatch.setattr(cli, "COMMANDS", {"broken": "ppcl_layers_probe_pkg.broken"})
+    with pytest.raises(ModuleNotFoundError, match="ppcl_layers_no_such_dependency"):
+        cli.build_parser()
+    sys.modules.pop("ppcl_layers_probe_pkg", None)
