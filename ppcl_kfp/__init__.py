@@ -6,6 +6,10 @@ and runs them (locally with kfp.local, or on a cluster), and :mod:`ppcl_kfp.cli`
 ``ppcl demo`` commands. It imports ppcl; ppcl never imports it (tests/test_layers.py): the ``ppcl`` dispatcher
 names these commands' modules as strings (see :mod:`ppcl.cli`).
 
+``ppcl cluster`` and ``ppcl bench`` stay in the library: neither touches components/ or pipelines/ (cluster
+renders manifests/ and the multi-node TrainJob that the distill stage itself submits; bench calls the library's
+stage functions directly, without KFP).
+
 Installed by the same pyproject as ppcl. ``components/`` and ``pipelines/`` themselves stay folders of the
 checkout, loaded by path (:data:`ppcl_kfp.dag.REPO_ROOT`).
 """
