@@ -29,7 +29,9 @@ WORKDIR /opt/ppcl
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 
 # Dependencies first (cached layer as long as pyproject/constraints do not change), then the package itself:
-# the same pins as a developer's `pip install -c constraints.txt -e .`.
+# the same pins as a developer's `pip install -c constraints.txt -e .`. Only the library: every step runs
+# `ppcl.stages`; ppcl_kfp (`ppcl pipeline`, `ppcl demo`) drives components/ and pipelines/ of a source checkout,
+# which the image does not hold, so the image's `ppcl --help` leaves those two commands out.
 COPY pyproject.toml constraints.txt README.md ./
 COPY ppcl ./ppcl
 COPY manifests/trainjob ./manifests/trainjob

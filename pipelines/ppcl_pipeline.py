@@ -25,7 +25,7 @@ from kfp import dsl, kubernetes
 
 from ppcl import cluster
 from ppcl.config import RunConfig
-from ppcl.kfp_local import load_component
+from ppcl_kfp.dag import load_component
 
 PIPELINE_NAME = "ppcl"
 GPU_STAGES = ("distill", "evaluate")
@@ -137,6 +137,6 @@ def make_pipeline(config: RunConfig | None = None, *, ratio_parallelism: int = 0
 
 
 if __name__ == "__main__":  # python pipelines/ppcl_pipeline.py -> pipelines/ppcl_pipeline.yaml
-    from ppcl.kfp_local import compile_pipeline
+    from ppcl_kfp.dag import compile_pipeline
 
     print(compile_pipeline())

@@ -83,7 +83,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ppcl.arch.common import Adapter, BlockCall, _StopForward, op_dict, split_output
+from ppcl.arch.common import Adapter, BlockCall, StopForward, op_dict, split_output
 from ppcl.atomic import atomic_path, write_json
 from ppcl.errors import PPCLError
 from ppcl.plugs import (
@@ -494,12 +494,12 @@ def teacher_pass(
         if i in ends:
             outs[i] = _detach(streams)
         if i == last and not full:
-            raise _StopForward
+            raise StopForward
         return None
 
     output = None
     with torch.no_grad(), adapter.hooks(on_input=on_input, on_output=on_output, indices=starts | ends):
-        with contextlib.suppress(_StopForward):  # the pass ends after the last interval: nothing later is needed
+        with contextlib.suppress(StopForward):  # the pass ends after the last interval: nothing later is needed
             output = adapter.forward(model_inputs)
     return calls, outs, output
 
@@ -645,13 +645,13 @@ def _student_forward(
         if i in at:
             captured[at[i]] = streams
         if stop_early and i == last:
-            raise _StopForward
+            raise StopForward
         return None
 
     output = None
     with StudentView(adapter, lists) as student:
         ctx = student.hooks(on_output=on_output, indices=set(at)) if capture else contextlib.nullcontext()
-        with ctx, contextlib.suppress(_StopForward):
+        with ctx, contextlib.suppress(StopForward):
             output = student.forward(model_inputs)
     return output, captured
 

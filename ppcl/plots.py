@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ppcl.atomic import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ppcl.probe import ProbeResult
+    from ppcl.probe_result import ProbeResult
 
 
 def _pyplot():

@@ -3,7 +3,9 @@
 A *depth plug* replaces the teacher blocks ``s..e`` of one interval by ONE block of the same class, a deep copy of
 teacher block ``adapter.plug_source(s, e, init)`` (method.md section 2), so it is called with exactly the arguments
 the teacher's block ``s`` received. A *width plug* is a teacher block rebuilt by the adapter with some sub-modules
-replaced by residual linear maps ``y = x + W x + b`` (method.md section 3; see ``Adapter.width_block``).
+replaced by residual linear maps ``y = x + W x + b`` (method.md section 3; see ``Adapter.apply_width_op``). Those
+stand-in modules (``ResidualLinear``, ``ZeroBranch``) live in :mod:`ppcl.arch.common`: a saved width-pruned
+transformer is built from them, so they belong to the adapter protocol, below this module.
 
 The loss (method.md section 2), per stream, for ``a``, ``b`` of shape ``(B, N, D)``::
 
@@ -198,29 +200,3 @@ class NormalEquations:
         reg[:d, :d] = torch.eye(d, dtype=torch.float64) * ridge * (self.A.diagonal()[:d].mean().clamp_min(1e-12))
         sol = torch.linalg.solve(self.A + reg, self.C)  # (D+1, D_out)
         return sol[:d].T.contiguous(), sol[d].contiguous()
-
-
-class ResidualLinear(nn.Module):
-    """``y = x + W x + b`` over the last axis; ``W`` starts at zero (identity map) until fitted."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, dim, bias=True)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(x)
-
-    @torch.no_grad()
-    def set_solution(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        self.proj.weight.copy_(weight.to(self.proj.weight.dtype))
-        self.proj.bias.copy_(bias.to(self.proj.bias.dtype))
-
-
-class ZeroBranch(nn.Module):
-    """Stands for a removed residual branch (an FFN, an output projection): returns zeros shaped like its input,
-    so ``x + gate * branch(...)`` is exactly ``x``. Holds no parameters."""
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(x)

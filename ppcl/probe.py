@@ -58,139 +58,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ppcl.errors import PPCLError, first_field_error
+from ppcl.errors import PPCLError
 
-PROBE_VERSION = 1
+# probe.json's schema lives in ppcl.probe_result, below this module and ppcl.plots (which draws a result); its
+# reader and version are re-exported here because readers of probe.json know them as ppcl.probe's
+from ppcl.probe_result import PROBE_VERSION, load_probe  # noqa: F401
+from ppcl.probe_result import BlockProbe, Calibration, CKAMatrix, IntervalProbe, ProbeResult, Projection, StreamStats
+
 STREAMS: tuple[str, ...] = ("image", "text")
 HSIC_ESTIMATOR = "minibatch_unbiased_hsic_linear"
 DEFAULT_MAX_INTERVAL = 12
 DEFAULT_MAX_MOMENT_BYTES = 4 * 2**30
-
-
-# ---------------------------------------------------------------------------------------------------- schema
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StreamStats(_Model):
-    """One block's statistics on one stream (None where undefined, e.g. a constant state)."""
-
-    cka: float | None
-    r2: float | None
-    probe_cka: float | None
-    cosine: float | None
-    trend: float | None
-
-
-class BlockProbe(_Model):
-    """One teacher block. Top-level numbers are the mean over the streams the block maps (``streams``)."""
-
-    index: int
-    kind: str
-    list_name: str
-    params: int
-    streams: list[str]
-    cka: float | None
-    r2: float | None
-    probe_cka: float | None
-    cosine: float | None
-    trend: float | None
-    per_stream: dict[str, StreamStats]
-
-
-class IntervalProbe(_Model):
-    """The probe ``h_{end+1} ~ h_start + W h_start + b`` over blocks ``start..end`` (inclusive, ``start < end``)."""
-
-    start: int
-    end: int
-    r2: float | None
-    probe_cka: float | None
-    cka: float | None
-    per_stream: dict[str, dict[str, float | None]]
-
-
-class Calibration(_Model):
-    source: str  # "synthetic" or "cache"
-    data: str | None = None
-    samples: int
-    batch_size: int
-    resolution: int | None = None
-    timesteps: int
-    sigmas: list[float]  # the (shifted) noise levels of the first batch; one per timestep
-    seed: int
-    forwards: int
-    tokens: dict[str, int]  # rows accumulated per stream
-
-
-class Projection(_Model):
-    exact: bool
-    dim: int  # the feature width the moments live in (== model width when exact)
-    model_dim: int
-    seed: int
-    kind: str = "gaussian_jl"
-
-
-class CKAMatrix(_Model):
-    estimator: str
-    description: str
-    states: str  # which states the rows/columns are
-    tokens_per_forward: int
-    matrices: dict[str, list[list[float | None]]]
-
-
-class ProbeResult(_Model):
-    """``probe.json``. Block indices are 0-based execution order (method.md vocabulary)."""
-
-    version: int = PROBE_VERSION
-    family: str
-    model: str
-    total_params: int
-    calibration: Calibration
-    projection: Projection
-    ridge: float
-    max_interval: int
-    blocks: list[BlockProbe]
-    cka_matrix: CKAMatrix
-    #: per stream, ``(L+1) x (L+1)`` mean angular distance ``arccos(cos)/pi`` between states h_i, h_j.
-    angular: dict[str, list[list[float | None]]]
-    #: per stream, ``(L+1) x (L+1)`` mean token cosine between states h_i, h_j.
-    cosine_matrix: dict[str, list[list[float | None]]]
-    intervals: list[IntervalProbe]
-    #: ``[start, end, mode, source]`` where the family's plug source differs from the generic middle/first/last
-    #: rule (SD3: an interval reaching the last block is initialised from it), so selection is exact without a model.
-    plug_source_exceptions: list[list[int | str]] = Field(default_factory=list)
-
-    def interval(self, start: int, end: int) -> IntervalProbe | None:
-        for iv in self.intervals:
-            if iv.start == start and iv.end == end:
-                return iv
-        return None
-
-
-def load_probe(path: str | Path) -> ProbeResult:
-    """Read and validate a probe.json; a bad file -> PPCLError naming the file and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise PPCLError(f"probe file not found: {path}")
-    try:
-        result = ProbeResult.model_validate_json(path.read_text())
-    except ValidationError as e:
-        where, msg = first_field_error(e)
-        raise PPCLError(f"invalid probe file {path}: field {where}: {msg}") from None
-    except ValueError as e:
-        raise PPCLError(f"invalid probe file {path}: {e}") from None
-    from ppcl.arch import FAMILIES
-
-    if result.family not in FAMILIES:
-        raise PPCLError(f"invalid probe file {path}: field family: unknown family '{result.family}' "
-                        f"(expected one of {', '.join(FAMILIES)})")
-    if result.version != PROBE_VERSION:
-        raise PPCLError(f"invalid probe file {path}: version {result.version}, expected {PROBE_VERSION}")
-    if len(result.blocks) < 2:
-        raise PPCLError(f"invalid probe file {path}: field blocks: needs at least 2 blocks")
-    return result
 
 
 # ------------------------------------------------------------------------------------- reference formulas

@@ -11,7 +11,7 @@ import pytest
 
 from ppcl import cluster
 from ppcl.config import DEMO_DEFAULTS, STAGES, merge, validate_config
-from ppcl.kfp_local import COMPONENTS_DIR, compile_components
+from ppcl_kfp.dag import COMPONENTS_DIR, compile_components
 
 #: Smaller than the demo: the reuse tests only need each stage to produce its artifact.
 TINY = merge(DEMO_DEFAULTS, {
@@ -80,7 +80,7 @@ def kfp_local(tmp_path):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
     original_print = builtins.print
     yield tmp_path / "kfp"
-    builtins.print = original_print  # kfp.local can leave its indenting print installed (see ppcl.kfp_local)
+    builtins.print = original_print  # kfp.local can leave its indenting print installed (see ppcl_kfp.dag)
 
 
 def _run(pipeline_func, root: Path) -> Path:
@@ -102,7 +102,7 @@ def _importer(uri: str, cls):
 def test_shard_alone(previous_run, kfp_local):
     from kfp import dsl
 
-    from ppcl.kfp_local import load_component
+    from ppcl_kfp.dag import load_component
 
     source = str(previous_run["root"] / "data-synth-source")  # the imagefolder the previous run synthesised
     shard = load_component("shard")
@@ -121,7 +121,7 @@ def test_encode_alone(previous_run, kfp_local):
     from kfp import dsl
     from kfp.dsl import Dataset
 
-    from ppcl.kfp_local import load_component
+    from ppcl_kfp.dag import load_component
 
     encode = load_component("encode")
 
@@ -139,7 +139,7 @@ def test_probe_alone(previous_run, kfp_local):
     from kfp import dsl
     from kfp.dsl import Dataset
 
-    from ppcl.kfp_local import load_component
+    from ppcl_kfp.dag import load_component
 
     probe = load_component("probe")
 
@@ -158,7 +158,7 @@ def test_select_alone(previous_run, kfp_local):
     from kfp import dsl
     from kfp.dsl import Artifact
 
-    from ppcl.kfp_local import load_component
+    from ppcl_kfp.dag import load_component
 
     select = load_component("select")
 
@@ -176,7 +176,7 @@ def test_distill_alone(previous_run, kfp_local):
     from kfp import dsl
     from kfp.dsl import Artifact, Dataset
 
-    from ppcl.kfp_local import load_component
+    from ppcl_kfp.dag import load_component
 
     distill = load_component("distill")
 
@@ -197,7 +197,7 @@ def test_export_and_evaluate_alone(previous_run, kfp_local):
     from kfp import dsl
     from kfp.dsl import Artifact, Model
 
-    from ppcl.kfp_local import load_component
+    from ppcl_kfp.dag import load_component
 
     export, evaluate = load_component("export"), load_component("evaluate")
     settings = previous_run["config"].stage_settings("evaluate")
@@ -226,7 +226,7 @@ def test_report_alone(previous_run, kfp_local, tmp_path):
     from kfp import dsl
     from kfp.dsl import Artifact
 
-    from ppcl.kfp_local import load_component
+    from ppcl_kfp.dag import load_component
 
     # two evaluation folders, as a ratio loop would leave them
     folders = []

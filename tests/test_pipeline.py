@@ -13,7 +13,7 @@ import yaml
 
 from ppcl import cluster
 from ppcl.cli import main
-from ppcl.kfp_local import PIPELINE_YAML, compile_pipeline
+from ppcl_kfp.dag import PIPELINE_YAML, compile_pipeline
 
 FAKE_SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIA-FAKE-KEY-ID-0042",
@@ -185,7 +185,7 @@ def test_submit_errors_are_one_line(tmp_path, capsys):
 def test_full_dag_runs_locally_and_produces_every_artifact(tmp_path, tiny_pipe_dir, capsys, monkeypatch):
     """The whole DAG through kfp.local on a tiny FLUX: plan, plugs, one pruned model + evaluation per ratio,
     report. Kept as small as the stages allow (it is the slowest test of the suite)."""
-    from ppcl.kfp_local import find_outputs
+    from ppcl_kfp.dag import find_outputs
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ppcl.arch import get_adapter
-from ppcl.arch.common import split_output
+from ppcl.arch.common import ResidualLinear, split_output
 from ppcl.errors import PPCLError
-from ppcl.plugs import NormalEquations, ResidualLinear, plug_loss
+from ppcl.plugs import NormalEquations, plug_loss
 from ppcl.arch.tiny import tiny_transformer
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -218,14 +217,14 @@ def test_ppcl_thresholds_steer_the_choice():
         select(probe, method="ppcl", remove_blocks=3, break_cost=-1.0)
 
 
-REFERENCE_TEACHER = Path(__file__).resolve().parents[1] / "ppcl" / "bench" / "assets" / "reference-teacher"
-
-
-@pytest.mark.skipif(not (REFERENCE_TEACHER / "model_index.json").exists(), reason="no reference teacher")
 def test_ppcl_on_the_reference_teacher_reaches_what_other_selectors_reach(tmp_path):
     """The benchmark's teacher (FLUX, 6 dual + 10 single blocks): ppcl used to stop above the budget at keep 0.5
     (its greedy cover stranded isolated blocks); it must meet any budget some selector meets."""
+    from ppcl.bench import REFERENCE_TEACHER
     from ppcl.probe import run_probe
+
+    # committed with the source: missing means a broken checkout, which must fail, not skip
+    assert (REFERENCE_TEACHER / "model_index.json").is_file(), f"committed asset missing: {REFERENCE_TEACHER}"
 
     torch.set_num_threads(1)
     probe = run_probe(str(REFERENCE_TEACHER), tmp_path / "probe", samples=16, timesteps=2, resolution=32,

@@ -215,7 +215,7 @@ def test_no_credential_in_params_tags_logs_or_compiled_pipeline(pipeline, runs, 
     for s in secrets:
         assert not any(s in t for t in texts)
     # the compiled pipeline: compiled with the credentials in the environment, none of them in the YAML
-    from ppcl.kfp_local import PIPELINE_YAML, compile_pipeline
+    from ppcl_kfp.dag import PIPELINE_YAML, compile_pipeline
 
     for k, v in pipeline["s3"].env.items():
         monkeypatch.setenv(k, v)

@@ -113,7 +113,7 @@ def count_parameters(module: nn.Module) -> int:
     return total
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised inside a hook to end a forward early once what we need is captured."""
 
 
@@ -235,10 +235,10 @@ class Adapter(ABC):
 
         def grab(i, call):
             captured["call"] = call
-            raise _StopForward
+            raise StopForward
 
         with self.hooks(on_input=grab, indices={0}):
-            with contextlib.suppress(_StopForward):  # raised by ``grab`` once block 0's call is captured
+            with contextlib.suppress(StopForward):  # raised by ``grab`` once block 0's call is captured
                 self.forward(model_inputs)
         return captured["call"]
 
@@ -395,8 +395,6 @@ class Adapter(ABC):
             raise PPCLError(f"width op '{kind}' is not supported: expected one of {', '.join(WIDTH_OPS)}")
         stream = _op_field(op, "stream", "image")
         name = _adapter_ffn_check(self, block, stream, f"width op ffn_linear on block {_op_field(op, 'block')}")
-        from ppcl.plugs import ResidualLinear, ZeroBranch
-
         ffn = getattr(block, name)
         if isinstance(ffn, ZeroBranch):
             raise PPCLError(f"width op ffn_linear on block {_op_field(op, 'block')} {stream}: the {stream} FFN is "
@@ -419,8 +417,6 @@ class Adapter(ABC):
         shift/scale, gates 0), its text FFN and text attention output projection become :class:`ZeroBranch`, so
         the stock forward returns the text state it was given, exactly; the last member also gets the residual
         projection ``ppcl_proj["text"]`` applied to its text output."""
-        from ppcl.plugs import ResidualLinear, ZeroBranch
-
         where = f"width op text_freeze {list(_op_field(op, 'interval') or [])}"
         if not members:
             raise PPCLError(f"{where}: no block to freeze (needs start < end)")
@@ -565,6 +561,33 @@ def copy_attention_modulation(dst: nn.Linear, src: nn.Linear, dim: int) -> None:
             dst.bias.copy_(src.bias[: 2 * dim])
 
 
+class ResidualLinear(nn.Module):
+    """``y = x + W x + b`` over the last axis; ``W`` starts at zero (identity map) until fitted
+    (:class:`ppcl.plugs.NormalEquations` gives the least-squares ``W``, ``b``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=True)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(x)
+
+    @torch.no_grad()
+    def set_solution(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.proj.weight.copy_(weight.to(self.proj.weight.dtype))
+        self.proj.bias.copy_(bias.to(self.proj.bias.dtype))
+
+
+class ZeroBranch(nn.Module):
+    """Stands for a removed residual branch (an FFN, an output projection): returns zeros shaped like its input,
+    so ``x + gate * branch(...)`` is exactly ``x``. Holds no parameters."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
 class FrozenTextAdaLNZero(nn.Module):
     """Stands for a text-frozen block's ``AdaLayerNormZero`` text modulation (FLUX dual, SD3 joint blocks).
 
@@ -644,13 +667,15 @@ def _adapter_ffn_check(adapter: "Adapter", block: nn.Module, stream: str, where:
     return name
 
 
-def width_transformer_class(base: type, name: str, module: str) -> type:
-    """A config-registered subclass of the stock transformer ``base`` with an extra config field ``width_ops``.
+def width_transformer_class(adapter: type[Adapter], name: str, module: str) -> type:
+    """A config-registered subclass of the family's stock transformer (``adapter.transformer_class``) with an
+    extra config field ``width_ops``.
 
     ``width_ops`` is a list of op dicts whose ``block`` / ``interval`` are execution indices IN THIS (pruned) model;
-    the constructor builds the stock model, then converts those blocks (:meth:`Adapter.apply_width_ops`), so
+    the constructor builds the stock model, then converts those blocks (``adapter(self).apply_width_ops``), so
     ``from_pretrained`` round-trips and ``get_adapter`` still detects the family (it is a subclass).
     """
+    base = adapter.transformer_class
     base_sig = inspect.signature(base.__init__)
     params = [p for p in base_sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     params.append(inspect.Parameter("width_ops", inspect.Parameter.KEYWORD_ONLY, default=None))
@@ -659,9 +684,7 @@ def width_transformer_class(base: type, name: str, module: str) -> type:
         base.__init__(self, *args, **kwargs)
         ops = [op_dict(op) for op in (width_ops or [])]
         self.register_to_config(width_ops=ops)
-        from ppcl.arch import get_adapter
-
-        get_adapter(self).apply_width_ops(ops)
+        adapter(self).apply_width_ops(ops)
 
     __init__.__signature__ = base_sig.replace(parameters=params)
     cls = type(name, (base,), {"__init__": __init__, "__module__": module, "__qualname__": name})

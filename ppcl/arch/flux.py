@@ -138,4 +138,4 @@ class FluxAdapter(Adapter):
 from diffusers import ModelMixin  # noqa: E402,F401
 
 #: FLUX transformer with width operations (config field ``width_ops``); exported by ``ppcl export``.
-PPCLFluxTransformer2DModel = width_transformer_class(FluxTransformer2DModel, "PPCLFluxTransformer2DModel", __name__)
+PPCLFluxTransformer2DModel = width_transformer_class(FluxAdapter, "PPCLFluxTransformer2DModel", __name__)

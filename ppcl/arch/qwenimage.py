@@ -147,5 +147,5 @@ from diffusers import ModelMixin  # noqa: E402,F401
 
 #: Qwen-Image transformer with width operations (config field ``width_ops``); exported by ``ppcl export``.
 PPCLQwenImageTransformer2DModel = width_transformer_class(
-    QwenImageTransformer2DModel, "PPCLQwenImageTransformer2DModel", __name__
+    QwenImageAdapter, "PPCLQwenImageTransformer2DModel", __name__
 )

@@ -115,4 +115,4 @@ class SD3Adapter(Adapter):
 from diffusers import ModelMixin  # noqa: E402,F401
 
 #: SD3 transformer with width operations (config field ``width_ops``); exported by ``ppcl export``.
-PPCLSD3Transformer2DModel = width_transformer_class(SD3Transformer2DModel, "PPCLSD3Transformer2DModel", __name__)
+PPCLSD3Transformer2DModel = width_transformer_class(SD3Adapter, "PPCLSD3Transformer2DModel", __name__)

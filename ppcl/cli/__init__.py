@@ -1,9 +1,16 @@
 """The ``ppcl`` command.
 
-Each subcommand lives in its own module ``ppcl/cli/<name>.py`` exposing ``HELP`` (one line),
-``add_arguments(parser)`` and ``run(args) -> int``. Modules import heavy libraries (torch, diffusers, kfp)
+Each subcommand lives in its own module exposing ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``: ``ppcl/cli/<name>.py`` for the library's commands, ``ppcl_kfp/cli/<name>.py`` for those
+that drive the Kubeflow DAG (``pipeline``, ``demo``). Modules import heavy libraries (torch, diffusers, kfp)
 inside ``run`` only, so ``ppcl --help`` stays instant. A :class:`ppcl.errors.PPCLError` raised anywhere
 becomes one line on stderr and exit status 2.
+
+Why :data:`COMMANDS` holds full module paths as strings: the ``ppcl`` command is the one place where the
+library and the DAG layer above it (``ppcl_kfp``, which imports ppcl) meet. Naming the DAG commands' modules
+as strings, imported only when the parser is built, keeps ppcl/ free of any import of the layer above
+(tests/test_layers.py), and a command whose module is not installed (ppcl without ppcl_kfp, as in the runtime
+image) is left out of ``ppcl --help`` instead of breaking every other command.
 """
 
 from __future__ import annotations
@@ -12,32 +19,36 @@ import argparse
 import importlib
 import sys
 
-# name -> module under ppcl.cli; order is the order shown by --help.
+# name -> module that implements it; order is the order shown by --help.
 COMMANDS: dict[str, str] = {
-    "tiny": "tiny",
-    "synth": "synth",
-    "shard": "shard",
-    "encode": "encode",
-    "probe": "probe",
-    "select": "select",
-    "plan": "plan",
-    "distill": "distill",
-    "export": "export",
-    "evaluate": "evaluate",
-    "report": "report",
-    "pipeline": "pipeline",
-    "demo": "demo",
-    "compare": "compare",
-    "bench": "bench",
-    "cluster": "cluster",
+    "tiny": "ppcl.cli.tiny",
+    "synth": "ppcl.cli.synth",
+    "shard": "ppcl.cli.shard",
+    "encode": "ppcl.cli.encode",
+    "probe": "ppcl.cli.probe",
+    "select": "ppcl.cli.select",
+    "plan": "ppcl.cli.plan",
+    "distill": "ppcl.cli.distill",
+    "export": "ppcl.cli.export",
+    "evaluate": "ppcl.cli.evaluate",
+    "report": "ppcl.cli.report",
+    "pipeline": "ppcl_kfp.cli.pipeline",
+    "demo": "ppcl_kfp.cli.demo",
+    "compare": "ppcl.cli.compare",
+    "bench": "ppcl.cli.bench",
+    "cluster": "ppcl.cli.cluster",
 }
 
 
 def _load(name: str):
+    """The module of command ``name``, or None when it (or its package) is not installed."""
+    module = COMMANDS[name]
     try:
-        return importlib.import_module(f"ppcl.cli.{COMMANDS[name]}")
+        return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name == f"ppcl.cli.{COMMANDS[name]}":
+        # only the command's own module (or a package above it) missing means "not part of this install";
+        # a missing dependency inside it is a real error
+        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
             return None
         raise
 

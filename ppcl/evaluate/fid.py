@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import warnings
@@ -166,9 +167,8 @@ def load_extractor(spec: str | None, clip: tuple | None = None, clip_name: str |
         path = Path(spec.split(":", 1)[1]).expanduser()
         if not path.is_file():
             raise PPCLError(f"Inception weights not found: {path}")
-        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-
-        if not _TORCH_FIDELITY_AVAILABLE:
+        # torchmetrics' Inception FID runs on torch-fidelity: ask for the package, not for torchmetrics' private flag
+        if importlib.util.find_spec("torch_fidelity") is None:
             raise PPCLError("--fid-features inception:PATH needs torch-fidelity, which cannot be imported here; "
                             "name a feature module instead (pkg.mod:factory or clip)")
         return FeatureExtractor("inception-v3-compat-2048", file_sha256(path), None, str(path), 2048)

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _compile(args: argparse.Namespace) -> int:
     from ppcl.config import load_config
-    from ppcl.kfp_local import compile_components, compile_pipeline
+    from ppcl_kfp.dag import compile_components, compile_pipeline
 
     config = load_config(args.config) if args.config else None
     if args.components:
@@ -46,7 +46,7 @@ def _run_local(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ppcl.config import load_config
-    from ppcl.kfp_local import find_outputs, new_run_id, prepare_run_dir, run_local
+    from ppcl_kfp.dag import find_outputs, new_run_id, prepare_run_dir, run_local
 
     config = load_config(args.config)
     run_dir = prepare_run_dir(config, Path(config.run_root) / (args.run_id or new_run_id(config.name)))
@@ -64,7 +64,7 @@ def submit(config, host: str, *, experiment: str | None = None, namespace: str |
     import kfp
 
     from ppcl.errors import PPCLError
-    from ppcl.kfp_local import load_pipeline_module, new_run_id
+    from ppcl_kfp.dag import load_pipeline_module, new_run_id
 
     if not config.data.source:
         raise PPCLError("config: field 'data.source' is required to submit (a cluster has no synthetic default)")

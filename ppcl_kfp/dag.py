@@ -1,4 +1,4 @@
-"""Glue between the ``ppcl`` command and the KFP layers: load components/pipeline, compile, run locally.
+"""The DAG of the checkout: load components/ and pipelines/, compile them, run the DAG locally.
 
 ``components/`` and ``pipelines/`` are folders of the source checkout, not Python packages (they are what a
 KFP user copies or loads by path), so they are imported by file path from :data:`REPO_ROOT`.

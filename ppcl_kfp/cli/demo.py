@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ppcl.config import DEMO_DEFAULTS, merge, read_config_file, validate_config
-    from ppcl.kfp_local import find_outputs, new_run_id, prepare_run_dir, run_local
+    from ppcl_kfp.dag import find_outputs, new_run_id, prepare_run_dir, run_local
 
     t0 = time.perf_counter()
     data = merge(DEMO_DEFAULTS, read_config_file(args.config) if args.config else {})
