@@ -547,14 +547,17 @@ def _transfer_manager(client, threshold: int, part_size: int):
 
 
 def _file_digests(local: Path, part_size: int | None) -> tuple[str, str, list[bytes]]:
-    """One pass over ``local``: (sha256 hex, md5 hex of the whole, md5 digest of each ``part_size`` part)."""
+    """One pass over ``local``: (sha256 hex, md5 hex of the whole file, md5 digest of each ``part_size`` part).
+    With ``part_size`` None only the whole file's md5 is computed, with a part size only the parts' (the
+    expected ETag of a single PUT or of a multipart upload)."""
     sha, whole, parts = hashlib.sha256(), hashlib.md5(usedforsecurity=False), []
     part = hashlib.md5(usedforsecurity=False)
     filled = 0
     with open(local, "rb") as f:
         while chunk := f.read(_CHUNK):
             sha.update(chunk)
-            whole.update(chunk)
+            if not part_size:
+                whole.update(chunk)
             while chunk and part_size:
                 take = chunk[: part_size - filled]
                 part.update(take)
