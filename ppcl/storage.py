@@ -604,8 +604,9 @@ def upload_file(
     multipart = nbytes >= threshold
     # The transfer manager raises a part size below S3's 5 MiB minimum, or one that would need > 10,000 parts.
     part = ChunksizeAdjuster().adjust_chunksize(max(PART_SIZE if part_size is None else part_size, 1), nbytes)
-    computed, md5_whole, part_md5s = _file_digests(local, part if multipart else None)
-    digest = sha256 or computed
+    digest, md5_whole, part_md5s = _file_digests(local, part if multipart else None)
+    if sha256 is not None and sha256 != digest:
+        raise PPCLError(f"cannot upload {local} to {uri}: its sha256 is {digest}, not the {sha256} recorded for it")
     client = s3_client()
 
     def send() -> None:
@@ -616,13 +617,18 @@ def upload_file(
         _retry(send, attempts=retries, backoff_s=backoff_s)
         # End-to-end check: what the server now holds under the final key is our file.
         r = client.head_object(Bucket=path.bucket, Key=path.key)
-    if r["ContentLength"] != nbytes or r.get("Metadata", {}).get("sha256") != digest:
-        raise PPCLError(f"upload to {uri} failed verification: size or sha256 differs from {local}")
     etag = r.get("ETag", "").strip('"')
     expected = (f"{hashlib.md5(b''.join(part_md5s), usedforsecurity=False).hexdigest()}-{len(part_md5s)}"
                 if multipart else md5_whole)  # fmt: skip
-    if _etag_is_md5(etag.split("-")[0]) and ("-" in etag) == multipart and etag != expected:
-        raise PPCLError(f"upload to {uri} failed verification: ETag {etag} != {expected}")
+    problem = None
+    if r["ContentLength"] != nbytes or r.get("Metadata", {}).get("sha256") != digest:
+        problem = f"size or sha256 differs from {local}"
+    elif _etag_is_md5(etag.split("-")[0]) and ("-" in etag) == multipart and etag != expected:
+        problem = f"ETag {etag} != {expected}"
+    if problem:  # a complete but wrong object must not stay where readers look for it
+        with contextlib.suppress(Exception):
+            client.delete_object(Bucket=path.bucket, Key=path.key)
+        raise PPCLError(f"upload to {uri} failed verification: {problem}")
     return digest
 
 

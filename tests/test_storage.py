@@ -193,3 +193,17 @@ def test_stalled_endpoint_reports_within_budget(monkeypatch):
     finally:
         srv.close()
     assert time.monotonic() - t0 < 2 * 1 + 2 + 1  # attempts x timeout + botocore's backoff (<= 2 s) + slack
+
+
+def test_object_failing_final_verification_is_removed(s3, tmp_path, monkeypatch):
+    """Complete but not what we sent (the assembled multipart ETag differs): removed, never left for readers."""
+    bucket = s3.make_bucket("verify")
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(11 * MiB))
+    real = storage._file_digests
+    monkeypatch.setattr(storage, "_file_digests", lambda p, n: (*real(p, n)[:2], [b"\0" * 16] * 3))
+    with pytest.raises(PPCLError, match=r"upload to s3://verify/f.bin failed verification: ETag .*-3 != "):
+        storage.upload_file(src, f"{bucket}/f.bin", multipart_threshold=5 * MiB, part_size=5 * MiB)
+    assert not storage.exists(f"{bucket}/f.bin")
+    with pytest.raises(PPCLError, match="its sha256 is"):
+        storage.upload_file(src, f"{bucket}/f.bin", sha256="0" * 64)
