@@ -13,9 +13,10 @@ holds one (:func:`refuse_uri_credentials`): the CLI checks every flag, the confi
 
 Dead services fail fast (design choice: a stalled endpoint must not hold a GPU job silently for minutes).
 ``PPCL_S3_TIMEOUT`` (seconds, default 10) bounds the TCP connect and every socket read; ``PPCL_S3_MAX_ATTEMPTS``
-(default 4) is botocore's "standard" retry budget per request (throttling, 5xx, connection errors and timeouts,
-exponential backoff of at most 2 + 4 + 8 s). A dead or stalled endpoint therefore gives a one-line error naming
-the endpoint within attempts x timeout + backoff = 54 s at the defaults. No retry loop of ours sits on top of
+(default 3, botocore's own default) is botocore's "standard" retry budget per request (throttling, 5xx, connection
+errors and timeouts; exponential backoff of at most 2 + 4 s). A dead or stalled endpoint therefore gives a one-line
+error naming the endpoint within attempts x timeout + backoff = 36 s at the defaults (measured: 54 s with 4
+attempts, 2 s for a port with nothing listening). No retry loop of ours sits on top of
 botocore's for those errors: ours re-sends only what botocore cannot see (a checksum mismatch, a response body
 cut off after the headers arrived).
 
@@ -186,8 +187,8 @@ def s3_timeout() -> float:
 
 
 def s3_max_attempts() -> int:
-    """botocore attempts per request (``PPCL_S3_MAX_ATTEMPTS``, default 4; see the module docstring)."""
-    return int(_env_number("PPCL_S3_MAX_ATTEMPTS", 4, int))
+    """botocore attempts per request (``PPCL_S3_MAX_ATTEMPTS``, default 3; see the module docstring)."""
+    return int(_env_number("PPCL_S3_MAX_ATTEMPTS", 3, int))
 
 
 def s3_concurrency() -> int:
