@@ -307,7 +307,7 @@ def _translate(exc: BaseException, path: S3Path, action: str) -> PPCLError:
         what = "closed the connection" if isinstance(exc, ConnectionClosedError) else "did not answer"
         return PPCLError(
             f"cannot {action} {path}: S3 endpoint {where} {what} within {s3_timeout():g} s "
-            f"({s3_max_attempts()} attempts; check PPCL_S3_ENDPOINT / AWS_ENDPOINT_URL, or raise PPCL_S3_TIMEOUT)"
+            f"({s3_max_attempts()} attempt{'s' * (s3_max_attempts() != 1)}; check PPCL_S3_ENDPOINT / AWS_ENDPOINT_URL, or raise PPCL_S3_TIMEOUT)"
         )
     if isinstance(exc, EndpointConnectionError):
         where = endpoint_url() or "the AWS default endpoint"

@@ -181,10 +181,10 @@ def failure_reason(exc: BaseException, uri: str) -> str:
     tries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0") or 0) + 1
     hint = "check --tracking-uri / MLFLOW_TRACKING_URI"
     if re.search(r"timed? ?out|ReadTimeout|ConnectTimeout", text, re.I):
-        return (f"MLflow server {uri} did not answer within {timeout} s ({tries} attempts; {hint}, "
+        return (f"MLflow server {uri} did not answer within {timeout} s ({tries} attempt{'s' * (tries != 1)}; {hint}, "
                 "or raise PPCL_MLFLOW_TIMEOUT)")
     if re.search(r"Connection refused|Failed to establish|NewConnectionError|Name or service not known", text):
-        return f"MLflow server {uri} is unreachable (connection refused after {tries} attempts; {hint})"
+        return f"MLflow server {uri} is unreachable (connection refused after {tries} attempt{'s' * (tries != 1)}; {hint})"
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
