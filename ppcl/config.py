@@ -261,6 +261,9 @@ def validate_config(data: dict[str, Any], *, source: str = "config") -> RunConfi
     """Validate a config mapping; a bad one raises PPCLError naming ``source`` and the first bad field."""
     if not isinstance(data, dict):
         raise PPCLError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    from ppcl.storage import refuse_uri_credentials
+
+    refuse_uri_credentials(data, f"{source}: field")  # every URI-valued field (teacher, data.source, mlflow_uri)
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:

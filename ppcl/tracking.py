@@ -32,6 +32,13 @@ Security: parameters and tags pass through :func:`scrub`: a key that looks like 
 (secret/password/token/...key) has its value replaced, and any occurrence of a credential value from the
 environment (AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, ...) or of user:password in a URI is masked.
 
+Dead servers fail fast (design choice): MLflow's HTTP client retries 7 times with backoff factor 2 and a 120 s
+timeout by default, so a stalled server held a stage silently for minutes. :func:`configure_http` (called before
+every client is made) sets ``MLFLOW_HTTP_REQUEST_TIMEOUT`` from ``PPCL_MLFLOW_TIMEOUT`` (whole seconds per connect
+and read, default 10), ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` from ``PPCL_MLFLOW_MAX_RETRIES`` (default 2),
+backoff factor 1 and jitter 0.5 s: a dead or stalled server is reported, naming the URI, within
+3 x 10 s + 2.5 s of backoff = 33 s. A value the user set for one of MLflow's own variables is kept.
+
 Failures: a failed upload or MLflow call raises :class:`PPCLError` (one line naming the bucket/key or the
 tracking URI). Each stage's run is closed FINISHED or FAILED on its own, so the runs of stages that completed
 before a failure stay intact.
@@ -124,6 +131,63 @@ def pipeline_run_id(out: str | os.PathLike | None = None, stage: str | None = No
     return None
 
 
+# ------------------------------------------------------------------------------------------- HTTP limits
+#: MLflow's variables we fill in, and the value we last gave each (a value that differs is the user's: kept).
+_HTTP_SET: dict[str, str] = {}
+
+
+def _positive_int(name: str, default: int, *, zero_ok: bool = False) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0 or (value == 0 and not zero_ok):
+        raise PPCLError(f"{name}={raw!r} must be a {'non-negative' if zero_ok else 'positive'} whole number")
+    return value
+
+
+def http_limits() -> tuple[int, int]:
+    """``(timeout s per connect / read, retries)`` for MLflow HTTP calls: ``PPCL_MLFLOW_TIMEOUT`` (default 10),
+    ``PPCL_MLFLOW_MAX_RETRIES`` (default 2), unless MLflow's own variables were set by the user."""
+    timeout = _positive_int("PPCL_MLFLOW_TIMEOUT", 10)
+    retries = _positive_int("PPCL_MLFLOW_MAX_RETRIES", 2, zero_ok=True)
+    return timeout, retries
+
+
+def configure_http() -> None:
+    """Put :func:`http_limits` into MLflow's environment variables (it reads them per request), leaving any
+    value the user gave those variables alone. Called before any MLflow client is made."""
+    timeout, retries = http_limits()
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    }
+    for name, value in wanted.items():
+        current = os.environ.get(name)
+        if current is None or current == _HTTP_SET.get(name):
+            os.environ[name] = _HTTP_SET[name] = value
+
+
+def failure_reason(exc: BaseException, uri: str) -> str:
+    """One line for a failed MLflow call: a timeout or refused connection names the server and the setting to
+    check; anything else is the exception's first line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "?")
+    tries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0") or 0) + 1
+    hint = "check --tracking-uri / MLFLOW_TRACKING_URI"
+    if re.search(r"timed? ?out|ReadTimeout|ConnectTimeout", text, re.I):
+        return (f"MLflow server {uri} did not answer within {timeout} s ({tries} attempt{'s' * (tries != 1)}; {hint}, "
+                "or raise PPCL_MLFLOW_TIMEOUT)")
+    if re.search(r"Connection refused|Failed to establish|NewConnectionError|Name or service not known", text):
+        return f"MLflow server {uri} is unreachable (connection refused after {tries} attempt{'s' * (tries != 1)}; {hint})"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 # --------------------------------------------------------------------------------------------- security
 _SECRET_KEY = re.compile(
     r"(secret|passw(or)?d|token|credential|private|(^|[._-])(api|access|auth|secret)?[_-]?key(_id)?$)", re.I
@@ -199,7 +263,7 @@ class Run:
         except PPCLError:
             raise
         except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = failure_reason(e, self.uri)
             raise PPCLError(scrub("", f"tracking: cannot {what} (run {self.run_id} at {self.uri}): {first}")) from e
 
     def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
@@ -257,6 +321,7 @@ def _now_ms() -> int:
 def _client(uri: str):
     from mlflow import MlflowClient
 
+    configure_http()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -277,7 +342,7 @@ def _experiment_id(client, uri: str) -> str:
                 raise
             return exp.experiment_id
     except Exception as e:  # noqa: BLE001
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = failure_reason(e, uri)
         raise PPCLError(scrub("", f"tracking: cannot open experiment '{name}' at {uri}: {first}")) from e
 
 

@@ -82,6 +82,11 @@ class FluxAdapter(Adapter):
         embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=pipe.device, **kw)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
+    def prompt_token_counts(self, pipe, prompts) -> list[int]:
+        """Tokens each prompt takes in the T5 encoder (with its end token), before ``max_sequence_length`` cuts
+        it: the sequence that setting bounds (CLIP's pooled input is always cut at 77 tokens by design)."""
+        return [len(ids) for ids in pipe.tokenizer_2(list(prompts), add_special_tokens=True, verbose=False).input_ids]
+
     def encode_images(self, pipe, pixels):
         return kl_vae_encode(pipe.vae, pixels)
 

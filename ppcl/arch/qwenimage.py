@@ -95,6 +95,13 @@ class QwenImageAdapter(Adapter):
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
+    def prompt_token_counts(self, pipe, prompts) -> list[int]:
+        """Tokens each prompt keeps after the pipeline drops its chat template's prefix, before
+        ``max_sequence_length`` cuts it (the pipeline tokenises ``prompt_template_encode.format(prompt)``)."""
+        texts = [pipe.prompt_template_encode.format(p) for p in prompts]
+        drop = pipe.prompt_template_encode_start_idx
+        return [max(len(ids) - drop, 0) for ids in pipe.tokenizer(texts, verbose=False).input_ids]
+
     def encode_images(self, pipe, pixels):
         vae = pipe.vae
         latents = vae.encode(pixels.to(vae.device, vae.dtype).unsqueeze(2)).latent_dist.mode()

@@ -72,6 +72,13 @@ class SD3Adapter(Adapter):
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
+    def prompt_token_counts(self, pipe, prompts) -> list[int]:
+        """Tokens each prompt takes in the T5 encoder (with its end token), before ``max_sequence_length`` cuts
+        it; 0 without a T5 encoder (its part of the embedding is then zeros, nothing is cut)."""
+        if getattr(pipe, "tokenizer_3", None) is None:
+            return [0] * len(prompts)
+        return [len(ids) for ids in pipe.tokenizer_3(list(prompts), add_special_tokens=True, verbose=False).input_ids]
+
     def encode_images(self, pipe, pixels):
         return kl_vae_encode(pipe.vae, pixels)
 

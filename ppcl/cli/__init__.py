@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from ppcl.storage import refuse_uri_credentials
+
+        for dest, value in vars(args).items():  # a secret in a flag ends up in logs and process listings
+            if isinstance(value, (str, list)) and "://" in str(value):
+                refuse_uri_credentials(value, f"--{dest.replace('_', '-')}")
         return int(args._module.run(args) or 0)
     except PPCLError as e:
         print(f"ppcl {args.command}: error: {e}", file=sys.stderr)

@@ -164,12 +164,13 @@ def compare(experiment: str, out: str | os.PathLike, *, tracking_uri: str, log: 
     from ppcl.atomic import atomic_path
     from ppcl.errors import PPCLError
 
+    tracking.configure_http()  # a dead or stalled server: one line within PPCL_MLFLOW_TIMEOUT x attempts
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         exp = client.get_experiment_by_name(experiment)
         rows = collect(client, exp.experiment_id) if exp is not None else None
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URI: one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = tracking.failure_reason(e, tracking_uri)
         raise PPCLError(tracking.scrub("", f"cannot read experiment '{experiment}' at {tracking_uri}: {first}")) from e
     if exp is None:
         raise PPCLError(tracking.scrub("", f"experiment '{experiment}' not found at {tracking_uri}"))

@@ -7,6 +7,11 @@ tokens (None: the pipeline folder's ``ppcl.json`` default, see :func:`ppcl.arch.
 pipeline's own default); the manifest's tensor shapes show the length used. See :mod:`ppcl.data.cache` for
 the on-disk format and the reader. Cache shards keep the data shards' names and keys, in the same order.
 
+Long captions: a caption longer than ``max_sequence_length`` tokens is truncated by the pipeline (as at
+generation). The pipelines log one warning per such caption that repeats the cut text (a 10,000-character caption
+printed ~200 KB); those warnings are silenced during encoding and the run reports once, on stderr, how many
+captions were cut, counted by tokenising each caption ourselves (``adapter.prompt_token_counts``).
+
 Design choices: floating tensors are stored in float16 (halves the cache; latents and final-layer-normed
 text states are well inside its range); the cache shard's row groups hold ``ROW_GROUP_ROWS`` samples, which
 is the reader's unit of shuffling and of work splitting.
@@ -14,9 +19,13 @@ is the reader's unit of shuffling and of work splitting.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import io
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -114,14 +123,16 @@ def encode_shards(
         local_out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ppcl-encode-"))
     bar = tqdm(total=shards.accepted, desc="encode", unit="sample", disable=not progress)
+    cut = _Truncation(adapter, pipe, max_sequence_length)
     try:
         for info in shards.shards:
             tmp = (local_out or work) / f".{info.name}.tmp-{uuid.uuid4().hex[:8]}"
             try:
-                rows = _encode_shard(
-                    pipe, adapter, storage.join(data, info.name), tmp, resolution, batch_size, specs, bar, pa, pq,
-                    max_sequence_length,
-                )
+                with _quiet_truncation(pipe):
+                    rows = _encode_shard(
+                        pipe, adapter, storage.join(data, info.name), tmp, resolution, batch_size, specs, bar, pa, pq,
+                        max_sequence_length, cut,
+                    )
                 digest = storage.sha256_file(tmp)
                 nbytes = tmp.stat().st_size
                 if local_out is not None:
@@ -134,6 +145,8 @@ def encode_shards(
     finally:
         bar.close()
         shutil.rmtree(work, ignore_errors=True)
+    if cut.truncated:
+        print(f"encode: {cut.message()}", file=sys.stderr)
 
     manifest = CacheManifest(
         model=str(model), family=str(getattr(adapter, "family", type(adapter).__name__)), resolution=resolution,
@@ -147,8 +160,56 @@ def local_path(model: str) -> bool:
     return not storage.is_s3(str(model)) and Path(model).is_dir()
 
 
+_TRUNCATION_WARNING = "The following part of your input was truncated because"
+
+
+class _DropTruncationWarning(logging.Filter):
+    """Drops the pipelines' per-caption truncation warning (and only that one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TRUNCATION_WARNING)
+
+
+@contextlib.contextmanager
+def _quiet_truncation(pipe):
+    """Silence the truncation warning in the loggers of the pipeline's own modules for the block. A filter on a
+    logger sees only that logger's records, so it goes on each module's logger in the pipeline's class tree."""
+    loggers = [logging.getLogger(c.__module__) for c in type(pipe).__mro__ if c.__module__.startswith("diffusers.")]
+    drop = _DropTruncationWarning()
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+
+
+class _Truncation:
+    """Counts captions longer than the text limit in force: ``max_sequence_length`` or, when None, the default
+    of the pipeline's ``encode_prompt``. Families without ``prompt_token_counts`` are not counted."""
+
+    def __init__(self, adapter, pipe, max_sequence_length: int | None):
+        self.count_fn = getattr(adapter, "prompt_token_counts", None)
+        self.pipe, self.limit = pipe, max_sequence_length
+        if self.limit is None:
+            param = inspect.signature(pipe.encode_prompt).parameters.get("max_sequence_length")
+            default = param.default if param is not None else None
+            self.limit = default if isinstance(default, int) else None
+        self.truncated = self.seen = 0
+
+    def add(self, captions: list[str]) -> None:
+        self.seen += len(captions)
+        if self.count_fn is not None and self.limit is not None:
+            self.truncated += sum(n > self.limit for n in self.count_fn(self.pipe, captions))
+
+    def message(self) -> str:
+        return (f"{self.truncated} of {self.seen} captions were longer than max_sequence_length ({self.limit} tokens) "
+                "and were truncated")
+
+
 def _encode_shard(pipe, adapter, src: str, dst: Path, resolution, batch_size, specs, bar, pa, pq,
-                  max_sequence_length: int | None = None) -> int:
+                  max_sequence_length: int | None = None, cut: _Truncation | None = None) -> int:
     import torch
 
     writer = None
@@ -181,6 +242,8 @@ def _encode_shard(pipe, adapter, src: str, dst: Path, resolution, batch_size, sp
                     latents = adapter.encode_images(pipe, torch.from_numpy(np.stack(pixels)))
                     kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
                     text = adapter.encode_prompts(pipe, list(b["caption"]), **kw)
+                if cut is not None:
+                    cut.add(list(b["caption"]))
                 tensors = {"latents": latents, **text}
                 for name, t in tensors.items():
                     if t.shape[0] != len(b["key"]):
