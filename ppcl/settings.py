@@ -392,10 +392,12 @@ def add_settings_arguments(parser: Any, model: type[StageSettings], *, exclude: 
                             help=help_text, **kw)  # fmt: skip
 
 
-def settings_from_args(model: type[StageSettings], args: argparse.Namespace, **extra: Any) -> StageSettings:
-    """The ``model`` the parsed flags describe (``extra``: values the CLI computed itself, e.g. from a convenience
-    flag); a bad value -> the one-line :class:`PPCLError` of :func:`validate_settings`, naming field and flag."""
-    data = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+def settings_from_args(model: type[StageSettings], args: argparse.Namespace, *, exclude: tuple[str, ...] = (),
+                       **extra: Any) -> StageSettings:
+    """The ``model`` the parsed flags describe (``exclude``: as given to :func:`add_settings_arguments`; ``extra``:
+    values the CLI computed itself, e.g. from a convenience flag); a bad value -> the one-line
+    :class:`PPCLError` of :func:`validate_settings`, naming field and flag."""
+    data = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name) and name not in exclude}
     return validate_settings(model, {**data, **extra}, cli=True)
 
 

@@ -60,7 +60,7 @@ def pipeline(servers, tiny_pipe_dir, tmp_path_factory):
     teacher = str(tiny_pipe_dir["flux"])
     cfg = validate_config(merge(DEMO_DEFAULTS, {
         "teacher": teacher, "family": "flux", "ratios": list(RATIOS),
-        "distill": {"steps": DISTILL_STEPS},
+        "distill": {"steps": DISTILL_STEPS, "warmup_steps": 2},
         "evaluate": {"steps": 1, "latency_repeats": 1, "latency_warmup": 0},
     }))  # fmt: skip
     run_id = f"pipe-{uuid.uuid4().hex[:6]}"

@@ -25,14 +25,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", action="append", help="display name per --model, in order (default: folder name)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ppcl.evaluate.generate import read_prompts
+def eval_settings(args: argparse.Namespace):
+    """The :class:`ppcl.evaluate.metrics.EvalSettings` of the parsed flags: ``--resolution`` sets the height and
+    width whose own flags were not given. (``--prompts`` is a file, read after the settings are checked.)"""
     from ppcl.settings import EvaluateSettings, settings_from_args
 
-    prompts = read_prompts(args.prompts)
     given = getattr(args, "settings_given", set())
     size = {k: args.resolution for k in ("height", "width") if args.resolution is not None and k not in given}
-    settings = settings_from_args(EvaluateSettings, args, prompts=prompts, **size).eval_settings()
+    return settings_from_args(EvaluateSettings, args, exclude=("prompts",), **size).eval_settings()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ppcl.evaluate.generate import read_prompts
+
+    settings = eval_settings(args)
+    prompts = read_prompts(args.prompts)
 
     import torch
 

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ppcl.data.shard import shard_source
     from ppcl.settings import ShardSettings, settings_from_args
 
-    cfg = settings_from_args(ShardSettings, args)
+    cfg = settings_from_args(ShardSettings, args, exclude=PIPELINE_ONLY)
     manifest, written = shard_source(
         args.source, args.out, cfg.shards, fmt=cfg.format, caption_column=cfg.caption_column,
         image_column=cfg.image_column, key_column=cfg.key_column, min_size=cfg.min_size,
