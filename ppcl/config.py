@@ -18,8 +18,10 @@ Design choices (system.md is silent on them):
 - The plan is selected once, for the SMALLEST ratio (``select.keep_params`` defaults to ``min(ratios)``), and
   distillation trains every plug of that plan; each ratio then exports a subset of the same plugs (method.md
   section 2: one training run serves several ratios).
-- Sections mirror the DAG stages; each stage receives its own section as a plain dict (a KFP ``Struct``
-  parameter) and re-validates it with the same model, so a component fed by hand gets the same checks.
+- Sections mirror the DAG stages and ARE the stages' settings models (:mod:`ppcl.settings`, from which the
+  CLI flags are generated too: one set of defaults, one message for a bad value). Each stage receives its own
+  section as a plain dict (a KFP ``Struct`` parameter) and re-validates it with the same model, so a component
+  fed by hand gets the same checks.
 - Resources (CPU/memory requests, GPU type/count) are compile-time settings of the pipeline: KFP bakes them
   into the pod specs. The committed ``pipelines/ppcl_pipeline.yaml`` uses the defaults.
 """
@@ -34,8 +36,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ppcl.errors import PPCLError
-from ppcl.settings import (
-    SELECT_METHODS,
+from ppcl.settings import (  # SELECT_METHODS: re-exported, the one list of selectors
+    SELECT_METHODS,  # noqa: F401
     DistillSettings,
     EncodeSettings,
     EvaluateSettings,
@@ -48,8 +50,6 @@ from ppcl.settings import (
 
 CONFIG_VERSION = 1
 from ppcl.arch import FAMILIES  # names only; importing it loads no model code
-
-__all__ = ["SELECT_METHODS", "RunConfig", "DistillConfig", "load_config", "validate_config", "merge"]
 
 
 class _Strict(BaseModel):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import sys
 import types
-import typing
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer, field_validator, model_validator

@@ -258,14 +258,6 @@ def distill(teacher: str, plan_dir: str, cache: str, out: str, settings: dict[st
         return _finish("distill", out, metrics, cfg.model_dump(mode="json"), run=mlflow_run)
 
 
-def distill_cli_args(settings: Any) -> list[str]:
-    """``ppcl distill`` arguments that reproduce the distill section ``settings`` (every field of
-    :class:`ppcl.settings.DistillSettings`, generated from the model; the job's shape is not a flag)."""
-    from ppcl.settings import DistillSettings, settings_cli_args
-
-    return settings_cli_args(DistillSettings(**settings.model_dump(exclude=set(MULTINODE_FIELDS))))
-
-
 def distill_multinode(teacher: str, plan_dir: str, cache: str, out: str, settings: dict[str, Any] | None = None, *,
                       cache_uri: str | None = None, out_uri: str | None = None, namespace: str | None = None,
                       timeout_s: float | None = None) -> dict[str, float]:
@@ -287,6 +279,7 @@ def distill_multinode(teacher: str, plan_dir: str, cache: str, out: str, setting
     from ppcl.atomic import write_json
     from ppcl.config import DistillConfig
     from ppcl.distill_s3 import FINAL_FILES
+    from ppcl.settings import settings_cli_args
 
     cfg = _settings(DistillConfig, settings, "distill", drop=("family",))
     where = f"distill with nodes={cfg.nodes}"
@@ -307,7 +300,9 @@ def distill_multinode(teacher: str, plan_dir: str, cache: str, out: str, setting
     storage.check_bucket(base)
     storage.upload_file(plan_file, plan_uri)
     spec = trainjob.TrainJobSpec(model=teacher, plan=plan_uri, data=data, out_uri=job_out, nodes=cfg.nodes,
-                                 gpus=cfg.gpus_per_node, extra_args=distill_cli_args(cfg))  # fmt: skip
+                                 gpus=cfg.gpus_per_node,
+                                 # every node's `ppcl distill` flags, generated from the model: the same settings
+                                 extra_args=settings_cli_args(cfg, exclude=MULTINODE_FIELDS))  # fmt: skip
     name = trainjob.submit(spec, namespace=namespace, timeout_s=timeout_s)
     done = storage.join(job_out, "run.json")
     if not storage.exists(done):
