@@ -147,31 +147,32 @@ class SelectSettings(StageSettings):
 class DistillSettings(StageSettings):
     """``ppcl distill`` / the distill step: plug training against the frozen teacher.
 
-    Defaults follow the paper's released Qwen-Image settings (PPCL arXiv 2511.16156), which the pipeline used
-    before the settings were unified: lr 1e-5, logit-normal timesteps, 2000 steps, batch 1, a checkpoint every
-    500 steps. Field names are those of :class:`ppcl.distill.DistillSettings` (a superset of them), so
+    Defaults are those the pipeline used before the settings were unified, which follow the paper's released
+    Qwen-Image settings (PPCL arXiv 2511.16156; method.md section 2) where it states them: lr 1e-5, batch 1, a
+    short warm-up, logit-normal timesteps; 2000 steps and a checkpoint every 500 (the paper's run is ~20k). Field names are those of :class:`ppcl.distill.DistillSettings` (a superset of them), so
     ``distill(**settings.model_dump())`` passes them through.
     """
 
     stage: ClassVar[str] = "distill"
 
-    steps: int = Field(2000, ge=1, description="optimizer steps (the paper's Qwen-Image run; the old CLI default "
-                       "200 was a smoke-test size)")
-    batch_size: int = Field(1, ge=1, description="batch size per process (the paper's: 1 per GPU at 1024 px)")
-    lr: float = Field(1e-5, gt=0, allow_inf_nan=False, description="peak learning rate of AdamW (the paper's 1e-5; "
-                      "the old CLI's 1e-4 diverged at full size)")
+    steps: int = Field(2000, ge=1, description="optimizer steps (the pipeline's default before the settings were "
+                       "unified; the paper's released Qwen-Image run is about 20k at 1328 px; the CLI had 200)")
+    batch_size: int = Field(1, ge=1, description="batch size per process (the paper's released Qwen-Image setting)")
+    lr: float = Field(1e-5, gt=0, allow_inf_nan=False, description="peak learning rate of AdamW (the paper's "
+                      "released Qwen-Image setting; the CLI had 1e-4)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps, then cosine decay to 0 at steps",
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps, then cosine decay to 0 at steps (the "
+                              "released settings: a short warm-up)",
                               json_schema_extra={"constraint": "< steps"})
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (none or 0: no clipping)")
     mode: DistillMode = Field("nonsequential", description="nonsequential: each plug fed the teacher's input "
                               "(the paper's teacher-student alternating distillation); sequential: the ablation")
     init: PlugInit | None = Field(None, description="teacher block each plug starts from (none: the plan's)")
-    timesteps: TimestepSampler = Field("logit_normal", description="timestep sampling (logit_normal: the "
-                                       "rectified-flow training distribution the paper's teachers were trained with)")
+    timesteps: TimestepSampler = Field("logit_normal", description="timestep sampling (logit_normal: mean 0, "
+                                       "std 1, as in SD3 training and the pipeline before; the CLI had uniform)")
     seed: int = Field(0, description="seed of data order and noise")
-    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (500: at most a quarter of "
-                                  "the default run lost to a preempted node)")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (500: a lost node costs at "
+                                  "most a quarter of the default run; the CLI had 50)")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
     output_loss_weight: float = Field(0.0, ge=0, description="weight of the output-level (velocity) loss; 0: off")
     output_loss_keep: float = Field(1.0, gt=0, le=1, description="probability each plug is in place for the "
@@ -376,9 +377,9 @@ def add_settings_arguments(parser: Any, model: type[StageSettings], *, exclude: 
         inner, optional = _unwrap(info.annotation)
         help_text = f"{info.description or name} (default: {_show(default)})".replace("%", "%%")
         if inner is bool:
-            # BooleanOptionalAction appends "(default: ...)" itself
-            parser.add_argument(flag(name), dest=name, action=_GivenBool, default=default,
-                                help=(info.description or name).replace("%", "%%"))
+            action = parser.add_argument(flag(name), dest=name, action=_GivenBool, default=default, help=help_text)
+            # some Python versions' BooleanOptionalAction append "(default: %(default)s)" themselves
+            action.help = action.help.replace(" (default: %(default)s)", "")
             continue
         kw: dict[str, Any] = {}
         if get_origin(inner) is Literal:
