@@ -24,7 +24,7 @@ import sys
 import types
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer, field_validator
 from pydantic_core import PydanticUndefined
 
 from ppcl.errors import PPCLError, first_field_error
@@ -219,13 +219,20 @@ class ExportSettings(StageSettings):
     intervals: list[int] | None = Field(None, description="plan indices of the intervals to replace, e.g. 0,2,5")
     all_intervals: bool = Field(False, description="replace every interval of the plan")
 
-    @model_validator(mode="after")
-    def _one_budget(self) -> ExportSettings:
-        given = [n for n in ("keep_params", "intervals") if getattr(self, n) is not None]
-        given += ["all_intervals"] if self.all_intervals else []
-        if len(given) > 1:
-            raise ValueError(f"give only one of keep_params, intervals, all_intervals (got {', '.join(given)})")
-        return self
+    # one budget: each later field refuses itself when an earlier one is given (the error names the field)
+    @field_validator("intervals")
+    @classmethod
+    def _intervals_alone(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if v is not None and info.data.get("keep_params") is not None:
+            raise ValueError("cannot be given with keep_params: give one of keep_params, intervals, all_intervals")
+        return v
+
+    @field_validator("all_intervals")
+    @classmethod
+    def _all_alone(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and any(info.data.get(n) is not None for n in ("keep_params", "intervals")):
+            raise ValueError("cannot be given with keep_params or intervals: give one of the three")
+        return v
 
 
 class EvaluateSettings(StageSettings, EvalSettings):
@@ -275,8 +282,9 @@ def validate_settings(model: type[StageSettings], data: dict[str, Any], *, cli: 
         raise PPCLError(f"{model.stage} settings: {field_error(e, cli=cli)}") from None
 
 
-def field_error(error: ValidationError, *, prefix: str = "", cli: bool = False) -> str:
-    """``"field '<prefix><name>' [(--flag)] <message>"`` for the first error of ``error``."""
+def field_error(error: ValidationError, *, cli: bool = False) -> str:
+    """``"field '<dotted.name>' [(--flag)] <message>"`` for the first error of ``error`` (the run config's
+    messages too, so a YAML and a flag read alike)."""
     err = error.errors()[0]
     where, msg = first_field_error(error)
     if err["type"] == "missing":
@@ -285,7 +293,7 @@ def field_error(error: ValidationError, *, prefix: str = "", cli: bool = False) 
         msg = "is not a known setting"
     loc = err["loc"]
     shown = f" ({flag(str(loc[0]))})" if cli and loc and isinstance(loc[0], str) else ""
-    return f"field '{prefix}{where}'{shown} {msg}"
+    return f"field '{where}'{shown} {msg}"
 
 
 # ------------------------------------------------------------------------------------------------- CLI flags

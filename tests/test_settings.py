@@ -177,3 +177,11 @@ def test_docs_table_is_current():
     for model in STAGE_SETTINGS.values():
         for name in model.model_fields:
             assert f"| `{name}` |" in committed
+
+
+def test_export_takes_one_budget(tmp_path):
+    from ppcl import stages
+
+    with pytest.raises(PPCLError, match=r"^export settings: field 'intervals' cannot be given with keep_params"):
+        stages.export("teacher", str(tmp_path), str(tmp_path), 0.5, str(tmp_path / "model"), {"intervals": [0]})
+    assert not (tmp_path / "model").exists()
