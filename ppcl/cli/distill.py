@@ -31,10 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ppcl.distill_s3 import distill_uris
     from ppcl.settings import DistillSettings, settings_from_args
 
-    cfg = settings_from_args(DistillSettings, args)
+    cfg = settings_from_args(DistillSettings, args)  # checked before torch is even imported
+
+    from ppcl.distill_s3 import distill_uris
+
     # the defaults are the pipeline's (ppcl.settings): by hand and in the pipeline, the same run
     result = distill_uris(args.model, args.plan, args.out, data=args.data, resume=args.resume,
                           stop_after=args.stop_after, scratch=args.scratch, **cfg.model_dump())  # fmt: skip

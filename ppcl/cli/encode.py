@@ -19,12 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ppcl.settings import EncodeSettings, settings_from_args
+
+    cfg = settings_from_args(EncodeSettings, args)  # checked before torch is even imported
+
     import torch
 
     from ppcl.data.encode import encode_shards
-    from ppcl.settings import EncodeSettings, settings_from_args
 
-    cfg = settings_from_args(EncodeSettings, args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest = encode_shards(
         args.model, args.data, args.out, resolution=cfg.resolution, batch_size=cfg.batch_size, device=device,

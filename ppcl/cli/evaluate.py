@@ -36,9 +36,10 @@ def eval_settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = eval_settings(args)  # checked before torch is even imported
+
     from ppcl.evaluate.generate import read_prompts
 
-    settings = eval_settings(args)
     prompts = read_prompts(args.prompts)
 
     import torch

@@ -18,10 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppcl.probe import run_probe
     from ppcl.settings import ProbeSettings, settings_from_args
 
-    cfg = settings_from_args(ProbeSettings, args)
+    cfg = settings_from_args(ProbeSettings, args)  # checked before torch is even imported
+
+    from ppcl.probe import run_probe
+
     result = run_probe(args.model, args.out, data=args.data, device=args.device, **cfg.model_dump())
     exact = "exact" if result.projection.exact else f"projected to {result.projection.dim}"
     print(f"probed {len(result.blocks)} blocks of {result.family} over {result.calibration.forwards} forwards "
