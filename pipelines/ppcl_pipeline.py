@@ -68,7 +68,7 @@ def pipeline_arguments(config: RunConfig) -> dict:
         "ratios": list(config.ratios),
         "keep_params": config.keep_params,
         "distill_steps": config.distill.steps,
-        "learning_rate": config.distill.learning_rate,
+        "learning_rate": config.distill.lr,
         **{f"{stage}_settings": config.stage_settings(stage) for stage in
            ("shard", "encode", "probe", "select", "distill", "export", "evaluate")},
     }  # fmt: skip

@@ -8,7 +8,7 @@ what it changes; everything else takes the defaults below. Example (every sectio
     family: flux                         # optional: checked against the teacher when given
     data: {source: s3://data/cc12m-subset, shards: 16}
     ratios: [0.75, 0.5]                  # keep-params ratios, one exported + evaluated model each
-    distill: {steps: 20000, learning_rate: 1.0e-5}
+    distill: {steps: 20000, lr: 1.0e-5}
     evaluate: {steps: 28, height: 1024, width: 1024, prompts: [a red cube on a table]}
     resources: {gpu: {type: nvidia.com/gpu, count: 8}}
 
@@ -18,8 +18,10 @@ Design choices (system.md is silent on them):
 - The plan is selected once, for the SMALLEST ratio (``select.keep_params`` defaults to ``min(ratios)``), and
   distillation trains every plug of that plan; each ratio then exports a subset of the same plugs (method.md
   section 2: one training run serves several ratios).
-- Sections mirror the DAG stages; each stage receives its own section as a plain dict (a KFP ``Struct``
-  parameter) and re-validates it with the same model, so a component fed by hand gets the same checks.
+- Sections mirror the DAG stages and ARE the stages' settings models (:mod:`ppcl.settings`, from which the
+  CLI flags are generated too: one set of defaults, one message for a bad value). Each stage receives its own
+  section as a plain dict (a KFP ``Struct`` parameter) and re-validates it with the same model, so a component
+  fed by hand gets the same checks.
 - Resources (CPU/memory requests, GPU type/count) are compile-time settings of the pipeline: KFP bakes them
   into the pod specs. The committed ``pipelines/ppcl_pipeline.yaml`` uses the defaults.
 """
@@ -34,119 +36,46 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ppcl.errors import PPCLError
-from ppcl.evaluate.metrics import EvalSettings
+from ppcl.settings import (  # SELECT_METHODS: re-exported, the one list of selectors
+    SELECT_METHODS,  # noqa: F401
+    DistillSettings,
+    EncodeSettings,
+    EvaluateSettings,
+    ExportSettings,
+    ProbeSettings,
+    SelectSettings,
+    ShardSettings,
+    field_error,
+)
 
 CONFIG_VERSION = 1
 from ppcl.arch import FAMILIES  # names only; importing it loads no model code
-SELECT_METHODS: tuple[str, ...] = ("ppcl", "shortgpt", "angular", "uniform", "random")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataConfig(_Strict):
-    """The raw image-text source and how it is sharded (``ppcl shard``).
-
-    ``source`` None means "synthesise ``synth_samples`` images" (the demo); a pipeline run needs a source.
-    """
-
-    source: str | None = None
-    shards: int = Field(4, ge=1)
-    format: Literal["auto", "imagefolder", "parquet", "webdataset"] = "auto"
-    caption_column: str | None = None
-    image_column: str | None = None
-    key_column: str | None = None
-    min_size: int = Field(0, ge=0)
-    synth_samples: int = Field(32, ge=1)
-    synth_size: int = Field(64, ge=8)
+# The run config's sections ARE the stages' settings models (ppcl.settings): one definition of every field,
+# default and constraint for the CLI, the YAML and the components. The old names stay as aliases.
+DataConfig = ShardSettings
+EncodeConfig = EncodeSettings
+ProbeConfig = ProbeSettings
+SelectConfig = SelectSettings
+EvaluateConfig = EvaluateSettings
 
 
-class EncodeConfig(_Strict):
-    """Latent / prompt-embedding cache (``ppcl encode``). ``resolution`` None: the teacher folder's ``ppcl.json``
-    height, else the pipeline's default size. ``max_sequence_length`` None: the teacher folder's ``ppcl.json``
-    default, else the pipeline's (see :func:`ppcl.arch.generation_defaults`); evaluation has the same setting."""
-
-    resolution: int | None = Field(None, ge=8)
-    max_sequence_length: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-
-
-class ProbeConfig(_Strict):
-    """Calibration for the similarity probe (``ppcl probe``, :func:`ppcl.probe.run_probe`): ``samples`` of the
-    cache, each noised at ``timesteps`` noise levels; ``probe_dim`` "auto" or a projection width."""
-
-    samples: int = Field(256, ge=1)
-    timesteps: int = Field(4, ge=1)
-    batch_size: int = Field(4, ge=1)
-    probe_dim: int | Literal["auto"] = "auto"
-    max_interval: int = Field(12, ge=1)
-    ridge: float = Field(1e-4, ge=0)
-    hsic_tokens: int = Field(256, ge=4)
-    seed: int = 0
-
-
-class SelectConfig(_Strict):
-    """Interval selection under a budget (``ppcl select``, :func:`ppcl.select.select`); ``keep_params`` None: the
-    smallest ratio. ``init``: the teacher block each plug starts from; ``min_cka``/``max_jump``: ppcl selector
-    thresholds (None: its defaults)."""
-
-    method: Literal["ppcl", "shortgpt", "angular", "uniform", "random"] = "ppcl"
-    keep_params: float | None = Field(None, gt=0, le=1)
-    protect: list[int] = Field(default_factory=list)
-    allow_ends: bool = False
-    init: Literal["middle", "first", "last"] = "middle"
-    seed: int = 0
-    min_cka: float | None = None
-    max_jump: float | None = Field(None, ge=0)
-
-
-class DistillConfig(_Strict):
-    """Plug training (``ppcl distill``, :class:`ppcl.distill.DistillSettings`; ``learning_rate`` is its ``lr``).
-    ``init`` None: the plan's choice.
+class DistillConfig(DistillSettings):
+    """The distill section: every :class:`ppcl.settings.DistillSettings` field plus the cluster-only shape of
+    the job (no ``ppcl distill`` flag: the CLI is one process of that job).
 
     ``nodes`` > 1: multi-node mode. The distill step does not train in its own pod; it submits a Kubeflow Trainer
     TrainJob of ``nodes`` x ``gpus_per_node`` processes (:mod:`ppcl.trainjob`), waits for it and collects its
     outputs; teacher and cache must then be on S3 (see :func:`ppcl.stages.distill`)."""
 
-    steps: int = Field(2000, ge=1)
-    learning_rate: float = Field(1e-5, gt=0)
-    batch_size: int = Field(1, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    mode: Literal["nonsequential", "sequential"] = "nonsequential"
-    init: Literal["middle", "first", "last"] | None = None
-    timesteps: Literal["uniform", "logit_normal"] = "logit_normal"
-    seed: int = 0
-    checkpoint_every: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    output_loss_weight: float = Field(0.0, ge=0)
-    output_loss_keep: float = Field(1.0, gt=0, le=1)
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    lsq_batches: int = Field(8, ge=1)
-    ridge: float = Field(1e-4, ge=0)
-    guidance: float | None = None
-    use_8bit_adam: bool = True
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(default_factory=lambda: _gpu_pool().accelerator_count, ge=1)
-
-
-class EvaluateConfig(EvalSettings):
-    """Evaluation of each exported ratio against the teacher (``ppcl evaluate``): the prompts, plus every field
-    of :class:`ppcl.evaluate.metrics.EvalSettings` (one definition, so the two cannot drift)."""
-
-    prompts: list[str] = Field(
-        default_factory=lambda: [
-            "a red circle on a blue background",
-            "two yellow squares above a green triangle",
-            "a white star in the center of a black background",
-            "a purple heart next to an orange ring",
-        ],
-        min_length=1,
-    )
+    nodes: int = Field(1, ge=1, description="nodes of the multi-node TrainJob (1: train in the step's own pod)")
+    gpus_per_node: int = Field(default_factory=lambda: _gpu_pool().accelerator_count, ge=1,
+                               description="processes (GPUs) per node of the multi-node TrainJob")
 
 
 class GpuConfig(_Strict):
@@ -202,12 +131,12 @@ class RunConfig(_Strict):
     teacher: str = Field(min_length=1)
     family: str | None = None
     ratios: list[float] = Field(default_factory=lambda: [0.75, 0.5], min_length=1)
-    data: DataConfig = Field(default_factory=DataConfig)
-    encode: EncodeConfig = Field(default_factory=EncodeConfig)
-    probe: ProbeConfig = Field(default_factory=ProbeConfig)
-    select: SelectConfig = Field(default_factory=SelectConfig)
+    data: ShardSettings = Field(default_factory=ShardSettings)
+    encode: EncodeSettings = Field(default_factory=EncodeSettings)
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)
+    select: SelectSettings = Field(default_factory=SelectSettings)
     distill: DistillConfig = Field(default_factory=DistillConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     run_root: str = "ppcl-runs"
@@ -235,11 +164,13 @@ class RunConfig(_Strict):
         return self.select.keep_params if self.select.keep_params is not None else min(self.ratios)
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
-        """The plain-dict settings a component receives for ``stage`` (JSON, no nulls)."""
+        """The plain-dict settings a component receives for ``stage`` (JSON, no nulls): its section, which is
+        the stage's :mod:`ppcl.settings` model (export has no section: its budget is each ratio)."""
         section = {"shard": "data", "distill": "distill", "encode": "encode", "probe": "probe", "select": "select",
                    "evaluate": "evaluate"}.get(stage)  # fmt: skip
         # None means "the stage's default" everywhere, and KFP Struct parameters cannot hold null: drop them
-        out = getattr(self, section).model_dump(mode="json", exclude_none=True) if section else {}
+        settings = getattr(self, section) if section else ExportSettings()
+        out = settings.model_dump(mode="json", exclude_none=True)
         if stage == "select":
             out["keep_params"] = self.keep_params
         if stage in ("encode", "probe", "distill", "export", "evaluate") and self.family:
@@ -253,10 +184,6 @@ def _gpu_pool():
     return GPU_POOL
 
 
-def _where(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
 def validate_config(data: dict[str, Any], *, source: str = "config") -> RunConfig:
     """Validate a config mapping; a bad one raises PPCLError naming ``source`` and the first bad field."""
     if not isinstance(data, dict):
@@ -267,13 +194,8 @@ def validate_config(data: dict[str, Any], *, source: str = "config") -> RunConfi
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = "is required"
-        elif err["type"] == "extra_forbidden":
-            msg = "is not a known setting"
-        raise PPCLError(f"{source}: field '{_where(err['loc'])}' {msg}") from None
+        # the same wording as a stage's CLI flags (ppcl.settings.validate_settings), without the flag
+        raise PPCLError(f"{source}: {field_error(e)}") from None
     if cfg.select.keep_params is not None and cfg.select.keep_params > min(cfg.ratios):
         raise PPCLError(
             f"{source}: field 'select.keep_params' {cfg.select.keep_params} is above the smallest ratio "
@@ -325,7 +247,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "data": {"shards": 2, "synth_samples": 64, "synth_size": 32},
     "encode": {"resolution": 32, "batch_size": 16},
     "probe": {"samples": 16, "timesteps": 2, "batch_size": 8, "hsic_tokens": 16},
-    "distill": {"steps": 60, "learning_rate": 1e-3, "batch_size": 8, "timesteps": "logit_normal",
+    "distill": {"steps": 60, "lr": 1e-3, "batch_size": 8, "timesteps": "logit_normal",
                 "checkpoint_every": 30},
     "evaluate": {
         "steps": 4, "height": 32, "width": 32, "seeds": 1, "batch_size": 4,

@@ -61,9 +61,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ppcl.errors import PPCLError, first_field_error
+from ppcl.settings import PLUG_INITS, PlugInit
 
 PLAN_VERSION = 1
-INIT_MODES = ("middle", "first", "last")
+INIT_MODES = PLUG_INITS
 
 #: The authors' released Qwen-Image 20B -> 10B plan (method.md section 1; 0-based, inclusive): 25 of 60 blocks
 #: removed by 13 plugs ...
@@ -124,7 +125,7 @@ class Plan(_Model):
     teacher: Teacher
     intervals: list[tuple[int, int]]
     width: list[FfnLinear | TextFreeze] = Field(default_factory=list)
-    init: Literal["middle", "first", "last"] = "middle"
+    init: PlugInit = "middle"
     allow_ends: bool = False
     protect: list[int] = Field(default_factory=list)
     params: Params

@@ -552,38 +552,35 @@ def run_probe(
     out: str | Path,
     *,
     data: str | None = None,
-    samples: int = 32,
-    timesteps: int = 4,
-    batch_size: int = 4,
-    resolution: int = 256,
-    probe_dim: int | str | None = "auto",
-    max_interval: int = DEFAULT_MAX_INTERVAL,
-    ridge: float = 1e-4,
-    hsic_tokens: int = 256,
-    seed: int = 0,
+    settings: Any = None,
     device: str | None = None,
     progress: bool = True,
     plots: bool = True,
+    **overrides: Any,
 ) -> ProbeResult:
     """Probe the pipeline at ``model`` and write ``out/probe.json`` (+ ``cka_heatmap.png``, ``trend.png``)
-    atomically: the folder appears complete or not at all."""
-    from ppcl.arch import get_adapter, load_pipeline
+    atomically: the folder appears complete or not at all.
 
-    if samples < 1 or batch_size < 1 or timesteps < 1:
-        raise PPCLError(f"--samples, --batch-size and --timesteps must be >= 1 "
-                        f"(got {samples}, {batch_size}, {timesteps})")
+    ``settings``: a :class:`ppcl.settings.ProbeSettings` (None: its defaults, the same as ``ppcl probe``'s and the
+    pipeline's); ``overrides``: any of its fields by name (``samples=16``), validated by the same model."""
+    from ppcl.arch import get_adapter, load_pipeline
+    from ppcl.settings import ProbeSettings, validate_settings
+
+    base = settings.model_dump() if settings is not None else {}
+    s = validate_settings(ProbeSettings, {**base, **overrides})
+    samples, batch_size, timesteps, seed = s.samples, s.batch_size, s.timesteps, s.seed
     pipe = load_pipeline(model, device=device)
     adapter = get_adapter(pipe)
     adapter.transformer.eval()
-    batches = iter_batches(pipe, data=data, samples=samples, batch_size=batch_size, resolution=resolution,
+    batches = iter_batches(pipe, data=data, samples=samples, batch_size=batch_size, resolution=s.resolution,
                            seed=seed)
     acc, sigmas = probe_transformer(
         adapter, dict(pipe.scheduler.config), batches, timesteps=timesteps, seed=seed,
         progress_total=math.ceil(samples / batch_size) * timesteps, progress=progress,
-        probe_dim=probe_dim, max_interval=max_interval, ridge=ridge, hsic_tokens=hsic_tokens,
+        probe_dim=s.probe_dim, max_interval=s.max_interval, ridge=s.ridge, hsic_tokens=s.hsic_tokens,
     )
     calibration = dict(source="cache" if data else "synthetic", data=str(data) if data else None,
-                       samples=samples, batch_size=batch_size, resolution=None if data else resolution,
+                       samples=samples, batch_size=batch_size, resolution=None if data else s.resolution,
                        timesteps=timesteps, sigmas=sigmas, seed=seed)
     result = acc.result(family=adapter.family, model=str(model), calibration=calibration)
     write_probe(result, out, plots=plots)

@@ -73,8 +73,8 @@ from ppcl.plan import (
     student_params,
 )
 from ppcl.probe import ProbeResult
-
-METHODS = ("ppcl", "shortgpt", "angular", "uniform", "random")
+from ppcl.settings import PLUG_INITS
+from ppcl.settings import SELECT_METHODS as METHODS
 #: ppcl: cost of one flat-run break inside an interval (a low-CKA block, or a |d| jump between two of its blocks).
 DEFAULT_BREAK_COST = 1.0
 #: ppcl: cost of every interval (one more plug to train): makes each interval cost > 0, so no chosen interval is
@@ -506,7 +506,7 @@ def select(
     """
     if method not in SELECTORS:
         raise PPCLError(f"unknown selection method '{method}': expected one of {', '.join(SELECTORS)}")
-    if init not in ("middle", "first", "last"):
+    if init not in PLUG_INITS:
         raise PPCLError(f"unknown plug init '{init}': expected middle, first or last")
     ctx = SelectionContext(probe=probe, budget=Budget(keep_params, remove_blocks), protect=frozenset(protect),
                            allow_ends=allow_ends, init=init, seed=seed, options=dict(options))

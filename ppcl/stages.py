@@ -27,21 +27,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ppcl.errors import PPCLError, first_field_error
+from ppcl.errors import PPCLError
 
 #: Name of the summary every stage writes beside its outputs (``<out>/stage.json``): stage, metrics, settings.
 STAGE_SUMMARY = "stage.json"
 
 
-def _settings(model: type, settings: dict[str, Any] | None, stage: str, drop: tuple[str, ...] = ()):
-    from pydantic import ValidationError
+def _settings(model: type, settings: dict[str, Any] | None, stage: str = "", drop: tuple[str, ...] = ()):
+    """``settings`` validated by the stage's :mod:`ppcl.settings` model (one-line PPCLError naming the field)."""
+    from ppcl.settings import validate_settings
 
-    data = {k: v for k, v in (settings or {}).items() if k not in drop}
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        where, msg = first_field_error(e)
-        raise PPCLError(f"{stage} settings: field '{where}' {msg}") from None
+    return validate_settings(model, {k: v for k, v in (settings or {}).items() if k not in drop})
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -120,10 +116,10 @@ def shard(source: str, out: str, settings: dict[str, Any] | None = None, *, prog
 
     Metrics: samples (accepted), rejected, read, shards.
     """
-    from ppcl.config import DataConfig
     from ppcl.data.shard import shard_source
+    from ppcl.settings import ShardSettings
 
-    cfg = _settings(DataConfig, settings, "shard")
+    cfg = _settings(ShardSettings, settings, "shard")
     source = source or cfg.source
     if not source:
         from ppcl.data.synth import write_synth
@@ -143,10 +139,10 @@ def encode(teacher: str, data: str, out: str, settings: dict[str, Any] | None = 
            progress: bool = True) -> dict[str, float]:
     """Shards -> latent / prompt-embedding cache with the teacher's VAE and text encoders
     (:func:`ppcl.data.encode.encode_shards`). Metrics: samples, shards, resolution."""
-    from ppcl.config import EncodeConfig
     from ppcl.data.encode import encode_shards
+    from ppcl.settings import EncodeSettings
 
-    cfg = _settings(EncodeConfig, settings, "encode", drop=("family",))
+    cfg = _settings(EncodeSettings, settings, "encode", drop=("family",))
     model = local_model(teacher, Path(out).parent / "teacher")
     check_family(model, (settings or {}).get("family"))
     manifest = encode_shards(model, data, out, resolution=cfg.resolution, batch_size=cfg.batch_size,
@@ -160,10 +156,10 @@ def probe(teacher: str, cache: str, out: str, settings: dict[str, Any] | None = 
           progress: bool = True) -> dict[str, float]:
     """Streaming similarity statistics of the teacher's blocks on cached calibration data -> ``out``/probe.json
     + plots (:func:`ppcl.probe.run_probe`). Metrics: blocks, intervals (probed), mean_cka, min_cka, forwards."""
-    from ppcl.config import ProbeConfig
     from ppcl.probe import run_probe
+    from ppcl.settings import ProbeSettings
 
-    cfg = _settings(ProbeConfig, settings, "probe", drop=("family",))
+    cfg = _settings(ProbeSettings, settings, "probe", drop=("family",))
     model = local_model(teacher, Path(out).parent / "teacher")
     check_family(model, (settings or {}).get("family"))
     result = run_probe(model, out, data=cache, progress=progress, **cfg.model_dump())
@@ -181,17 +177,17 @@ def select(probe_dir: str, out: str, settings: dict[str, Any] | None = None) -> 
     blocks_removed, teacher_params, student_params.
     """
     from ppcl.atomic import atomic_path
-    from ppcl.config import SelectConfig
     from ppcl.plan import save_plan
     from ppcl.probe import load_probe
     from ppcl.select import select as run_select
+    from ppcl.settings import SelectSettings
 
-    cfg = _settings(SelectConfig, settings, "select")
+    cfg = _settings(SelectSettings, settings, "select")
     if cfg.keep_params is None:
         raise PPCLError("select settings: field 'keep_params' is required (the plan's parameter budget)")
     probe_json = Path(probe_dir) / "probe.json"
     probe_result = load_probe(probe_json)
-    options = {k: v for k, v in (("min_cka", cfg.min_cka), ("max_jump", cfg.max_jump)) if v is not None}
+    options = {k: getattr(cfg, k) for k in ("min_cka", "max_jump", "break_cost") if getattr(cfg, k) is not None}
     plan = run_select(probe_result, method=cfg.method, keep_params=cfg.keep_params, protect=cfg.protect,
                       allow_ends=cfg.allow_ends, init=cfg.init, seed=cfg.seed, **options)  # fmt: skip
     plan.selection["probe"] = str(probe_json)
@@ -245,8 +241,7 @@ def distill(teacher: str, plan_dir: str, cache: str, out: str, settings: dict[st
     check_family(model, (settings or {}).get("family"))
     run = Path(out)
     resume = (run / "checkpoints").is_dir() and not (run / "run.json").exists()
-    fields = cfg.model_dump(exclude=set(MULTINODE_FIELDS))
-    fields["lr"] = fields.pop("learning_rate")
+    fields = cfg.model_dump(exclude=set(MULTINODE_FIELDS))  # the names of ppcl.distill.DistillSettings
     with tracking.stage_run("distill", out=out) as mlflow_run:  # closed FAILED if anything below raises
         hook = tracking.distill_callback(mlflow_run)
         try:
@@ -261,25 +256,6 @@ def distill(teacher: str, plan_dir: str, cache: str, out: str, settings: dict[st
             hook.flush()
         metrics = _distill_metrics(result.steps, len(result.plugs), result.final_losses)
         return _finish("distill", out, metrics, cfg.model_dump(mode="json"), run=mlflow_run)
-
-
-def distill_cli_args(settings: Any) -> list[str]:
-    """``ppcl distill`` arguments that reproduce a :class:`ppcl.config.DistillConfig` (``learning_rate`` -> ``--lr``;
-    None -> the CLI's default, i.e. omitted; ``max_grad_norm`` None -> ``--max-grad-norm 0``, no clipping)."""
-    args: list[str] = []
-    for name, value in settings.model_dump().items():
-        if name in MULTINODE_FIELDS:
-            continue
-        if name == "use_8bit_adam":
-            args += [] if value else ["--no-8bit-adam"]
-        elif name == "max_grad_norm":
-            args += ["--max-grad-norm", repr(float(value or 0.0))]
-        elif isinstance(value, bool):
-            args += [f"--{name.replace('_', '-')}"] if value else []
-        elif value is not None:
-            flag = "--lr" if name == "learning_rate" else f"--{name.replace('_', '-')}"
-            args += [flag, repr(value) if isinstance(value, float) else str(value)]
-    return args
 
 
 def distill_multinode(teacher: str, plan_dir: str, cache: str, out: str, settings: dict[str, Any] | None = None, *,
@@ -303,6 +279,7 @@ def distill_multinode(teacher: str, plan_dir: str, cache: str, out: str, setting
     from ppcl.atomic import write_json
     from ppcl.config import DistillConfig
     from ppcl.distill_s3 import FINAL_FILES
+    from ppcl.settings import settings_cli_args
 
     cfg = _settings(DistillConfig, settings, "distill", drop=("family",))
     where = f"distill with nodes={cfg.nodes}"
@@ -323,7 +300,9 @@ def distill_multinode(teacher: str, plan_dir: str, cache: str, out: str, setting
     storage.check_bucket(base)
     storage.upload_file(plan_file, plan_uri)
     spec = trainjob.TrainJobSpec(model=teacher, plan=plan_uri, data=data, out_uri=job_out, nodes=cfg.nodes,
-                                 gpus=cfg.gpus_per_node, extra_args=distill_cli_args(cfg))  # fmt: skip
+                                 gpus=cfg.gpus_per_node,
+                                 # every node's `ppcl distill` flags, generated from the model: the same settings
+                                 extra_args=settings_cli_args(cfg, exclude=MULTINODE_FIELDS))  # fmt: skip
     name = trainjob.submit(spec, namespace=namespace, timeout_s=timeout_s)
     done = storage.join(job_out, "run.json")
     if not storage.exists(done):
@@ -348,12 +327,13 @@ def export(teacher: str, plan_dir: str, plugs: str, keep_params: float, out: str
     Metrics: keep_params (requested), parameters (exported transformer, exact), parameters_ratio, intervals.
     """
     from ppcl.export import export as run_export
+    from ppcl.settings import ExportSettings
 
-    if not 0 < keep_params <= 1:
-        raise PPCLError(f"export: keep_params {keep_params} is outside (0, 1]")
+    cfg = _settings(ExportSettings, {**(settings or {}), "keep_params": keep_params}, drop=("family",))
     model = local_model(teacher, Path(out).parent / "teacher")
     check_family(model, (settings or {}).get("family"))
-    result = run_export(model, Path(plan_dir) / "plan.json", plugs, out, keep_params=keep_params)
+    result = run_export(model, Path(plan_dir) / "plan.json", plugs, out, keep_params=cfg.keep_params,
+                        intervals=cfg.intervals, all_intervals=cfg.all_intervals)  # fmt: skip
     metrics = {"keep_params": keep_params, "parameters": result.parameters,
                "parameters_ratio": result.parameters / result.teacher_parameters,
                "intervals": len(result.intervals)}  # fmt: skip
@@ -368,14 +348,13 @@ def evaluate(model: str, teacher: str, out: str, settings: dict[str, Any] | None
     Metrics (of the pruned model): parameters, parameters_ratio, ms_per_step, speedup, peak_memory_mb, and
     fid, clip_score, latent_psnr_db, latent_cosine where measured.
     """
-    from ppcl.config import EvaluateConfig
     from ppcl.evaluate.evaluation import evaluate_models
-    from ppcl.evaluate.metrics import EvalSettings
+    from ppcl.settings import EvaluateSettings
 
-    cfg = _settings(EvaluateConfig, settings, "evaluate", drop=("family",))
+    cfg = _settings(EvaluateSettings, settings, "evaluate", drop=("family",))
     teacher_dir = local_model(teacher, Path(out).parent / "teacher")
     check_family(teacher_dir, (settings or {}).get("family"))
-    es = EvalSettings(**cfg.model_dump(exclude={"prompts"}))
+    es = cfg.eval_settings()
     if name is None and (Path(model) / STAGE_SUMMARY).is_file():  # an export of this pipeline: name it by ratio
         keep = json.loads((Path(model) / STAGE_SUMMARY).read_text()).get("metrics", {}).get("keep_params")
         name = f"keep-{keep:g}" if keep is not None else None

@@ -19,7 +19,7 @@ TINY = merge(DEMO_DEFAULTS, {
     "data": {"shards": 1, "synth_samples": 8},
     "probe": {"samples": 4, "timesteps": 1},
     "select": {"method": "uniform"},  # robust on a 4-sample probe; the full-DAG test runs the ppcl selector
-    "distill": {"steps": 2, "batch_size": 2},
+    "distill": {"steps": 2, "batch_size": 2, "warmup_steps": 1},
     "evaluate": {"steps": 1, "prompts": ["a red circle"], "latency_repeats": 1, "latency_warmup": 0, "grid_samples": 1},
 })  # fmt: skip
 
@@ -184,7 +184,7 @@ def test_distill_alone(previous_run, kfp_local):
     def p():
         distill(teacher=previous_run["teacher"], plan=_importer(previous_run["plan"], Artifact),
                 cache=_importer(previous_run["cache"], Dataset), steps=3, learning_rate=1e-3,
-                settings={"batch_size": 2})  # fmt: skip
+                settings={"batch_size": 2, "warmup_steps": 1})  # fmt: skip
 
     out = _run(p, kfp_local) / "distill" / "plugs"
     run = json.loads((out / "run.json").read_text())

@@ -18,7 +18,9 @@ BAD = [
     ({"teacher": "t", "ratios": [0.0]}, "ratios"),
     ({"teacher": "t", "family": "dalle"}, "family"),
     ({"ratios": [0.5]}, "teacher"),
-    ({"teacher": "t", "distill": {"learning_rate": 0}}, "distill.learning_rate"),
+    ({"teacher": "t", "distill": {"lr": 0}}, "distill.lr"),
+    ({"teacher": "t", "distill": {"steps": 100, "warmup_steps": 100}}, "distill.warmup_steps"),
+    ({"teacher": "t", "probe": {"max_interval": 1}}, "probe.max_interval"),
     ({"teacher": "t", "aws_secret_access_key": "hunter2"}, "aws_secret_access_key"),
     ({"teacher": "t", "select": {"method": "magic"}}, "select.method"),
     ({"teacher": "t", "ratios": [0.8, 0.5], "select": {"keep_params": 0.7}}, "select.keep_params"),
@@ -70,7 +72,7 @@ def test_bad_yaml_names_the_line(tmp_path):
 def test_defaults_and_overrides(tmp_path):
     cfg = load_config(_write(tmp_path, {"teacher": "s3://m/flux", "ratios": [0.9, 0.6], "distill": {"steps": 7}}))
     assert cfg.keep_params == 0.6  # the plan is selected for the smallest ratio
-    assert cfg.distill.steps == 7 and cfg.distill.learning_rate == 1e-5
+    assert cfg.distill.steps == 7 and cfg.distill.lr == 1e-5
     assert cfg.stage_settings("select")["keep_params"] == 0.6
     # a stage section is plain JSON without nulls (KFP Struct parameters cannot carry null)
     assert all(v is not None for v in cfg.stage_settings("encode").values())
@@ -86,20 +88,25 @@ def test_demo_defaults_validate():
 
 
 def test_sections_match_the_stage_apis():
-    """Every config field reaches a real parameter of the stage it configures (no setting silently ignored)."""
-    from ppcl.config import DistillConfig, EvaluateConfig, ProbeConfig
+    """Every config field reaches a real parameter of the stage it configures (no setting silently ignored), and
+    every knob of the training loop is a setting (nothing only a Python caller can change)."""
+    from ppcl.config import DistillConfig
     from ppcl.distill import DistillSettings
     from ppcl.evaluate.metrics import EvalSettings
-    from ppcl.probe import run_probe
-
+    from ppcl.probe import ProbeAccumulator, iter_batches, probe_transformer
+    from ppcl.settings import EvaluateSettings, ProbeSettings
     from ppcl.trainjob import TrainJobSpec
 
     distill_fields = {f.name for f in dataclasses.fields(DistillSettings)}
     multinode = {"nodes": "nodes", "gpus_per_node": "gpus"}  # the TrainJob's shape (multi-node mode)
-    assert {"lr" if f == "learning_rate" else f for f in DistillConfig.model_fields if f not in multinode} <= distill_fields
+    settings_fields = {f for f in DistillConfig.model_fields if f not in multinode}
+    assert settings_fields <= distill_fields
+    assert distill_fields - {"loss_eps"} <= settings_fields  # loss_eps: a numerical guard, not a knob
     assert set(multinode.values()) <= {f.name for f in dataclasses.fields(TrainJobSpec)}
-    assert set(EvaluateConfig.model_fields) - {"prompts"} <= set(EvalSettings.model_fields)
-    assert set(ProbeConfig.model_fields) <= set(inspect.signature(run_probe).parameters)
+    assert set(EvaluateSettings.model_fields) - {"prompts"} == set(EvalSettings.model_fields)
+    probe_params = set().union(*(inspect.signature(f).parameters for f in (iter_batches, probe_transformer,
+                                                                          ProbeAccumulator.__init__)))
+    assert set(ProbeSettings.model_fields) <= probe_params
 
 
 def test_no_credential_field_in_the_schema():

@@ -127,7 +127,10 @@ def test_bad_resume_and_checkpoints_fail_cleanly(tiny_pipe_dir, tmp_path, capsys
     pipe_dir = tiny_pipe_dir["flux"]
     plan = write_plan(pipe_dir, "flux", tmp_path / "plan.json")
     other = write_plan(pipe_dir, "flux", tmp_path / "other.json", intervals=[[1, 2]])
+    # the old CLI defaults this test was written against (the defaults are now the pipeline's 2000-step run);
+    # a warm-up shorter than the run, which the settings now require
     base = ["distill", "--model", str(pipe_dir), "--steps", "4", "--checkpoint-every", "2", "--n-samples", "4",
+            "--batch-size", "2", "--lr", "1e-4", "--timesteps", "uniform", "--warmup-steps", "3",
             "--out", str(tmp_path / "run")]
     assert main([*base, "--plan", str(plan), "--stop-after", "3"]) == 0
     capsys.readouterr()

@@ -194,7 +194,7 @@ def test_full_dag_runs_locally_and_produces_every_artifact(tmp_path, tiny_pipe_d
         "data": {"shards": 1, "synth_samples": 8, "synth_size": 32},
         "encode": {"resolution": 32, "batch_size": 8},
         "probe": {"samples": 8, "timesteps": 2, "batch_size": 4, "hsic_tokens": 16},
-        "distill": {"steps": 3, "learning_rate": 1e-3, "batch_size": 4, "timesteps": "uniform"},
+        "distill": {"steps": 3, "lr": 1e-3, "batch_size": 4, "timesteps": "uniform", "warmup_steps": 1},
         "evaluate": {"steps": 1, "height": 32, "width": 32, "prompts": ["a red circle"], "latency_warmup": 0,
                      "latency_repeats": 1, "grid_samples": 1},
         "run_root": str(tmp_path / "runs"),

@@ -60,7 +60,7 @@ def pipeline(servers, tiny_pipe_dir, tmp_path_factory):
     teacher = str(tiny_pipe_dir["flux"])
     cfg = validate_config(merge(DEMO_DEFAULTS, {
         "teacher": teacher, "family": "flux", "ratios": list(RATIOS),
-        "distill": {"steps": DISTILL_STEPS},
+        "distill": {"steps": DISTILL_STEPS, "warmup_steps": 2},
         "evaluate": {"steps": 1, "latency_repeats": 1, "latency_warmup": 0},
     }))  # fmt: skip
     run_id = f"pipe-{uuid.uuid4().hex[:6]}"
@@ -420,7 +420,7 @@ def test_distill_stage_logs_its_curve_live_and_keeps_it_when_it_fails(tracked, i
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(distill_module, "save_checkpoint", disk_full)
-    settings = {"steps": 8, "checkpoint_every": 4, "learning_rate": 2e-3, "batch_size": 2, "lsq_batches": 2,
+    settings = {"steps": 8, "checkpoint_every": 4, "lr": 2e-3, "warmup_steps": 2, "batch_size": 2, "lsq_batches": 2,
                 "timesteps": "uniform"}  # fmt: skip
     with pytest.raises(OSError, match="No space left"):
         stages.distill(str(inputs["model"]), str(plan_dir), str(inputs["cache"]), str(tmp_path / "plugs"), settings,

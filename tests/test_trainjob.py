@@ -353,7 +353,7 @@ def test_distill_stage_multinode_runs_a_trainjob_and_collects_its_outputs(role_r
     plan_dir = tmp_path / "plan"
     plan_dir.mkdir()
     shutil.copy(inputs["plan"], plan_dir / "plan.json")
-    settings = {"steps": 4, "learning_rate": 2e-3, "batch_size": 2, "warmup_steps": 2, "checkpoint_every": 2,
+    settings = {"steps": 4, "lr": 2e-3, "batch_size": 2, "warmup_steps": 2, "checkpoint_every": 2,
                 "lsq_batches": 2, "timesteps": "uniform", "family": "flux", "nodes": 2, "gpus_per_node": 4}
     out_uri = f"{bucket}/kfp-root/distill/plugs"
     fake = JobRunningCluster(role_rules, ["Running", "Complete"], log_lines=["[rank 0] step 4/4"])

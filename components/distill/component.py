@@ -25,7 +25,7 @@ def distill(
     """Distil the plugs of ``plan`` from ``teacher`` on ``cache``; ``plugs`` holds the trained plugs."""
     from ppcl import stages
 
-    settings = {**settings, "steps": steps, "learning_rate": learning_rate}
+    settings = {**settings, "steps": steps, "lr": learning_rate}  # the setting is `lr`
     # The artifact URIs serve the multi-node mode (settings "nodes" > 1), whose TrainJob reads the cache from S3.
     for name, value in stages.distill(teacher, plan.path, cache.path, plugs.path, settings, cache_uri=cache.uri,
                                       out_uri=plugs.uri).items():

@@ -24,7 +24,7 @@ HELP = "compare the runs of an MLflow experiment: a table of ratios (size, laten
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("method", "param:select.method"),
     ("distill_steps", "param:distill.steps"),
-    ("learning_rate", "param:distill.learning_rate"),
+    ("learning_rate", "param:distill.lr"),
     ("plan_intervals", "param:plan.intervals"),
     ("parameters", "metric:parameters"),
     ("parameters_ratio", "metric:parameters_ratio"),

@@ -8,55 +8,39 @@ HELP = "evaluate pruned pipelines against the teacher: FID, CLIP score, fidelity
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ppcl.settings import EvaluateSettings, add_settings_arguments
+
     parser.add_argument("--model", action="append", required=True, metavar="PRUNED",
                         help="pruned pipeline directory (repeat for several)")
     parser.add_argument("--teacher", required=True, metavar="PIPE", help="teacher pipeline directory")
     parser.add_argument("--prompts", required=True, metavar="FILE",
                         help="prompts: one per line, or .jsonl with a 'prompt' or 'caption' field")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: metrics.json, grid.png, report.html")
-    parser.add_argument("--reference", metavar="IMAGES", help="folder of reference images for FID")
-    parser.add_argument("--seeds", type=int, default=1, metavar="N", help="images per prompt (default 1)")
-    parser.add_argument("--seed-offset", type=int, default=0, help="first seed (default 0)")
-    parser.add_argument("--steps", type=int, default=20, metavar="S", help="denoising steps (default 20)")
-    parser.add_argument("--resolution", type=int, default=512, metavar="R",
-                        help="square generation resolution in pixels (default 512)")
-    parser.add_argument("--height", type=int, help="generation height (overrides --resolution)")
-    parser.add_argument("--width", type=int, help="generation width (overrides --resolution)")
-    parser.add_argument("--guidance", type=float, metavar="G", help="guidance scale (default: the pipeline's)")
-    parser.add_argument("--clip", metavar="PATH", help="CLIP model directory (or hub id) for CLIP score")
-    parser.add_argument("--fid-features", metavar="SPEC",
-                        help="FID feature extractor: clip | inception:WEIGHTS.pth | pkg.module:factory "
-                             "(default: clip when --clip is given)")
-    parser.add_argument("--fid-cache", metavar="DIR", help="reference statistics cache (default ~/.cache/ppcl/fid)")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per pipeline call (default 4)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--latency-repeats", type=int, default=10, help="timed transformer forwards (default 10)")
-    parser.add_argument("--latency-warmup", type=int, default=2, help="untimed forwards first (default 2)")
-    parser.add_argument("--grid-samples", type=int, default=4, help="rows in grid.png (default 4)")
+    parser.add_argument("--resolution", type=int, default=None, metavar="R",
+                        help="square generation resolution: sets --height and --width where they are not given")
+    # every setting of metrics.json, generated from EvalSettings (the run config's evaluate section has the same
+    # fields); the prompts come from --prompts, the reference statistics' cache from --fid-cache-dir
+    add_settings_arguments(parser, EvaluateSettings, exclude=("prompts",))
+    parser.add_argument("--fid-cache", dest="fid_cache_dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--name", action="append", help="display name per --model, in order (default: folder name)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+def eval_settings(args: argparse.Namespace):
+    """The :class:`ppcl.evaluate.metrics.EvalSettings` of the parsed flags: ``--resolution`` sets the height and
+    width whose own flags were not given. (``--prompts`` is a file, read after the settings are checked.)"""
+    from ppcl.settings import EvaluateSettings, settings_from_args
 
-    from ppcl.errors import PPCLError
+    given = getattr(args, "settings_given", set())
+    size = {k: args.resolution for k in ("height", "width") if args.resolution is not None and k not in given}
+    return settings_from_args(EvaluateSettings, args, exclude=("prompts",), **size).eval_settings()
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = eval_settings(args)  # checked before torch is even imported
+
     from ppcl.evaluate.generate import read_prompts
-    from ppcl.evaluate.metrics import EvalSettings
 
     prompts = read_prompts(args.prompts)
-    try:
-        settings = EvalSettings(
-            steps=args.steps, height=args.height or args.resolution, width=args.width or args.resolution,
-            guidance=args.guidance, seeds=args.seeds, seed_offset=args.seed_offset, batch_size=args.batch_size,
-            device=args.device, dtype=args.dtype, clip=args.clip, reference=args.reference,
-            fid_features=args.fid_features, fid_cache_dir=args.fid_cache, latency_warmup=args.latency_warmup,
-            latency_repeats=args.latency_repeats, grid_samples=args.grid_samples,
-        )
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise PPCLError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
 
     import torch
 

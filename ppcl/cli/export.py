@@ -15,23 +15,28 @@ def _indices(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ppcl.settings import ExportSettings
+
+    about = {n: f.description for n, f in ExportSettings.model_fields.items()}
     parser.add_argument("--model", required=True, help="teacher pipeline folder")
     parser.add_argument("--plan", required=True, help="plan.json the plugs were trained for")
     parser.add_argument("--plugs", required=True, help="RUN folder from ppcl distill")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--keep-params", type=float,
-                       help="fraction of teacher parameters to keep: the subset of plugs with the most parameters "
-                            "not above it")
-    which.add_argument("--intervals", type=_indices, help="plan indices of the intervals to replace, e.g. 0,2,5")
-    which.add_argument("--all", action="store_true", help="replace every interval of the plan")
+    which.add_argument("--keep-params", type=float, help=about["keep_params"])
+    which.add_argument("--intervals", type=_indices, help=about["intervals"])
+    which.add_argument("--all", action="store_true", help=about["all_intervals"])
     parser.add_argument("--out", required=True, help="pruned pipeline folder to write")
 
 
 def run(args: argparse.Namespace) -> int:
     from ppcl.export import export
+    from ppcl.settings import ExportSettings, validate_settings
 
-    r = export(args.model, args.plan, args.plugs, args.out, keep_params=args.keep_params,
-               intervals=args.intervals, all_intervals=args.all)
+    # --all is the flag of the all_intervals setting; the group above makes exactly one of the three required
+    cfg = validate_settings(ExportSettings, {"keep_params": args.keep_params, "intervals": args.intervals,
+                                             "all_intervals": args.all}, cli=True)  # fmt: skip
+    r = export(args.model, args.plan, args.plugs, args.out, keep_params=cfg.keep_params,
+               intervals=cfg.intervals, all_intervals=cfg.all_intervals)
     print(f"{r.out}: {r.transformer_class}, {r.parameters:,} of {r.teacher_parameters:,} parameters "
           f"({r.parameters / r.teacher_parameters:.2%}), intervals {r.intervals}")
     return 0

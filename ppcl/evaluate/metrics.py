@@ -29,46 +29,37 @@ class _Strict(BaseModel):
 class EvalSettings(_Strict):
     """Everything that changes the numbers. Stored verbatim in metrics.json.
 
-    Attributes:
-        steps: denoising steps per image.
-        height, width: generation resolution in pixels.
-        guidance: guidance scale passed through the family adapter (None: the teacher folder's ``ppcl.json``
-            generation default when it has one, else the pipeline's default). metrics.json stores the value used.
-        max_sequence_length: text tokens per prompt (None: the teacher folder's ``ppcl.json`` default when it has
-            one, else the pipeline's default, e.g. 512 for FLUX). metrics.json stores the value used.
-        seeds: images per prompt; sample (prompt i, seed j) uses ``torch.Generator("cpu").manual_seed(seed_offset
-            + j)`` for every model, so the initial noise is identical across models and runs.
-        seed_offset: first seed.
-        batch_size: images per pipeline call (same batches for every model).
-        device: "cpu", "cuda", "cuda:1", ...; None picks cuda when available.
-        dtype: "float32", "bfloat16" or "float16"; None: float32 on CPU, bfloat16 on CUDA.
-        clip: CLIP model directory (or hub id) for CLIP score; None: no CLIP score.
-        reference: folder of reference images for FID; None: no FID.
-        fid_features: FID feature extractor spec (see :func:`ppcl.evaluate.fid.load_extractor`); None with a
-            reference and a CLIP: ``clip``.
-        fid_cache_dir: where reference statistics are cached (None: ``$PPCL_CACHE_DIR/fid`` or ``~/.cache/ppcl/fid``).
-        latency_warmup, latency_repeats: transformer forwards run untimed, then timed.
-        grid_samples: samples (rows) shown in grid.png; the first ones in sample order (seed-major: every prompt
-            with the first seed, then the next seed).
+    The one definition of the evaluation settings: ``ppcl evaluate``'s flags and the run config's ``evaluate``
+    section are generated from these fields (:mod:`ppcl.settings`). Sample (prompt i, seed j) uses
+    ``torch.Generator("cpu").manual_seed(seed_offset + j)`` for every model, so the initial noise is identical
+    across models and runs.
     """
 
-    steps: int = Field(20, ge=1)
-    height: int = Field(512, ge=8)
-    width: int = Field(512, ge=8)
-    guidance: float | None = None
-    max_sequence_length: int | None = Field(None, ge=1)
-    seeds: int = Field(1, ge=1)
-    seed_offset: int = Field(0, ge=0)
-    batch_size: int = Field(4, ge=1)
-    device: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    clip: str | None = None
-    reference: str | None = None
-    fid_features: str | None = None
-    fid_cache_dir: str | None = None
-    latency_warmup: int = Field(2, ge=0)
-    latency_repeats: int = Field(10, ge=1)
-    grid_samples: int = Field(4, ge=1)
+    steps: int = Field(20, ge=1, description="denoising steps per image")
+    height: int = Field(512, ge=8, description="generation height in pixels")
+    width: int = Field(512, ge=8, description="generation width in pixels")
+    guidance: float | None = Field(None, description="guidance scale passed through the family adapter (none: the "
+                                   "teacher folder's ppcl.json default, else the pipeline's); metrics.json stores "
+                                   "the value used")
+    max_sequence_length: int | None = Field(None, ge=1, description="text tokens per prompt (none: the teacher "
+                                            "folder's ppcl.json default, else the pipeline's, e.g. 512 for FLUX)")
+    seeds: int = Field(1, ge=1, description="images per prompt")
+    seed_offset: int = Field(0, ge=0, description="first seed")
+    batch_size: int = Field(4, ge=1, description="images per pipeline call (same batches for every model)")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (none: cuda when available)")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="model dtype (none: float32 on CPU, bfloat16 on CUDA)")
+    clip: str | None = Field(None, description="CLIP model directory (or hub id) for the CLIP score (none: no CLIP "
+                             "score)")
+    reference: str | None = Field(None, description="folder of reference images for FID (none: no FID)")
+    fid_features: str | None = Field(None, description="FID feature extractor: clip | inception:WEIGHTS.pth | "
+                                     "pkg.module:factory (none with a reference and a CLIP: clip)")
+    fid_cache_dir: str | None = Field(None, description="where reference statistics are cached (none: "
+                                      "$PPCL_CACHE_DIR/fid or ~/.cache/ppcl/fid)")
+    latency_warmup: int = Field(2, ge=0, description="untimed transformer forwards before timing")
+    latency_repeats: int = Field(10, ge=1, description="timed transformer forwards")
+    grid_samples: int = Field(4, ge=1, description="rows of grid.png: the first samples in sample order (every "
+                              "prompt with the first seed, then the next seed)")
 
 
 class Latency(_Strict):
