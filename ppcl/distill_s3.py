@@ -164,10 +164,11 @@ def distill_uris(
         with storage.file_lock(root / "inputs" / f".{local_plan.name}.lock"):
             storage.download_file(str(plan), local_plan)
     if remote_out and resume and storage.exists(done):
-        from ppcl.distill import _load_plan, plan_hash
+        from ppcl.distill import plan_hash
+        from ppcl.plan import as_plan
 
         meta = json.loads(storage.read_bytes(done))
-        if meta.get("plan_hash") != plan_hash(_load_plan(local_plan)):
+        if meta.get("plan_hash") != plan_hash(as_plan(local_plan)):
             raise PPCLError(f"cannot resume {out}: it was trained for a different plan (plan hash differs)")
         print(f"{out} is already complete (run.json exists); nothing to resume", file=sys.stderr)
         return DistillResult(Path(str(out)), int(meta["steps"]), dict(meta.get("final_losses") or {}),

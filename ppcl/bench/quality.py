@@ -156,7 +156,7 @@ def _untrained_pruned(teacher_dir: Path, plan, chosen: list[int]):
     pipe = load_pipeline(teacher_dir)
     adapter = get_adapter(pipe)
     units = build_units(adapter, plan)
-    selected = [u for u in units if u.kind != "interval" or int(u.name.split("_")[1]) in chosen]
+    selected = [u for u in units if u.kind != "interval" or u.index in chosen]
     lists, keep, _ = student_layout(adapter, selected)
     pipe.transformer = build_pruned_transformer(adapter, selected, [], lists, keep).eval()
     return pipe
