@@ -54,9 +54,8 @@ from ppcl.plugs import StudentView, plug_loss
 
 Losses = dict[str, dict[str, torch.Tensor]]  # unit name -> stream -> loss D (a scalar tensor)
 
-# ------------------------------------------------------------------------------------------------ the teacher pass
 
-
+# ---------------------------------------------------------------------------------------------------- the teacher pass
 def _detach(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach()
@@ -98,9 +97,8 @@ def teacher_pass(
             output = adapter.forward(model_inputs)
     return calls, outs, output
 
-# ------------------------------------------------------------------------------------------------ what a unit is fed, what it is compared with
 
-
+# -------------------------------------------------------------------------------- what a unit is fed and compared with
 def unit_tau(unit: Unit, calls: dict[int, BlockCall]) -> torch.Tensor:
     """``tau`` ``(B, T, D)`` of the text_freeze the unit meets: the teacher's text entering block ``a+1``."""
     return calls[unit.tau_block].kwargs["encoder_hidden_states"]
@@ -134,9 +132,8 @@ def unit_target(
         target.pop("text", None)
     return target
 
-# ------------------------------------------------------------------------------------------------ non-sequential (teacher-forced)
 
-
+# ------------------------------------------------------------------------------------- non-sequential (teacher-forced)
 def run_module(module: nn.Module, call: BlockCall, checkpointing: bool) -> dict[str, torch.Tensor]:
     """``module`` on ``call`` with grad (through activation checkpointing when ``checkpointing``): its streams."""
     if checkpointing and torch.is_grad_enabled():
@@ -178,8 +175,8 @@ def unit_step_losses(
         fcalls = frozen_calls(unit, calls)
         got = {k: run_module(m, fcalls[k], checkpointing) for k, m in zip(unit.members, unit.module)}
         return freeze_unit_losses(unit, got, outs, eps)
-    return unit_losses(unit, run_module(unit.module, unit_call(unit, calls), checkpointing), unit_target(unit, calls, outs),
-                       eps)
+    out = run_module(unit.module, unit_call(unit, calls), checkpointing)
+    return unit_losses(unit, out, unit_target(unit, calls, outs), eps)
 
 
 def nonsequential_losses(
@@ -200,9 +197,8 @@ def nonsequential_losses(
         out_loss = output_loss(student_out, teacher_out)
     return losses, out_loss
 
-# ------------------------------------------------------------------------------------------------ the output-level term
 
-
+# ----------------------------------------------------------------------------------------------- the output-level term
 def output_loss_units(units: list[Unit], keep: float, generator: torch.Generator) -> list[Unit]:
     """The units in place for the output-level term of one step: every width / text_freeze unit and each depth
     plug with probability ``keep`` (at least one plug). Plugs tied to a text_freeze (``freeze`` role) are always in
@@ -229,9 +225,8 @@ def total_loss(losses: Losses, out_loss: torch.Tensor | None, output_loss_weight
         total = total + output_loss_weight * out_loss
     return total
 
-# ------------------------------------------------------------------------------------------------ sequential (the ablation)
 
-
+# ------------------------------------------------------------------------------------------- sequential (the ablation)
 def student_forward(
     adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], capture: bool, stop_early: bool = False
 ) -> tuple[torch.Tensor | None, dict[str, dict[str, torch.Tensor]]]:
