@@ -226,7 +226,7 @@ def total_loss(losses: Losses, out_loss: torch.Tensor | None, output_loss_weight
     return total
 
 
-# ------------------------------------------------------------------------------------------- sequential (the ablation)
+# ------------------------------------- the student with units in place (output-level term) and the sequential ablation
 def student_forward(
     adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], capture: bool, stop_early: bool = False
 ) -> tuple[torch.Tensor | None, dict[str, dict[str, torch.Tensor]]]:
