@@ -144,7 +144,7 @@ def distill_uris(
     uris = [str(x) for x in (model, plan, data, out) if x is not None]
     if not any(storage.is_s3(u) for u in uris):
         return distill(model, plan, out, data=data, resume=resume, settings=settings, **kwargs)
-    keep = kwargs.get("keep_checkpoints", getattr(settings, "keep_checkpoints", DistillSettings.keep_checkpoints))
+    keep = kwargs.get("keep_checkpoints", getattr(settings, "keep_checkpoints", DistillSettings.model_fields["keep_checkpoints"].default))
     root = scratch_root(scratch)
     # Validate S3 outputs before any download or training: a missing bucket or an occupied OUT fails at once.
     remote_out = storage.is_s3(out)
@@ -164,10 +164,11 @@ def distill_uris(
         with storage.file_lock(root / "inputs" / f".{local_plan.name}.lock"):
             storage.download_file(str(plan), local_plan)
     if remote_out and resume and storage.exists(done):
-        from ppcl.distill import _load_plan, plan_hash
+        from ppcl.distill import plan_hash
+        from ppcl.plan import as_plan
 
         meta = json.loads(storage.read_bytes(done))
-        if meta.get("plan_hash") != plan_hash(_load_plan(local_plan)):
+        if meta.get("plan_hash") != plan_hash(as_plan(local_plan)):
             raise PPCLError(f"cannot resume {out}: it was trained for a different plan (plan hash differs)")
         print(f"{out} is already complete (run.json exists); nothing to resume", file=sys.stderr)
         return DistillResult(Path(str(out)), int(meta["steps"]), dict(meta.get("final_losses") or {}),

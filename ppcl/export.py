@@ -79,7 +79,7 @@ def interval_savings(adapter: Adapter, units) -> dict[int, int]:
     for u in units:
         if u.kind == "interval":
             removed = sum(count_parameters(placed.get(l, adapter.block(l))) for l in range(u.start, u.end + 1))
-            out[int(u.name.split("_")[1])] = removed - count_parameters(u.module)
+            out[u.index] = removed - count_parameters(u.module)
     return out
 
 
@@ -220,14 +220,15 @@ def export(
             indices of the intervals to replace, or every interval.
     """
     from ppcl.arch import load_pipeline
-    from ppcl.distill import _load_plan, build_units, check_plan_family, load_unit_weights, plan_dict, plan_hash
+    from ppcl.distill import build_units, check_plan_family, load_unit_weights, plan_dict, plan_hash, student_layout
+    from ppcl.plan import as_plan
     from ppcl.plugs import freeze
 
     chosen_modes = sum([keep_params is not None, intervals is not None, bool(all_intervals)])
     if chosen_modes != 1:
         raise PPCLError("choose exactly one of --keep-params, --intervals, --all")
     model_path, plugs, out = Path(model), Path(plugs), Path(out)
-    plan_obj = _load_plan(plan)
+    plan_obj = as_plan(plan)
     run = _read_run(plugs)
     if run.get("plan_hash") != plan_hash(plan_obj):
         raise PPCLError(f"plugs {plugs} were trained for a different plan (plan hash differs)")
@@ -258,15 +259,14 @@ def export(
         if bad:
             raise PPCLError(f"--intervals {bad[0]} is not an interval index of the plan (it has {n_iv})")
     else:
+        index = {u.name: u.index for u in units if u.kind == "interval"}
         losses = {}
         for p in run.get("plugs", []):
             if p.get("kind") == "interval":
-                losses[int(p["name"].split("_")[1])] = sum((p.get("final_loss") or {}).values())
+                losses[index[p["name"]]] = sum((p.get("final_loss") or {}).values())
         chosen = choose_intervals(float(keep_params), teacher_params, width_saving, savings, losses)
 
-    from ppcl.distill import student_layout
-
-    selected = [u for u in units if u.kind != "interval" or int(u.name.split("_")[1]) in chosen]
+    selected = [u for u in units if u.kind != "interval" or u.index in chosen]
     lists, keep, position = student_layout(adapter, selected)
     cover = covering_positions(selected, position)
     width_new = []

@@ -459,6 +459,18 @@ def load_plan(path: str | Path) -> Plan:
     return plan
 
 
+def as_plan(plan: Any) -> Plan:
+    """A Plan from a plan.json path (:func:`load_plan`), a dict (validated here), or a Plan (returned as is)."""
+    if isinstance(plan, (str, Path)):
+        return load_plan(plan)
+    if isinstance(plan, dict):
+        try:
+            return Plan.model_validate(plan)
+        except Exception as e:  # pydantic ValidationError: say what, on one line
+            raise PPCLError(f"invalid plan: {str(e).splitlines()[0]}") from None
+    return plan
+
+
 def format_plan(plan: Plan) -> str:
     """A readable table of the plan (``ppcl plan show``)."""
     t = plan.teacher

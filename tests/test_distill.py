@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -61,13 +60,66 @@ def test_distillation_lowers_heldout_loss(family, tiny_pipe_dir, tmp_path):
     assert result.final_losses.keys() == meta["final_losses"].keys()
 
 
-def test_sequential_mode_and_output_loss_run(tiny_pipe_dir, tmp_path):
+def test_sequential_mode_feeds_each_plug_the_student_state(tiny_pipe_dir, tmp_path):
+    """Step 1 (plugs at their initial copies, same batch and noise in both modes): the first plug sees the teacher's
+    state in both modes, so its losses agree exactly; the second is fed the first plug's output in the sequential
+    student, so its losses differ. The output-level term with every plug in place is the same student in both modes,
+    and the logged loss is the sum of the D terms plus weight x output term."""
     pipe_dir = tiny_pipe_dir["qwenimage"]
     plan = write_plan(pipe_dir, "qwenimage", tmp_path / "plan.json", width=[])
-    seen = []
-    distill(str(pipe_dir), plan, tmp_path / "seq", mode="sequential", output_loss_weight=0.5,
-            on_step=lambda s, m: seen.append((s, m["output_loss"])), **{**FAST, "steps": 3})
-    assert [s for s, _ in seen] == [1, 2, 3] and all(v >= 0 for _, v in seen)
+    runs = {}
+    for mode in ("sequential", "nonsequential"):
+        seen = []
+        distill(str(pipe_dir), plan, tmp_path / mode, mode=mode, output_loss_weight=0.5,
+                on_step=lambda s, m: seen.append(m), **{**FAST, "steps": 2, "warmup_steps": 1})
+        assert [m["step"] for m in seen] == [1, 2]
+        for m in seen:
+            assert m["loss"] == pytest.approx(sum(m["losses"].values()) + 0.5 * m["output_loss"], rel=1e-5)
+        runs[mode] = seen[0]
+    seq, non = runs["sequential"], runs["nonsequential"]
+    assert seq["losses"]["interval_0/image"] == non["losses"]["interval_0/image"]
+    assert seq["losses"]["interval_0/text"] == non["losses"]["interval_0/text"]
+    assert seq["losses"]["interval_1/image"] != pytest.approx(non["losses"]["interval_1/image"], rel=1e-3)
+    assert seq["output_loss"] == pytest.approx(non["output_loss"], rel=1e-5) and seq["output_loss"] > 1e-4
+
+
+def test_loss_d_matches_a_hand_computation_from_teacher_states(tiny_pipe_dir):
+    """Loss D of the initial plugs (copies of teacher blocks) recomputed here from the teacher's own states: the
+    call entering ``s`` captured by a hook, the source block run on it, compared with the streams leaving ``e`` as
+    2 - 2 cos, averaged over tokens (method.md section 2)."""
+    from ppcl.arch.common import split_output
+    from ppcl.calibration import noise_batch
+
+    pipe_dir = tiny_pipe_dir["flux"]
+    pipe = load_pipeline(pipe_dir)
+    adapter = get_adapter(pipe)
+    plan = make_plan(adapter, [[1, 2], [5, 8]], allow_ends=True)  # sources: middle blocks 1 and 6
+    batch = list(synthetic_batches(pipe, n_samples=2, batch_size=2, seed=99))[0]
+    got = heldout_losses(str(pipe_dir), plan, [batch], seed=7)
+
+    inputs = noise_batch(adapter, dict(pipe.scheduler.config), batch, scheme="uniform",
+                         generator=torch.Generator().manual_seed(7)).model_inputs
+    entering, leaving = {}, {}
+
+    def on_input(i, call):
+        entering[i] = call
+
+    def on_output(i, call, streams):
+        leaving[i] = streams
+
+    with torch.no_grad(), adapter.hooks(on_input=on_input, on_output=on_output):
+        adapter.forward(inputs)
+    expected = {}
+    for k, (s, e, source) in enumerate([(1, 2, 1), (5, 8, 6)]):
+        with torch.no_grad():
+            out = split_output(adapter.block(source)(**entering[s].kwargs))
+        for stream, a in out.items():
+            b = leaving[e][stream]
+            cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+            expected[f"interval_{k}/{stream}"] = float((2 - 2 * cos).mean())
+    assert set(got) == set(expected) and "interval_1/image" in got
+    for key, v in expected.items():
+        assert v > 1e-4 and got[key] == pytest.approx(v, rel=1e-4), (key, got, expected)
 
 
 def test_output_loss_subsets_keep_width_units_and_at_least_one_plug(tiny_pipe_dir):
@@ -95,9 +147,15 @@ def test_output_loss_subsets_train_and_resume_exactly(tiny_pipe_dir, tmp_path):
     pipe_dir = tiny_pipe_dir["flux"]
     plan = write_plan(pipe_dir, "flux", tmp_path / "plan.json", width=[])
     kw = {**FAST, "steps": 5, "checkpoint_every": 2, "output_loss_weight": 0.5, "output_loss_keep": 0.5}
-    seen = []
-    distill(str(pipe_dir), plan, tmp_path / "full", on_step=lambda s, m: seen.append(m["output_loss"]), **kw)
-    assert len(seen) == 5 and all(v >= 0 for v in seen)
+    seen, every = [], []
+    distill(str(pipe_dir), plan, tmp_path / "full", on_step=lambda s, m: seen.append(m), **kw)
+    distill(str(pipe_dir), plan, tmp_path / "every", on_step=lambda s, m: every.append(m),
+            **{**kw, "steps": 1, "warmup_steps": 0, "output_loss_keep": 1.0})
+    # step 1, same initial plugs and inputs: the same D terms; the output-level term of this seed's subset (one
+    # of the two plugs) differs from the term with both in place
+    assert len(seen) == 5 and seen[0]["losses"] == every[0]["losses"]
+    assert seen[0]["output_loss"] != pytest.approx(every[0]["output_loss"], rel=1e-3)
+    assert all(m["loss"] == pytest.approx(sum(m["losses"].values()) + 0.5 * m["output_loss"], rel=1e-5) for m in seen)
     distill(str(pipe_dir), plan, tmp_path / "cut", stop_after=3, **kw)
     distill(str(pipe_dir), plan, tmp_path / "cut", resume=True, **kw)
     assert (tmp_path / "full" / "plugs.safetensors").read_bytes() == (tmp_path / "cut" / "plugs.safetensors").read_bytes()
@@ -264,7 +322,8 @@ def test_distill_from_encoded_cache(tiny_pipe_dir, tmp_path):
     meta = json.loads((run / "run.json").read_text())
     assert meta["data"] == str(cache) and meta["steps"] == 8
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == list(range(1, 9)) and all(l["loss"] == l["loss"] for l in lines)
+    assert [l["step"] for l in lines] == list(range(1, 9))
+    assert all(l["loss"] == pytest.approx(sum(l["losses"].values()), rel=1e-5) for l in lines)  # the objective
     batches = list(iter_cache_batches(str(cache), 4))
     before = heldout_losses(str(pipe_dir), plan, batches)
     after = heldout_losses(str(pipe_dir), plan, batches, run=run)
@@ -274,13 +333,16 @@ def test_distill_from_encoded_cache(tiny_pipe_dir, tmp_path):
 
 def test_sequential_mode_runs_with_plugs_inside_a_frozen_text_interval(tiny_pipe_dir, tmp_path):
     """The ablation with a composed plan: the student holds the source plug [2, 2], the frozen plug [3, 4] and the
-    kept frozen blocks 5, 6 (the one at b = 6 carries the text loss); every unit gets a finite loss."""
+    kept frozen blocks 5, 6 (the one at b = 6 carries the text loss); every unit gets a loss. At step 1 the source
+    plug is still block 2 fed the teacher's state (nothing before it is replaced): its losses are 0."""
     pipe_dir = tiny_pipe_dir["qwenimage"]
     plan = write_plan(pipe_dir, "qwenimage", tmp_path / "plan.json", intervals=[[2, 2], [3, 4]],
                       width=[{"op": "text_freeze", "interval": [2, 6]}])
     run = tmp_path / "run"
-    distill(str(pipe_dir), plan, run, mode="sequential", **{**FAST, "steps": 2, "n_samples": 2})
-    losses = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["losses"]
-    assert set(losses) == {"interval_0/image", "interval_0/text", "interval_1/image", "text_freeze_2_6/image",
-                           "text_freeze_2_6/text"}
-    assert all(v == v and v < 4 for v in losses.values())
+    distill(str(pipe_dir), plan, run, mode="sequential", **{**FAST, "steps": 2, "warmup_steps": 1, "n_samples": 2})
+    first, last = (json.loads(l)["losses"] for l in (run / "metrics.jsonl").read_text().splitlines())
+    assert set(last) == {"interval_0/image", "interval_0/text", "interval_1/image", "text_freeze_2_6/image",
+                         "text_freeze_2_6/text"}
+    assert first["interval_0/image"] == pytest.approx(0.0, abs=1e-10)
+    assert first["interval_0/text"] == pytest.approx(0.0, abs=1e-10)
+    assert first["interval_1/image"] > 1e-4 and first["text_freeze_2_6/text"] > 1e-4

@@ -408,7 +408,7 @@ def test_distill_stage_logs_its_curve_live_and_keeps_it_when_it_fails(tracked, i
 
     import torch
 
-    from ppcl import distill as distill_module
+    from ppcl.distill import train as distill_module  # the module whose loop calls save_checkpoint
     from ppcl import stages
 
     torch.set_num_threads(1)

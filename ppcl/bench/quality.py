@@ -86,7 +86,8 @@ class QualitySettings:
     @classmethod
     def smoke(cls) -> "QualitySettings":
         """Minutes on 2 cores: the whole table's machinery, few steps and prompts (numbers not meaningful)."""
-        return cls(data_samples=64, probe_samples=16, probe_timesteps=2, steps=3, batch_size=8, eval_n=8,
+        # warm-up below the 3 steps: a warm-up the run never finishes is refused (ppcl.settings.DistillSettings)
+        return cls(data_samples=64, probe_samples=16, probe_timesteps=2, steps=3, warmup_steps=2, batch_size=8, eval_n=8,
                    eval_steps=2, latency_repeats=2, rows=("ppcl", "no-distill", "shortgpt", "scattered", "per-ratio"))
 
 
@@ -156,7 +157,7 @@ def _untrained_pruned(teacher_dir: Path, plan, chosen: list[int]):
     pipe = load_pipeline(teacher_dir)
     adapter = get_adapter(pipe)
     units = build_units(adapter, plan)
-    selected = [u for u in units if u.kind != "interval" or int(u.name.split("_")[1]) in chosen]
+    selected = [u for u in units if u.kind != "interval" or u.index in chosen]
     lists, keep, _ = student_layout(adapter, selected)
     pipe.transformer = build_pruned_transformer(adapter, selected, [], lists, keep).eval()
     return pipe

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     # the defaults are the pipeline's (ppcl.settings): by hand and in the pipeline, the same run
     result = distill_uris(args.model, args.plan, args.out, data=args.data, resume=args.resume,
-                          stop_after=args.stop_after, scratch=args.scratch, **cfg.model_dump())  # fmt: skip
+                          stop_after=args.stop_after, scratch=args.scratch, settings=cfg)  # fmt: skip
     if result.steps < cfg.steps:
         where = f"{args.out}/checkpoints" if args.out.startswith("s3://") else result.run_dir / "checkpoints"
         print(f"stopped after step {result.steps} (checkpoint in {where})", file=sys.stderr)

@@ -1,0 +1,157 @@
+"""Batch streams of a distillation run: deterministic, resumable, one share per process; and each step's inputs.
+
+Batches are visited in epochs; the order of an epoch is a permutation seeded by ``(seed, epoch)`` for the
+in-memory synthetic set; a latent cache is read through ``ppcl.data.cache.CacheDataset`` (shuffled by
+``(seed, epoch)`` too). The data position ``(epoch, index)`` is checkpointed; resuming re-opens the epoch and skips
+``index`` batches. Multi-GPU (``accelerate launch``): each process takes every ``world``-th batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppcl.arch.common import Adapter
+from ppcl.distill.settings import DistillSettings
+from ppcl.errors import PPCLError
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class BatchStream:
+    """Deterministic, resumable stream of batches: position ``(epoch, index)`` within this process's share."""
+
+    def __init__(self, epoch_iter: Callable[[int], Iterator[dict[str, Any]]]):
+        self._epoch_iter = epoch_iter
+        self.epoch = 0
+        self.index = 0
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._it = self._epoch_iter(self.epoch)
+        for _ in range(self.index):
+            if next(self._it, None) is None:
+                raise PPCLError(f"checkpoint data position {state} is past the end of the data")
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = self._epoch_iter(self.epoch)
+        for _ in range(2):
+            batch = next(self._it, None)
+            if batch is not None:
+                self.index += 1
+                return batch
+            self.epoch, self.index = self.epoch + 1, 0
+            self._it = self._epoch_iter(self.epoch)
+        raise PPCLError("the training data is empty (no batch in an epoch)")
+
+
+def memory_stream(batches: list[dict[str, Any]], seed: int) -> BatchStream:
+    """Batches held in memory, re-ordered each epoch by a permutation seeded by ``(seed, epoch)``."""
+    if not batches:
+        raise PPCLError("the training data is empty")
+    rank, world = _rank_world()
+
+    def epoch_iter(epoch: int) -> Iterator[dict[str, Any]]:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return iter([batches[i] for j, i in enumerate(order) if j % world == rank or len(batches) < world])
+
+    return BatchStream(epoch_iter)
+
+
+def cache_stream(path: str | Path, batch_size: int, seed: int) -> BatchStream:
+    """Batches of a latent cache (``ppcl.data.cache.CacheDataset``: this process's share, shuffled by
+    ``(seed, epoch)``), collated to ``batch_size`` (the last short batch of an epoch is kept)."""
+    from ppcl.data.cache import CacheDataset, collate
+
+    dataset = CacheDataset(path, shuffle=True, seed=seed)
+
+    def epoch_iter(epoch: int) -> Iterator[dict[str, Any]]:
+        dataset.set_epoch(epoch)
+        rows: list[dict[str, Any]] = []
+        for row in dataset:
+            rows.append(row)
+            if len(rows) == batch_size:
+                yield collate(rows)
+                rows = []
+        if rows:
+            yield collate(rows)
+
+    return BatchStream(epoch_iter)
+
+
+def synthetic_data(pipe: Any, settings: DistillSettings) -> list[dict[str, Any]]:
+    """The built-in data (``ppcl.calibration.synthetic_batches``), computed once per run and held in memory."""
+    from ppcl.calibration import synthetic_batches
+
+    return list(
+        synthetic_batches(pipe, n_samples=settings.n_samples, batch_size=settings.batch_size,
+                          resolution=settings.resolution, seed=settings.seed)
+    )
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def take(stream: BatchStream, n: int) -> list[dict[str, Any]]:
+    """The next ``n`` batches of ``stream``."""
+    return [next(stream) for _ in range(n)]
+
+
+def training_stream(
+    pipe: Any, data: str | Path | list[dict[str, Any]] | None, settings: DistillSettings
+) -> tuple[list[dict[str, Any]] | None, BatchStream]:
+    """The run's batches: ``(batches, stream)``; ``batches`` is the in-memory list (the built-in synthetic set or
+    ``data`` itself), None for a latent cache folder (read through the stream only)."""
+    if data is None:
+        batches = synthetic_data(pipe, settings)
+        stream = memory_stream(batches, settings.seed)
+    elif isinstance(data, list):
+        batches = data
+        stream = memory_stream(batches, settings.seed)
+    else:
+        if not Path(data).exists():
+            raise PPCLError(f"data path not found: {data}")
+        batches = None
+        stream = cache_stream(data, settings.batch_size, settings.seed)
+    return batches, stream
+
+
+def step_inputs(
+    pipe: Any, adapter: Adapter, settings: DistillSettings, device: torch.device, dtype: torch.dtype, rank: int
+) -> Callable[[dict[str, Any], int], dict[str, Any]]:
+    """``noised(batch, step)``: the model inputs of one step, the batch on ``device`` noised at sampled timesteps.
+
+    Noise and sigmas of step ``t`` come from a generator seeded with ``(seed, t, rank)``: a resumed run draws exactly
+    what the uninterrupted one drew, with no generator state to restore (negative ``t``: the least-squares fit)."""
+    scheduler_config = dict(pipe.scheduler.config) if hasattr(pipe, "scheduler") else {}
+
+    def noised(batch: dict[str, Any], step: int):
+        from ppcl.calibration import noise_batch
+
+        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 7_919 + rank)
+        b = to_device(batch, device, dtype)
+        return noise_batch(adapter, scheduler_config, b, scheme=settings.timesteps, generator=g,
+                           guidance=settings.guidance).model_inputs
+
+    return noised
