@@ -13,10 +13,10 @@ fragmentation (:data:`ALLOCATOR_SLACK`) on top, named constants to calibrate aga
 
 What runs. The distill stage of today's code (:func:`_distill_steps`, the one place that calls into
 ``ppcl.distill``): the teacher moved to the device in fp32 then cast to bf16 (``mixed_precision auto`` on CUDA), the
-units of :func:`ppcl.distill.build_units` (fp32 plugs), the least-squares init of width projections, then two
-optimiser steps of the training loop (the second one runs with the optimiser states of the first, as every later
-step does): noise, :func:`ppcl.distill.nonsequential_losses` under bf16 autocast, backward, gradient clipping,
-AdamW. Meta tensors have no autocast, so :class:`CudaAutocast` applies CUDA autocast's bf16 policy at the
+units of :func:`ppcl.distill.build_units` (fp32 plugs), the least-squares init of width projections, then one
+step of the training loop: noise, :func:`ppcl.distill.nonsequential_losses` under bf16 autocast, backward, gradient clipping,
+AdamW. The step runs from the state a step leaves behind (the previous gradients, alive through the next forward,
+and the optimiser states), which an optimiser step on zero gradients sets up. Meta tensors have no autocast, so :class:`CudaAutocast` applies CUDA autocast's bf16 policy at the
 torch-function level (matmul-like ops in bf16 with the weight-cast cache, norms / reductions / losses in fp32, lists
 from torch's CUDA autocast registrations); AdamW runs its ``foreach`` implementation as it does on CUDA.
 8-bit AdamW is modelled by :class:`Adam8bitMemory` (bitsandbytes' state layout: two uint8 states and per-256-block
@@ -31,7 +31,6 @@ the planner says so in its output. The sharded path will be measured through the
 from __future__ import annotations
 
 import contextlib
-import logging
 import dataclasses
 import math
 import weakref
@@ -57,8 +56,8 @@ ALLOCATOR_SLACK = 0.05
 #: Rows of the breakdown, in print order.
 ROWS = ("teacher weights", "plug weights", "plug gradients", "optimizer states", "activations kept for backward",
         "transient")
-#: The training steps simulated: the second runs with the first one's optimiser states in place, like all later.
-STEPS = 2
+#: Training steps simulated after the optimiser state is set up (see :func:`_distill_steps`).
+STEPS = 1
 
 
 @dataclass
@@ -118,9 +117,10 @@ class LiveBytes(TorchDispatchMode):
     """Live bytes of tensors on ``device`` (module doc). ``phase`` names what allocates now; :meth:`name` gives a
     live tensor its final role; :meth:`peak` and :meth:`breakdown` read the event stream afterwards."""
 
-    def __init__(self, device: str = "meta"):
+    def __init__(self, device: str = "meta", round_to: int = ALLOC_ROUND):
         super().__init__()
         self.device = device
+        self.round_to = round_to
         self.phase = "setup"
         self.events: list[tuple[int, int, str]] = []
         self.sizes: dict[int, int] = {}
@@ -147,7 +147,7 @@ class LiveBytes(TorchDispatchMode):
         serial = self._serial.get(id(st))
         if serial is None:
             n = st.nbytes()
-            n = -(-n // ALLOC_ROUND) * ALLOC_ROUND if n else 0
+            n = -(-n // self.round_to) * self.round_to if n else 0
             self._next += 1
             serial = self._next
             self._serial[id(st)] = serial
@@ -223,7 +223,10 @@ class CudaAutocast(TorchFunctionMode):
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.dtype = dtype
-        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: id(leaf) -> (leaf, weak reference to its cast copy). Autocast holds the copies until its region ends; the
+        #: forward's region ends before the backward, when autograd holds them anyway, so a weak reference keeps
+        #: each copy exactly as long (and a recompute's copies die with that plug's backward, as on CUDA).
+        self.cache: dict[int, tuple[torch.Tensor, Any]] = {}
 
     def __exit__(self, *exc):
         self.cache.clear()
@@ -236,15 +239,30 @@ class CudaAutocast(TorchFunctionMode):
             return x
         if to == self.dtype and x.is_leaf and x.requires_grad:
             hit = self.cache.get(id(x))
-            if hit is None or hit[0] is not x:
-                hit = (x, x.to(to))
-                self.cache[id(x)] = hit
-            return hit[1]
+            copy = hit[1]() if hit is not None and hit[0] is x else None
+            if copy is None:
+                copy = x.to(to)
+                self.cache[id(x)] = (x, weakref.ref(copy))
+            return copy
         return x.to(to)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if name == "backward" and len(args) == 1 and not any(kwargs.values()) and args[0].dim() == 0:
+            # A mode is off inside its own handler, and Tensor.backward would call it again if re-entered; the
+            # checkpoint recomputes must see it (torch re-enters the forward's autocast there), so the engine is
+            # run directly with the mode on, as Tensor.backward runs it for a scalar loss.
+            from torch.autograd.variable import Variable
+
+            with self:
+                Variable._execution_engine.run_backward((args[0],), (torch.ones_like(args[0]),), False, False, (),
+                                                        allow_unreachable=True, accumulate_grad=True)
+            return None
+        if name == "scaled_dot_product_attention":
+            args = self._cast(tuple(args), self.dtype, (torch.float32,))
+            kwargs = {k: self._cast(v, self.dtype, (torch.float32,)) for k, v in kwargs.items()}
+            return _cuda_sdpa(*args, **kwargs)
         if name in _LOWER:
             args = self._cast(tuple(args), self.dtype, (torch.float32,))
             kwargs = {k: self._cast(v, self.dtype, (torch.float32,)) for k, v in kwargs.items()}
@@ -252,6 +270,24 @@ class CudaAutocast(TorchFunctionMode):
             args = self._cast(tuple(args), torch.float32, (torch.bfloat16, torch.float16))
             kwargs = {k: self._cast(v, torch.float32, (torch.bfloat16, torch.float16)) for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+
+def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention`` as CUDA runs it for bf16 inputs: the flash kernel without a mask, the
+    memory-efficient one with a mask (both keep only the output and the log-sum-exp for backward). Meta tensors
+    would otherwise take the math path, which materialises the ``(B, H, L, L)`` attention matrix."""
+    if enable_gqa:
+        raise PPCLError("resource planner: grouped-query attention is not modelled")
+    if attn_mask is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
+                                                                  scale=scale)[0]
+    if attn_mask.dtype == torch.bool:  # SDPA turns a boolean mask into an additive bias first
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            attn_mask.logical_not(), float("-inf"))
+    b, h, lq, _ = query.shape
+    bias = attn_mask.expand(b, h, lq, key.shape[-2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, dropout_p,
+                                                                  is_causal, scale=scale)[0]
 
 
 class Adam8bitMemory(torch.optim.Optimizer):
@@ -373,7 +409,16 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
                 with meter.during("least squares"):  # one batch: the normal equations are summed batch by batch
                     fit_width_units(adapter, units, [None], lambda b, j: noised(-1 - j), settings.ridge, autocast)
             table.train()
-            for step in range(steps):
+            with meter.during("optimizer"):
+                # Every step after the first starts where the one before ended: its gradients still alive (distill
+                # zeroes them after the forward) and the optimiser states in place. A step on zero gradients sets
+                # that state up (its own temporaries are those of every optimiser step) without a second forward.
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                meter.name([p.grad for p in params], "plug gradients")
+                optimizer.step()
+                meter.name([v for st in optimizer.state.values() for v in st.values()], "optimizer states")
+            for step in range(1, steps + 1):
                 with meter.during("inputs"):
                     inputs = noised(step)
                 with meter.during("forward"):
@@ -384,7 +429,10 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
                         total = total + settings.output_loss_weight * out_loss
                 with meter.during("backward"):
                     optimizer.zero_grad(set_to_none=True)
-                    total.backward()
+                    # torch's checkpoint re-enters the forward's autocast state to recompute a plug; the emulated
+                    # autocast is a mode, so it is on through the backward (only those recomputes see it)
+                    with autocast():
+                        total.backward()
                     meter.name([p.grad for p in params], "plug gradients")
                 with meter.during("optimizer"):
                     if settings.max_grad_norm:
@@ -406,7 +454,8 @@ def distill_memory(adapter, plan, knobs: DistillKnobs | None = None, *, constant
     ``constants``: add :data:`CUDA_CONTEXT_BYTES` and :data:`ALLOCATOR_SLACK` (off for a CPU measurement)."""
     knobs = knobs or DistillKnobs()
     device = next(adapter.transformer.parameters()).device
-    meter = LiveBytes(device.type)
+    # the caching allocator's block rounding is a CUDA matter: a CPU run counts exact bytes
+    meter = LiveBytes(device.type, ALLOC_ROUND if device.type == "meta" else 1)
     trainable = _distill_steps(adapter, plan, knobs, meter)
     phases = {}
     for name in PHASES:
@@ -451,6 +500,14 @@ def candidate_knobs(knobs: DistillKnobs) -> list[DistillKnobs]:
     return unique
 
 
+def lower_bound(teacher_bytes: int, trainable: int, knobs: DistillKnobs) -> int:
+    """Bytes every training step of today's distill holds at once, whatever the batch or image size: the teacher,
+    fp32 plug weights and gradients (the previous step's gradients live through the next forward) and the optimiser
+    states (8 or, 8-bit, at least 2 bytes per parameter), plus the constant terms."""
+    held = teacher_bytes + trainable * (4 + 4 + (2 if knobs.adam_8bit else 8))
+    return held + CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * held)
+
+
 def plan_resources(adapter, plan, *, gpus: int = 1, nodes: int = 1, gpu_memory_gib: float = 80.0,
                    knobs: DistillKnobs | None = None, search: bool = True) -> dict[str, Any]:
     """The planner's report (the ``--json`` object): per stage ``peak_bytes``, ``fits``, the breakdown, and the
@@ -465,7 +522,13 @@ def plan_resources(adapter, plan, *, gpus: int = 1, nodes: int = 1, gpu_memory_g
     fit = None
     tried = []
     if search and not est.fits(limit):
+        teacher = est.phases["training"]["breakdown"]["teacher weights"]
         for cand in candidate_knobs(knobs):
+            low = lower_bound(teacher, est.trainable, cand)
+            if low > limit:  # no need to run it: what every step holds already does not fit
+                tried.append({"settings": dataclasses.asdict(cand), "peak_bytes": None, "lower_bound_bytes": low,
+                              "fits": False})
+                continue
             e = distill_memory(adapter, plan, cand)
             tried.append({"settings": dataclasses.asdict(cand), "peak_bytes": e.peak_bytes, "fits": e.fits(limit)})
             if e.fits(limit):
@@ -531,7 +594,9 @@ def format_resources(report: dict[str, Any]) -> str:
                      f"{'fits' if s['fits'] else 'does NOT fit'} in {limit:.1f} GiB")
         if not s["fits"]:
             for t in s["fit_search"]:
-                lines.append(f"  tried {DistillKnobs(**t['settings']).label()}: {t['peak_bytes'] / GIB:.1f} GiB"
+                got = (f"{t['peak_bytes'] / GIB:.1f} GiB" if t["peak_bytes"] is not None else
+                       f">= {t['lower_bound_bytes'] / GIB:.1f} GiB (teacher, plugs, gradients, optimizer states)")
+                lines.append(f"  tried {DistillKnobs(**t['settings']).label()}: {got}"
                              f"{'  <- cheapest that fits' if t['fits'] else ''}")
             if s["cheapest_fit"] is None:
                 lines.append("  nothing today's code offers fits: it needs sharded training state (not built yet) "

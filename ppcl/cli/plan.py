@@ -165,7 +165,6 @@ def _make(args: argparse.Namespace) -> int:
 
 def _resources(args: argparse.Namespace) -> int:
     import json
-    import logging
     import warnings
 
     from ppcl.plan import load_plan, meta_adapter
@@ -179,8 +178,10 @@ def _resources(args: argparse.Namespace) -> int:
                          text_tokens=_number(args.text_tokens, "--text-tokens", int, 1),
                          gradient_checkpointing=args.gradient_checkpointing, adam_8bit=args.adam_8bit)
     plan = load_plan(args.plan)
+    import diffusers
+
     # diffusers warns on every cast of the meta teacher and torch on bf16 inputs to fp32 norms: noise here
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    diffusers.utils.logging.set_verbosity_error()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adapter = meta_adapter(args.model)
