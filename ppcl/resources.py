@@ -220,8 +220,9 @@ class CudaAutocast(TorchFunctionMode):
     every other op runs on what it is given. The casts are ordinary autograd ops, so what the backward keeps (the
     bf16 weight copies) is what CUDA keeps."""
 
-    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, dtype: torch.dtype | None = torch.bfloat16):
         super().__init__()
+        #: None: no autocast (fp32 run), only CUDA's attention kernels
         self.dtype = dtype
         #: id(leaf) -> (leaf, weak reference to its cast copy). Autocast holds the copies until its region ends; the
         #: forward's region ends before the backward, when autograd holds them anyway, so a weak reference keeps
@@ -260,9 +261,12 @@ class CudaAutocast(TorchFunctionMode):
                                                         allow_unreachable=True, accumulate_grad=True)
             return None
         if name == "scaled_dot_product_attention":
-            args = self._cast(tuple(args), self.dtype, (torch.float32,))
-            kwargs = {k: self._cast(v, self.dtype, (torch.float32,)) for k, v in kwargs.items()}
+            if self.dtype is not None:
+                args = self._cast(tuple(args), self.dtype, (torch.float32,))
+                kwargs = {k: self._cast(v, self.dtype, (torch.float32,)) for k, v in kwargs.items()}
             return _cuda_sdpa(*args, **kwargs)
+        if self.dtype is None:
+            return func(*args, **kwargs)
         if name in _LOWER:
             args = self._cast(tuple(args), self.dtype, (torch.float32,))
             kwargs = {k: self._cast(v, self.dtype, (torch.float32,)) for k, v in kwargs.items()}
@@ -273,19 +277,19 @@ class CudaAutocast(TorchFunctionMode):
 
 
 def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """``F.scaled_dot_product_attention`` as CUDA runs it for bf16 inputs: the flash kernel without a mask, the
-    memory-efficient one with a mask (both keep only the output and the log-sum-exp for backward). Meta tensors
+    """``F.scaled_dot_product_attention`` as CUDA runs it: the flash kernel for bf16 / fp16 without a mask, the
+    memory-efficient one with a mask or in fp32 (both keep only the output and the log-sum-exp for backward). Meta tensors
     would otherwise take the math path, which materialises the ``(B, H, L, L)`` attention matrix."""
     if enable_gqa:
         raise PPCLError("resource planner: grouped-query attention is not modelled")
-    if attn_mask is None:
+    if attn_mask is None and query.dtype in (torch.bfloat16, torch.float16):
         return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
                                                                   scale=scale)[0]
-    if attn_mask.dtype == torch.bool:  # SDPA turns a boolean mask into an additive bias first
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # SDPA turns a boolean mask into an additive bias first
         attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             attn_mask.logical_not(), float("-inf"))
     b, h, lq, _ = query.shape
-    bias = attn_mask.expand(b, h, lq, key.shape[-2])
+    bias = None if attn_mask is None else attn_mask.expand(b, h, lq, key.shape[-2])
     return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, dropout_p,
                                                                   is_causal, scale=scale)[0]
 
@@ -368,7 +372,10 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
                                resolution=knobs.resolution)
     settings.validate()
     check_plan_family(plan, adapter, "plan resources")
-    autocast = (lambda: CudaAutocast(torch.bfloat16)) if bf16 else contextlib.nullcontext
+    # meta: CUDA's autocast (bf16) and attention kernels (always) are modelled; a real device runs its own
+    autocast = (lambda: CudaAutocast(torch.bfloat16 if bf16 else None)) if modelled else contextlib.nullcontext
+    if bf16 and not modelled:
+        raise PPCLError(f"resource planner: mixed precision bf16 is modelled on the meta device only, not on {device}")
     dtype0 = next(transformer.parameters()).dtype
     grads0 = {id(p): p.requires_grad for p in transformer.parameters()}
     try:
@@ -448,14 +455,17 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
             p.requires_grad_(grads0.get(id(p), p.requires_grad))
 
 
-def distill_memory(adapter, plan, knobs: DistillKnobs | None = None, *, constants: bool = True) -> MemoryEstimate:
+def distill_memory(adapter, plan, knobs: DistillKnobs | None = None, *, constants: bool = True,
+                   round_to: int | None = None) -> MemoryEstimate:
     """Per-GPU memory of today's ``ppcl distill`` for ``plan`` on ``adapter``'s model (meta: CUDA modelled).
 
-    ``constants``: add :data:`CUDA_CONTEXT_BYTES` and :data:`ALLOCATOR_SLACK` (off for a CPU measurement)."""
+    ``constants``: add :data:`CUDA_CONTEXT_BYTES` and :data:`ALLOCATOR_SLACK` (off for a CPU measurement);
+    ``round_to``: allocation rounding, default :data:`ALLOC_ROUND` on meta (the CUDA allocator's), 1 on a real
+    device (exact bytes)."""
     knobs = knobs or DistillKnobs()
     device = next(adapter.transformer.parameters()).device
     # the caching allocator's block rounding is a CUDA matter: a CPU run counts exact bytes
-    meter = LiveBytes(device.type, ALLOC_ROUND if device.type == "meta" else 1)
+    meter = LiveBytes(device.type, round_to or (ALLOC_ROUND if device.type == "meta" else 1))
     trainable = _distill_steps(adapter, plan, knobs, meter)
     phases = {}
     for name in PHASES:
