@@ -337,9 +337,9 @@ def example_batch(adapter, knobs: DistillKnobs, device, dtype: torch.dtype) -> d
     cfg = adapter.transformer.config
     c, h, w = adapter.latent_shape(SimpleNamespace(transformer=adapter.transformer, vae_scale_factor=8),
                                    knobs.resolution, knobs.resolution)
-    if h < 2 or w < 2 or h % 2 or w % 2:
-        raise PPCLError(f"resolution {knobs.resolution}: must be a multiple of 16 pixels (2x2 patches of the "
-                        "8x downsampled latents)")
+    if knobs.resolution % 16 or knobs.resolution < 16:
+        raise PPCLError(f"--resolution {knobs.resolution}: must be a positive multiple of 16 pixels (2x2 patches of "
+                        "the 8x downsampled latents)")
     b = knobs.batch_size
     batch = {
         "latents": torch.zeros(b, c, h, w, device=device, dtype=dtype),
