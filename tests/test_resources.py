@@ -111,7 +111,7 @@ def test_cli_json_shape_and_fit(plan_file, capsys):
     assert set(stage["phases"]) == {"load", "training"}
     assert stage["cheapest_fit"] is None and stage["fit_search"] == []
 
-    # a GPU smaller than the CUDA context alone: nothing fits, every candidate is reported
+    # a GPU smaller than the CUDA context alone: no fit (and no search asked for)
     assert main([*args, "--gpu-memory", "0.25", "--no-search"]) == 0
     small = json.loads(capsys.readouterr().out)["stages"]["distill"]
     assert small["fits"] is False and small["fit_search"] == [] and small["peak_bytes"] == stage["peak_bytes"]
@@ -157,7 +157,7 @@ def test_search_returns_the_cheapest_setting_that_fits(tiny):
     ("--gpus", "two", "--gpus: 'two' is not an integer"),
     ("--nodes", "0", "--nodes: must be >= 1"),
     ("--gpu-memory", "abc", "--gpu-memory: 'abc' is not a number"),
-    ("--gpu-memory", "0", "--gpu-memory: must be >= 1"),
+    ("--gpu-memory", "0", "--gpu-memory: must be a positive number of GiB"),
     ("--batch-size", "0", "--batch-size: must be >= 1"),
     ("--resolution", "100", "--resolution 100: must be a positive multiple of 16"),
     ("--text-tokens", "0", "--text-tokens: must be >= 1"),

@@ -172,7 +172,11 @@ def _resources(args: argparse.Namespace) -> int:
 
     gpus = _number(args.gpus, "--gpus", int, 1)
     nodes = _number(args.nodes, "--nodes", int, 1)
-    memory = _number(args.gpu_memory, "--gpu-memory", float, 1)
+    memory = _number(args.gpu_memory, "--gpu-memory", float)
+    if not memory > 0:
+        from ppcl.errors import PPCLError
+
+        raise PPCLError(f"--gpu-memory: must be a positive number of GiB (got {args.gpu_memory})")
     knobs = DistillKnobs(batch_size=_number(args.batch_size, "--batch-size", int, 1),
                          resolution=_number(args.resolution, "--resolution", int, 16),
                          text_tokens=_number(args.text_tokens, "--text-tokens", int, 1),
