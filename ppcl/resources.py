@@ -14,11 +14,13 @@ fragmentation (:data:`ALLOCATOR_SLACK`) on top, named constants to calibrate aga
 What runs. The distill stage of today's code (:func:`_distill_steps`, the one place that calls into
 ``ppcl.distill``): the teacher moved to the device in fp32 then cast to bf16 (``mixed_precision auto`` on CUDA), the
 units of :func:`ppcl.distill.build_units` (fp32 plugs), the least-squares init of width projections, then one
-step of the training loop: noise, :func:`ppcl.distill.nonsequential_losses` under bf16 autocast, backward, gradient clipping,
-AdamW. The step runs from the state a step leaves behind (the previous gradients, alive through the next forward,
-and the optimiser states), which an optimiser step on zero gradients sets up. Meta tensors have no autocast, so :class:`CudaAutocast` applies CUDA autocast's bf16 policy at the
-torch-function level (matmul-like ops in bf16 with the weight-cast cache, norms / reductions / losses in fp32, lists
-from torch's CUDA autocast registrations); AdamW runs its ``foreach`` implementation as it does on CUDA.
+step of the training loop: noise, :func:`ppcl.distill.nonsequential_losses` under bf16 autocast, backward, gradient
+clipping, AdamW. The step runs from the state a step leaves behind (the previous gradients, alive through the next
+forward, and the optimiser states), which an optimiser step on zero gradients sets up. Meta tensors have no
+autocast, so :class:`CudaAutocast` applies CUDA autocast's bf16 policy at the torch-function level (matmul-like
+ops in bf16 with the weight-cast cache, norms / reductions / losses in fp32, lists from torch's CUDA autocast
+registrations) and routes attention to the fused kernels CUDA picks; AdamW runs its ``foreach`` implementation as
+it does on CUDA.
 8-bit AdamW is modelled by :class:`Adam8bitMemory` (bitsandbytes' state layout: two uint8 states and per-256-block
 fp32 scales for tensors of >= 4096 elements, fp32 states below; a fused kernel, no temporaries), because
 bitsandbytes cannot run on meta tensors (and today's image does not install it: the real run falls back to fp32
@@ -278,8 +280,8 @@ class CudaAutocast(TorchFunctionMode):
 
 def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """``F.scaled_dot_product_attention`` as CUDA runs it: the flash kernel for bf16 / fp16 without a mask, the
-    memory-efficient one with a mask or in fp32 (both keep only the output and the log-sum-exp for backward). Meta tensors
-    would otherwise take the math path, which materialises the ``(B, H, L, L)`` attention matrix."""
+    memory-efficient one with a mask or in fp32 (both keep only the output and the log-sum-exp for backward). Meta
+    tensors would otherwise take the math path, which materialises the ``(B, H, L, L)`` attention matrix."""
     if enable_gqa:
         raise PPCLError("resource planner: grouped-query attention is not modelled")
     if attn_mask is None and query.dtype in (torch.bfloat16, torch.float16):
@@ -354,7 +356,8 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
     """Today's ``ppcl.distill.distill`` from the teacher's move to the device to the end of ``steps`` optimiser
     steps, on ``adapter``'s device (meta: the GPU modelled; cpu: a real run), counted by ``meter``. The ONLY function
     of this module that calls into ``ppcl.distill``: it mirrors the loop of ``distill()`` (same order, same settings)
-    and calls its public pieces (check_plan_family, build_units, unit_table, fit_width_units, nonsequential_losses, make_optimizer).
+    and calls its public pieces (check_plan_family, build_units, unit_table, fit_width_units, lr_factor,
+    nonsequential_losses, make_optimizer).
 
     Returns the number of trainable parameters. The teacher is left as it came (dtype, requires_grad) so one
     model serves several calls."""
