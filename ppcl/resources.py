@@ -13,7 +13,8 @@ fragmentation (:data:`ALLOCATOR_SLACK`) on top, named constants to calibrate aga
 
 What runs. The distill stage of today's code (:func:`_distill_steps`, the one place that calls into
 ``ppcl.distill``): the teacher moved to the device in fp32 then cast to bf16 (``mixed_precision auto`` on CUDA), the
-units of :func:`ppcl.distill.build_units` (fp32 plugs), the least-squares init of width projections, then one
+units of :func:`ppcl.distill.build_units` (fp32 plugs), the least-squares init of width projections (real devices
+only: its normal equations live on the host, and on the device it holds less than a training step), then one
 step of the training loop: noise, :func:`ppcl.distill.nonsequential_losses` under bf16 autocast, backward, gradient
 clipping, AdamW. The step runs from the state a step leaves behind (the previous gradients, alive through the next
 forward, and the optimiser states), which an optimiser step on zero gradients sets up. Meta tensors have no
@@ -415,7 +416,10 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
                 return noise_batch(adapter, {}, batch, scheme=settings.timesteps, generator=g,
                                    guidance=settings.guidance).model_inputs
 
-            if any(u.kind in ("width", "text_freeze") for u in units):
+            # The least-squares init of width projections is one no-grad teacher pass whose normal equations live
+            # on the host (float64, ppcl.plugs.NormalEquations copies to the CPU, which meta tensors cannot): on the
+            # device it holds less than a training step (no gradients, no saved activations), so meta skips it.
+            if any(u.kind in ("width", "text_freeze") for u in units) and not modelled:
                 with meter.during("least squares"):  # one batch: the normal equations are summed batch by batch
                     fit_width_units(adapter, units, [None], lambda b, j: noised(-1 - j), settings.ridge, autocast)
             table.train()

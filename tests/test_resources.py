@@ -169,3 +169,21 @@ def test_resources_refuses_a_plan_for_another_model(tmp_path, capsys):
     rc = main(["plan", "resources", "--model", str(TINY), "--plan", str(plan), "--no-search"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "plan is for family 'qwenimage' but the model is 'flux'" in err[0], err
+
+
+def test_width_ops_are_trained_units_too(tiny):
+    """ffn_linear and text_freeze units are trained next to the plugs: their fp32 copies, gradients and AdamW states
+    are counted (the least-squares init of their projections is not modelled on meta: it holds less than a step)."""
+    from ppcl.plan import make_plan
+    from ppcl.resources import distill_memory
+
+    adapter = tiny[0]
+    plan = make_plan(adapter, [[3, 5]], allow_ends=True,
+                     width=[{"op": "ffn_linear", "block": 1, "stream": "image"},
+                            {"op": "text_freeze", "interval": [0, 2]}])
+    est = distill_memory(adapter, plan, _knobs())
+    depth_only = adapter.blocks()[plan.plug_sources[0]].params
+    assert est.trainable > depth_only + adapter.blocks()[1].params  # block 1 and the frozen blocks 1..2 train too
+    train = est.phases["training"]["breakdown"]
+    assert train["optimizer states"] >= 8 * est.trainable
+    assert sum(train.values()) == est.phases["training"]["tensor_peak"]
