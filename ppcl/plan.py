@@ -501,3 +501,55 @@ def format_plan(plan: Plan) -> str:
             else:
                 lines.append(f"  text_freeze  [{op.interval[0]}, {op.interval[1]}]")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ from a bare config
+def meta_adapter(model: str | Path):
+    """The family adapter of a transformer built on the meta device from its config alone (no weights read).
+
+    ``model``: a transformer ``config.json``, a folder holding one (a diffusers ``transformer/`` folder), or a
+    pipeline folder (its ``model_index.json`` names the transformer class; ``transformer/config.json`` is read).
+    Parameters are meta tensors: shapes and counts are exact, values do not exist. Raises PPCLError for a missing
+    or unreadable file or an unknown class."""
+    import importlib
+    import json
+
+    import torch
+
+    from ppcl.arch import get_adapter
+
+    path = Path(model)
+    library, cls_name = "diffusers", None
+    if path.is_dir() and (path / "model_index.json").is_file():
+        try:
+            spec = json.loads((path / "model_index.json").read_text())
+        except json.JSONDecodeError as e:
+            raise PPCLError(f"unreadable {path / 'model_index.json'}: {e}") from None
+        library, cls_name = (spec.get("transformer") or [None, None])[:2]
+        if not library or not cls_name:
+            raise PPCLError(f"{path / 'model_index.json'}: no transformer entry")
+        path = path / "transformer"
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise PPCLError(f"model config not found: {path} (expected a pipeline folder, a transformer folder or a "
+                        "config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PPCLError(f"unreadable {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise PPCLError(f"{path}: expected a JSON object")
+    cls_name = cls_name or config.get("_class_name")
+    if not cls_name:
+        raise PPCLError(f"{path}: field '_class_name' is missing (which diffusers transformer is this?)")
+    try:
+        cls = getattr(importlib.import_module(library), cls_name)
+    except (ImportError, AttributeError):
+        raise PPCLError(f"{path}: unknown transformer class {library}.{cls_name}") from None
+    try:
+        with torch.device("meta"):
+            transformer = cls.from_config(config)
+    except (TypeError, ValueError) as e:
+        raise PPCLError(f"{path}: cannot build {cls_name} from it: {str(e).splitlines()[0]}") from None
+    return get_adapter(transformer)

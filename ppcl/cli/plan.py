@@ -1,10 +1,24 @@
-"""``ppcl plan show plan.json``: print a plan as a readable table (validates it)."""
+"""``ppcl plan show|make|resources``: inspect a plan, write one from explicit intervals, plan a run's GPU memory.
+
+``make`` and ``resources`` need no weights: the transformer is built on the meta device from its config
+(``--model`` is a pipeline folder, a transformer folder or a bare ``config.json``).
+
+Every numeric flag is read as text and checked in :func:`run`, so a bad value is one line
+``ppcl plan: error: --flag ...`` and exit status 2 (argparse's own type errors print the usage too).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "inspect a plan: ppcl plan show plan.json"
+HELP = "inspect a plan (show), write one from explicit intervals (make), plan a run's GPU memory (resources)"
+
+INTERVALS_HELP = ("teacher block ranges replaced by one plug each, 0-based inclusive, in execution order: "
+                  "'3-4,5-7,12' ([12, 12] re-trains block 12 in place), or the JSON list '[[3,4],[5,7]]'")
+WIDTH_HELP = ("width operations, comma-separated: 'ffn:B:STREAM' replaces block B's FFN of stream image|text by a "
+              "residual linear map (ffn_linear); 'freeze:A-B' freezes the text stream across blocks A..B "
+              "(text_freeze). The released Qwen-Image plan's: "
+              "'ffn:2:image,ffn:2:text,ffn:58:image,ffn:59:image,freeze:36-37,freeze:40-41,freeze:50-59'")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,9 +26,170 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show = sub.add_parser("show", help="print the plan's intervals, width ops and parameter counts")
     show.add_argument("plan", help="plan.json")
 
+    make = sub.add_parser("make", help="write plan.json from explicit intervals (exact parameter counts, no weights)",
+                          description="Write plan.json from explicit intervals, with the same checks and exact "
+                                      "parameter prediction as `ppcl select`; the model is built on the meta device "
+                                      "from its config, so no weights are read.")
+    make.add_argument("--model", required=True, help="pipeline folder, transformer folder or config.json")
+    make.add_argument("--intervals", required=True, help=INTERVALS_HELP)
+    make.add_argument("--width", default="", help=WIDTH_HELP)
+    make.add_argument("--init", default="middle", help="teacher block each plug starts from: middle|first|last "
+                                                        "(default middle)")
+    make.add_argument("--protect", default="", help="blocks no interval may remove, e.g. 0,5,7")
+    make.add_argument("--allow-ends", action="store_true", help="allow removing the first/last block")
+    make.add_argument("--out", required=True, help="plan.json to write")
+
+    res = sub.add_parser("resources", help="per-GPU memory of a distill run, counted on the meta device",
+                         description="Per-GPU peak memory of `ppcl distill` as today's code runs it, counted tensor "
+                                     "by tensor while its real loss path runs on meta tensors (no weights, no GPU): "
+                                     "teacher weights, plug weights, gradients, optimizer states, activations, "
+                                     "transients; fit / no fit against --gpu-memory and, when it does not fit, the "
+                                     "cheapest settings that do. Today's distill does not shard: N GPUs hold N "
+                                     "copies, so the per-GPU peak does not depend on --gpus.")
+    res.add_argument("--model", required=True, help="pipeline folder, transformer folder or config.json")
+    res.add_argument("--plan", required=True, help="plan.json")
+    res.add_argument("--gpus", default="1", help="GPUs per node (default 1)")
+    res.add_argument("--nodes", default="1", help="nodes (default 1)")
+    res.add_argument("--gpu-memory", default="80", help="memory of one GPU in GiB (default 80)")
+    res.add_argument("--batch-size", default="1", help="samples per GPU per step (default 1)")
+    res.add_argument("--resolution", default="1024", help="image side in pixels, a multiple of 16 (default 1024)")
+    res.add_argument("--text-tokens", default="512", help="text tokens per sample (default 512)")
+    res.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint every plug block")
+    res.add_argument("--8bit-adam", dest="adam_8bit", action="store_true",
+                     help="bitsandbytes AdamW8bit (2 bytes of state per parameter instead of 8)")
+    res.add_argument("--no-search", action="store_true", help="do not search for settings that fit")
+    res.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def parse_intervals(text: str) -> list[list[int]]:
+    """``'3-4,5-7,12'`` or ``'[[3,4],[5,7]]'`` -> ``[[3, 4], [5, 7], [12, 12]]``; PPCLError naming the bad item."""
+    import json
+
+    from ppcl.errors import PPCLError
+
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PPCLError(f"--intervals: not a JSON list of [start, end] pairs ({e.msg})") from None
+        if not isinstance(data, list) or not all(
+            isinstance(iv, list) and len(iv) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in iv)
+            for iv in data
+        ):
+            raise PPCLError("--intervals: expected a JSON list of [start, end] integer pairs")
+        return [list(iv) for iv in data]
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.split("-")
+        try:
+            if len(parts) == 1:
+                out.append([int(parts[0]), int(parts[0])])
+            elif len(parts) == 2:
+                out.append([int(parts[0]), int(parts[1])])
+            else:
+                raise ValueError
+        except ValueError:
+            raise PPCLError(f"--intervals: '{item}' is not a block range START-END or a block index") from None
+    if not out:
+        raise PPCLError("--intervals: no interval given")
+    return out
+
+
+def parse_width(text: str) -> list[dict]:
+    """``'ffn:2:image,freeze:36-37'`` -> plan.json width ops; PPCLError naming the bad item."""
+    from ppcl.errors import PPCLError
+
+    ops = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        kind = parts[0]
+        try:
+            if kind in ("ffn", "ffn_linear") and len(parts) == 3 and parts[2] in ("image", "text"):
+                ops.append({"op": "ffn_linear", "block": int(parts[1]), "stream": parts[2]})
+                continue
+            if kind in ("freeze", "text_freeze") and len(parts) == 2:
+                a, b = parts[1].split("-")
+                ops.append({"op": "text_freeze", "interval": [int(a), int(b)]})
+                continue
+        except ValueError:
+            pass
+        raise PPCLError(f"--width: '{item}' is not ffn:BLOCK:image|text or freeze:START-END")
+    return ops
+
+
+def _number(value: str, flag: str, kind=int, low: float | None = None):
+    from ppcl.errors import PPCLError
+
+    try:
+        x = kind(value)
+    except ValueError:
+        raise PPCLError(f"{flag}: '{value}' is not {'an integer' if kind is int else 'a number'}") from None
+    if low is not None and not x >= low:
+        raise PPCLError(f"{flag}: must be >= {low} (got {value})")
+    return x
+
 
 def run(args: argparse.Namespace) -> int:
     from ppcl.plan import format_plan, load_plan
 
-    print(format_plan(load_plan(args.plan)))
+    if args.action == "show":
+        print(format_plan(load_plan(args.plan)))
+        return 0
+    if args.action == "make":
+        return _make(args)
+    return _resources(args)
+
+
+def _make(args: argparse.Namespace) -> int:
+    from ppcl.errors import PPCLError
+    from ppcl.plan import INIT_MODES, format_plan, make_plan, meta_adapter, save_plan
+
+    if args.init not in INIT_MODES:
+        raise PPCLError(f"--init: '{args.init}' is not one of {', '.join(INIT_MODES)}")
+    intervals = parse_intervals(args.intervals)
+    width = parse_width(args.width)
+    protect = [_number(x.strip(), "--protect", int, 0) for x in args.protect.split(",") if x.strip()]
+    adapter = meta_adapter(args.model)
+    plan = make_plan(adapter, intervals, width=width, init=args.init, allow_ends=args.allow_ends, protect=protect,
+                     selection={"method": "explicit", "model": str(args.model)})
+    save_plan(plan, args.out)
+    print(format_plan(plan))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _resources(args: argparse.Namespace) -> int:
+    import json
+    import warnings
+
+    from ppcl.plan import load_plan, meta_adapter
+    from ppcl.resources import DistillKnobs, format_resources, plan_resources
+
+    gpus = _number(args.gpus, "--gpus", int, 1)
+    nodes = _number(args.nodes, "--nodes", int, 1)
+    memory = _number(args.gpu_memory, "--gpu-memory", float)
+    if not memory > 0:
+        from ppcl.errors import PPCLError
+
+        raise PPCLError(f"--gpu-memory: must be a positive number of GiB (got {args.gpu_memory})")
+    knobs = DistillKnobs(batch_size=_number(args.batch_size, "--batch-size", int, 1),
+                         resolution=_number(args.resolution, "--resolution", int, 16),
+                         text_tokens=_number(args.text_tokens, "--text-tokens", int, 1),
+                         gradient_checkpointing=args.gradient_checkpointing, adam_8bit=args.adam_8bit)
+    plan = load_plan(args.plan)
+    import diffusers
+
+    # diffusers warns on every cast of the meta teacher and torch on bf16 inputs to fp32 norms: noise here
+    diffusers.utils.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = meta_adapter(args.model)
+        report = plan_resources(adapter, plan, gpus=gpus, nodes=nodes, gpu_memory_gib=memory, knobs=knobs,
+                                search=not args.no_search)
+    print(json.dumps(report, indent=2) if args.json else format_resources(report))
     return 0
