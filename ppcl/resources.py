@@ -374,7 +374,6 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
     settings = DistillSettings(batch_size=knobs.batch_size, gradient_checkpointing=knobs.gradient_checkpointing,
                                mixed_precision=knobs.mixed_precision, use_8bit_adam=knobs.adam_8bit,
                                resolution=knobs.resolution)
-    settings.validate()
     check_plan_family(plan, adapter, "plan resources")
     # meta: CUDA's autocast (bf16) and attention kernels (always) are modelled; a real device runs its own
     autocast = (lambda: CudaAutocast(torch.bfloat16 if bf16 else None)) if modelled else contextlib.nullcontext
