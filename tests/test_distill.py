@@ -159,7 +159,7 @@ def test_output_loss_subsets_train_and_resume_exactly(tiny_pipe_dir, tmp_path):
     distill(str(pipe_dir), plan, tmp_path / "cut", stop_after=3, **kw)
     distill(str(pipe_dir), plan, tmp_path / "cut", resume=True, **kw)
     assert (tmp_path / "full" / "plugs.safetensors").read_bytes() == (tmp_path / "cut" / "plugs.safetensors").read_bytes()
-    with pytest.raises(PPCLError, match="output_loss_keep must be in"):
+    with pytest.raises(PPCLError, match="field 'output_loss_keep' Input should be greater than 0"):
         distill(str(pipe_dir), plan, tmp_path / "bad", **{**kw, "output_loss_keep": 0.0})
     assert not (tmp_path / "bad").exists()
 
