@@ -1045,6 +1045,9 @@ def distill(
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
+        from ppcl.integrity import teacher_fingerprint
+        from ppcl.storage import sha256_file
+
         with atomic_path(run / "plugs.safetensors") as tmp:
             save_file({k: v.detach().float().cpu().contiguous() for k, v in table.state_dict().items()}, str(tmp))
         write_json(run / "run.json", {
@@ -1052,7 +1055,9 @@ def distill(
             "plan_hash": phash,
             "plan": plan_dict(plan_obj),
             "teacher": {"model": str(model) if isinstance(model, (str, Path)) else None, "family": adapter.family,
-                        "num_blocks": adapter.num_blocks, "parameters": adapter.total_parameters()},
+                        "num_blocks": adapter.num_blocks, "parameters": adapter.total_parameters(),
+                        "fingerprint": teacher_fingerprint(model)},  # export refuses another teacher
+            "plugs_sha256": sha256_file(run / "plugs.safetensors"),
             "settings": dataclasses.asdict(settings),
             "data": str(data) if isinstance(data, (str, Path)) else ("synthetic" if data is None else "in-memory"),
             "steps": settings.steps,

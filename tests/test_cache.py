@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -36,7 +37,7 @@ def make_cache(root: Path, shard_sizes: list[int], *, row_group: int = 3, variab
             keys.append(f"sample-{k:04d}")
             k += 1
         pq.write_table(pa.table(cols), root / name, row_group_size=row_group)
-        shards.append({"name": name, "samples": n, "bytes": (root / name).stat().st_size, "sha256": "0" * 64})
+        shards.append({"name": name, "samples": n, "bytes": (root / name).stat().st_size, "sha256": hashlib.sha256((root / name).read_bytes()).hexdigest()})
     manifest = {
         "version": 1, "kind": "ppcl.latent_cache", "model": "tiny", "family": "flux", "resolution": 32,
         "data": "shards", "samples": k, "shards": shards,
