@@ -305,6 +305,8 @@ def shard_source(
     fmt_used = detect_format(list_source(source)) if fmt == "auto" else fmt
     rejected: list[RejectedSample] = []
     read = 0
+    fresh: list[str] = []  # files this run added: removed again if it fails, so the old generation stays
+    created = False
     spill_dir = Path(tempfile.mkdtemp(prefix="ppcl-shard-"))
     try:
         # Pass 1: read, validate, route each sample to its shard's spill file.
@@ -346,6 +348,7 @@ def shard_source(
         existing = _existing(out, num_shards)
         previous = _listed(out)  # the current generation: removed only once the new manifest is in place
         local_out = None if storage.is_s3(out) else Path(out)
+        created = local_out is not None and not local_out.exists()
         if local_out is not None:
             local_out.mkdir(parents=True, exist_ok=True)
         shards, written = [], 0
@@ -364,6 +367,8 @@ def shard_source(
                 if existing.get(name) != digest:
                     if name in existing:  # an intact file of the current generation is never written over
                         name = generation_name(i, num_shards, digest)
+                    if name not in previous:
+                        fresh.append(name)
                     if local_out is not None:
                         os.replace(tmp, local_out / name)
                     else:
@@ -372,6 +377,12 @@ def shard_source(
             finally:
                 tmp.unlink(missing_ok=True)
             shards.append(ShardInfo(name=name, samples=rows, bytes=nbytes, sha256=digest))
+    except BaseException:
+        for name in fresh:
+            storage.remove(storage.join(out, name))
+        if created and next(local_out.iterdir(), None) is None:
+            local_out.rmdir()
+        raise
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
