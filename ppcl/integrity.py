@@ -118,11 +118,14 @@ def check_run_inputs(run_dir: str | os.PathLike, run: dict, model) -> None:
     run_dir = Path(run_dir)
     plugs = run_dir / "plugs.safetensors"
     recorded = run.get("plugs_sha256")
-    if recorded is not None and plugs.is_file():
-        verify_files(str(run_dir), [("plugs.safetensors", plugs.stat().st_size, recorded)], what="run.json",
-                     remedy="the plugs were changed after training")  # fmt: skip
     if plugs.is_file():
-        check_safetensors(plugs)
+        try:
+            check_safetensors(plugs)
+        except PPCLError as e:
+            raise PPCLError(f"cannot read plugs: {e}") from None
+        if recorded is not None and storage.sha256_file(plugs) != recorded:
+            raise PPCLError(f"cannot read plugs: {plugs}: sha256 differs from the one run.json records (changed "
+                            f"after training, or from another run)")  # fmt: skip
     fp = (run.get("teacher") or {}).get("fingerprint")
     if fp is not None:
         mine = teacher_fingerprint(model)
