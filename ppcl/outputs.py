@@ -121,11 +121,14 @@ def identify(path: str | os.PathLike) -> str | None:
     return None
 
 
-def nested_output(path: Path) -> tuple[Path, str] | None:
-    """The first (path, command) of a ppcl output strictly inside folder ``path``, or None."""
+def nested_output(path: Path, max_depth: int | None = None) -> tuple[Path, str] | None:
+    """The first (path, command) of a ppcl output strictly inside folder ``path`` (at most ``max_depth``
+    levels down), or None."""
     for root, dirs, files in os.walk(path):
         root_p = Path(root)
         dirs.sort()
+        if max_depth is not None and len(root_p.relative_to(path).parts) >= max_depth:
+            dirs.clear()
         if root_p != path:
             found = identify(root_p)
             if found is not None:
@@ -163,7 +166,8 @@ def check_target(command: str, out: str | os.PathLike, *, overwrite: bool = Fals
         raise PPCLError(f"--out {path} is {describe(own)}, not an output of `ppcl {command}`; it is never "
                         f"replaced, even with --overwrite: choose another --out")  # fmt: skip
     if path.is_dir() and not path.is_symlink():
-        inner = nested_output(path)
+        # Without --overwrite the answer is "no" anyway: look only near the top (a huge folder stays quick).
+        inner = nested_output(path, None if overwrite else 2)
         if inner is not None:
             raise PPCLError(f"--out {path} holds other ppcl outputs ({inner[0]}: {describe(inner[1])}); it is "
                             f"never replaced, even with --overwrite: choose another --out")  # fmt: skip
