@@ -255,9 +255,9 @@ ALLOWED = [
     ("select over its own plan", "select --probe {w}/probe/probe.json --keep-params 0.7 --no-plot --out {w}/plan.json",
      "plan.json"),
     ("synth over its own output", "synth --out {w}/synth --n 3 --size 32", "synth"),
-    ("probe replaces a user's folder with --overwrite",
-     "probe --model {w}/teacher --data {w}/cache --out {w}/user --samples 4 --timesteps 1 --batch-size 4 "
-     "--hsic-tokens 16 --overwrite", "user"),
+    ("synth replaces a user's folder with --overwrite", "synth --out {w}/user --n 2 --size 32 --overwrite", "user"),
+    ("select replaces a user's file with --overwrite",
+     "select --probe {w}/probe/probe.json --keep-params 0.8 --no-plot --out {w}/notes.txt --overwrite", "notes.txt"),
     ("shard re-run on its own output", "shard --source {w}/synth --out {w}/shards --shards 2 --no-progress", "shards"),
 ]  # fmt: skip
 
