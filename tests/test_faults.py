@@ -79,6 +79,18 @@ def world(tmp_path_factory, tiny_pipe_dir) -> Path:
     key = next(k for k in lines[0] if k != "file_name")
     (empty_src / "metadata.jsonl").write_text("".join(json.dumps({**r, key: ""}) + "\n" for r in lines))
     (empty_src / ".ppcl-output.json").unlink(missing_ok=True)
+    latin1 = w / "latin1"  # a source whose metadata is not UTF-8
+    latin1.mkdir()
+    shutil.copy(sorted((w / "synth").glob("*.png"))[0], latin1 / "a.png")
+    (latin1 / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "caf\xe9"}\n')
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cut = w / "cutparquet"  # a Parquet source cut in half (an interrupted download)
+    cut.mkdir()
+    image = (latin1 / "a.png").read_bytes()
+    pq.write_table(pa.table({"image": [image] * 8, "caption": ["x"] * 8}), cut / "part.parquet")
+    _truncate(cut / "part.parquet")
     torch.manual_seed(0)
     return w
 
@@ -230,6 +242,10 @@ REFUSED = [
     ("non-images", None, "shard --source {w}/nonimages --out {w}/s2 --shards 1 --no-progress", "no valid sample"),
     ("empty captions", None, "shard --source {w}/emptycaptions --out {w}/s2 --shards 1 --no-progress",
      "empty caption"),
+    ("non-UTF-8 metadata in a source", None, "shard --source {w}/latin1 --out {w}/s2 --shards 1 --no-progress",
+     "metadata.jsonl:1"),
+    ("truncated Parquet source", None, "shard --source {w}/cutparquet --out {w}/s2 --shards 1 --no-progress",
+     "part.parquet: not a readable Parquet file"),
     ("unknown YAML key", None, "pipeline compile --config {w}/unknown.yaml --out {w}/p.yaml", "typo_key"),
     ("unknown family", None, "tiny --arch nope --out {w}/t2", "unknown family"),
 ]
