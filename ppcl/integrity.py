@@ -7,7 +7,8 @@ Decisions:
 - A local file is checked by size first (cheap; catches truncation), then by the sha256 of its bytes; an S3
   object by its size and the ``sha256`` metadata :func:`ppcl.storage.upload_file` records (no download). A
   verified file is remembered for the process by (path, size, mtime) so a stage that opens its input several
-  times hashes it once.
+  times hashes it once; under torchrun only local rank 0 hashes (the others check sizes). Hashing reads the
+  input once more (~1-2 GB/s): small next to encoding or training on it.
 - The teacher's fingerprint is the sha256 over ``transformer/config.json`` and the BYTES of every
   ``transformer/*.safetensors`` file (names sorted). Headers and sizes alone would not tell two teachers of the
   same architecture apart (same shapes, other weights), which is exactly the case to refuse. Hashing is about
@@ -54,11 +55,17 @@ def verify_files(base: str, files: list[tuple[str, int, str]], *, what: str, rem
             raise PPCLError(f"{path}: {st.st_size} bytes, the {what} records {nbytes} (truncated or replaced; "
                             f"{remedy})")  # fmt: skip
         key = (str(p.resolve()), st.st_size, st.st_mtime_ns, sha)
-        if key in _verified:
+        if key in _verified or not _hashing_rank():
             continue
         if storage.sha256_file(p) != sha:
             raise PPCLError(f"{path}: sha256 differs from the {what}: the data is mixed or stale ({remedy})")
         _verified.add(key)
+
+
+def _hashing_rank() -> bool:
+    """torchrun starts one process per GPU on the same files: the first of each machine hashes them, the
+    others check sizes only (N processes re-reading a large cache at once would only contend for the disk)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def check_safetensors(path: str | os.PathLike) -> None:
