@@ -21,7 +21,7 @@ How an output is recognised (:func:`identify`):
 command runs, deletes it when the command succeeds and puts it back when the command fails, so a failed
 replacement loses nothing. Every written path is also held under an exclusive non-blocking ``flock`` for the
 whole command (:func:`lock`), so a second writer of the same ``--out`` is refused at once. Lock files live in
-``$TMPDIR/ppcl-locks`` (keyed by the resolved path), never in the user's tree; they serialise the processes of
+``$TMPDIR/ppcl-locks-<uid>`` (keyed by the resolved path), never in the user's tree; they serialise the processes of
 one machine, not of several machines sharing a network file system. ``s3://`` outputs are not checked here
 (their writers upload atomically object by object).
 """
@@ -202,7 +202,7 @@ _held: dict[str, tuple[int, int]] = {}  # lock file -> (fd, depth): re-entrant w
 
 def _lock_file(path: Path) -> Path:
     key = hashlib.sha256(str(path.absolute().resolve()).encode()).hexdigest()[:24]
-    folder = Path(tempfile.gettempdir()) / "ppcl-locks"
+    folder = Path(tempfile.gettempdir()) / f"ppcl-locks-{os.getuid()}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{key}.lock"
 
