@@ -409,3 +409,17 @@ def test_killed_reshard_leaves_the_previous_dataset(w, capsys, monkeypatch):
     assert rc == 0, err
     m = read_shard_manifest(str(w / "shards"))
     assert sorted(p.name for p in (w / "shards").glob("shard-*")) == sorted(s.name for s in m.shards)
+
+
+def test_resume_of_a_killed_run_without_marker(w, capsys):
+    """kill -9 leaves checkpoints/ but no marker, run.json or plugs: --resume still recognises its own run."""
+    for name in (".ppcl-output.json", "run.json", "plugs.safetensors"):
+        (w / "run" / name).unlink()
+    before = snapshot(w)
+    rc, err = run_cli(f"distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/run --steps 1 "
+                      "--resume".split(), capsys)  # fmt: skip
+    assert rc == 0, err
+    after = snapshot(w)
+    assert {k: v for k, v in before.items() if not k.startswith("run/")} == {
+        k: v for k, v in after.items() if not k.startswith("run/")}
+    assert {"run/run.json", "run/plugs.safetensors", "run/.ppcl-output.json"} <= after.keys()
