@@ -894,6 +894,9 @@ def distill(
     accelerator = Accelerator(mixed_precision=mp)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
+    from ppcl.outputs import hold
+
+    run_lock = hold(run) if accelerator.is_main_process else None  # noqa: F841 - a 2nd writer is refused at once
 
     pipe, adapter = _load_model(model)
     check_plan_family(plan_obj, adapter, "distill")

@@ -197,7 +197,7 @@ def check_writable(out: str | os.PathLike) -> None:
 
 # ----------------------------------------------------------------------------------------------- locking
 
-_held: dict[str, tuple[int, int]] = {}  # lock file -> (fd, depth): re-entrant within one process
+_held: dict[str, list[int]] = {}  # lock file -> [fd, holders]: re-entrant within one process
 
 
 def _lock_file(path: Path) -> Path:
@@ -211,38 +211,43 @@ def _lock_file(path: Path) -> Path:
 def lock(out: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on the output ``out`` for the block; refuse at once if another process holds it.
 
-    Re-entrant in one process (the CLI holds it and a stage function may take it again)."""
+    Re-entrant in one process (the CLI holds it and a stage function may take it again): the flock is dropped
+    when the last holder leaves, whichever that is."""
     import fcntl
 
     path = Path(out)
     lf = str(_lock_file(path))
-    if lf in _held:
-        fd, depth = _held[lf]
-        _held[lf] = (fd, depth + 1)
+    if lf not in _held:
+        fd = os.open(lf, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            yield
-        finally:
-            fd, depth = _held[lf]
-            _held[lf] = (fd, depth - 1)
-        return
-    fd = os.open(lf, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        finally:
-            os.close(fd)
-        raise PPCLError(f"--out {out} is being written by another process (pid {holder}): wait for it to "
-                        f"finish or choose another --out") from None  # fmt: skip
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _held[lf] = (fd, 1)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise PPCLError(f"--out {out} is being written by another process (pid {holder}): wait for it to "
+                            f"finish or choose another --out") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _held[lf] = [fd, 0]
+    entry = _held[lf]
+    entry[1] += 1
     try:
         yield
     finally:
-        del _held[lf]
-        os.close(fd)  # closing the descriptor releases the flock
+        entry[1] -= 1
+        if entry[1] == 0:
+            _held.pop(lf, None)
+            os.close(entry[0])  # closing the descriptor releases the flock
+
+
+def hold(out: str | os.PathLike) -> contextlib.ExitStack:
+    """:func:`lock` for a function body: held until the returned stack is closed or dropped (a stage function
+    keeps it in a local: returning or raising releases it)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(lock(out))
+    return stack
 
 
 # ----------------------------------------------------------------------------------------------- markers

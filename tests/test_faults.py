@@ -373,6 +373,13 @@ def test_second_writer_is_refused_at_once(w, capsys):
                           "--steps 1".split(), capsys)  # fmt: skip
         assert rc == 2 and f"being written by another process (pid {holder.pid})" in _one_line(err)
         assert time.perf_counter() - t0 < 5
+        # the stage function itself (what a component calls) takes the same lock
+        from ppcl.distill import distill
+        from ppcl.errors import PPCLError
+
+        with pytest.raises(PPCLError, match="being written by another process"):
+            distill(str(w / "teacher"), str(w / "plan.json"), w / "run2", data=str(w / "cache"), steps=1,
+                    progress=False)  # fmt: skip
         assert snapshot(w) == before
     finally:
         holder.kill()
