@@ -144,8 +144,9 @@ def _empty_dir(path: Path) -> bool:
 
 
 def check_target(command: str, out: str | os.PathLike, *, overwrite: bool = False) -> bool:
-    """Apply the output rule to ``out`` for ``command``; returns True when the existing target must be
-    replaced (``--overwrite`` of something that is not a previous output of ``command``... or is one).
+    """Apply the output rule to ``out`` for ``command``. Returns True when an existing target is to be
+    replaced as a whole (``--overwrite`` given and allowed), False when the command may write as it always
+    does (a new path, an empty folder, or its own earlier output, which it replaces or updates itself).
 
     Raises PPCLError (one line naming the path) when the target may not be written."""
     path = Path(out)
