@@ -44,6 +44,10 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False, overwrite:
         tmp.mkdir()
     try:
         yield tmp
+        if directory:
+            from ppcl.outputs import on_folder_complete
+
+            on_folder_complete(final, tmp)  # the --out of a running command appears with its marker
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)

@@ -223,6 +223,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise PPCLError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError as e:
+        raise PPCLError(f"{p}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     if not isinstance(data, dict):
         raise PPCLError(f"{p}: expected a mapping of settings at the top level")
     return data

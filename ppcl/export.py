@@ -232,6 +232,9 @@ def export(
     run = _read_run(plugs)
     if run.get("plan_hash") != plan_hash(plan_obj):
         raise PPCLError(f"plugs {plugs} were trained for a different plan (plan hash differs)")
+    from ppcl.integrity import check_run_inputs
+
+    check_run_inputs(plugs, run, model_path)  # plugs intact and trained on THIS teacher (issue 13)
     pipe = load_pipeline(model_path)
     from ppcl.arch import get_adapter
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -36,7 +37,7 @@ def make_cache(root: Path, shard_sizes: list[int], *, row_group: int = 3, variab
             keys.append(f"sample-{k:04d}")
             k += 1
         pq.write_table(pa.table(cols), root / name, row_group_size=row_group)
-        shards.append({"name": name, "samples": n, "bytes": (root / name).stat().st_size, "sha256": "0" * 64})
+        shards.append({"name": name, "samples": n, "bytes": (root / name).stat().st_size, "sha256": hashlib.sha256((root / name).read_bytes()).hexdigest()})
     manifest = {
         "version": 1, "kind": "ppcl.latent_cache", "model": "tiny", "family": "flux", "resolution": 32,
         "data": "shards", "samples": k, "shards": shards,
@@ -123,3 +124,16 @@ def test_cache_on_s3(tmp_path, s3_server, monkeypatch):
     storage.upload_dir(tmp_path / "c", f"{bucket}/run/cache")
     seen = _collect(f"{bucket}/run/cache", world=2, workers=0)
     assert sorted(seen[0] + seen[1]) == keys
+
+
+def test_damaged_or_truncated_shard_is_named_before_use(tmp_path):
+    make_cache(tmp_path / "c", [4, 5])
+    shard = sorted((tmp_path / "c").glob("shard-*.parquet"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(PPCLError, match=r"shard-00001-of-00002\.parquet: sha256 differs from the cache manifest"):
+        LatentCache(tmp_path / "c")
+    shard.write_bytes(bytes(data[:100]))
+    with pytest.raises(PPCLError, match=r"shard-00001-of-00002\.parquet: 100 bytes, the cache manifest records"):
+        LatentCache(tmp_path / "c")

@@ -131,6 +131,9 @@ def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None):
     index = path / "model_index.json"
     if not index.is_file():
         raise PPCLError(f"not a diffusers pipeline directory (no model_index.json): {path}")
+    from ppcl.integrity import check_pipeline_weights
+
+    check_pipeline_weights(path)  # a truncated weight file: one line naming it, not a SafetensorError
     try:
         spec = json.loads(index.read_text())
     except json.JSONDecodeError as e:

@@ -4,7 +4,13 @@ Each subcommand lives in its own module exposing ``HELP`` (one line), ``add_argu
 ``run(args) -> int``: ``ppcl/cli/<name>.py`` for the library's commands, ``ppcl_kfp/cli/<name>.py`` for those
 that drive the Kubeflow DAG (``pipeline``, ``demo``). Modules import heavy libraries (torch, diffusers, kfp)
 inside ``run`` only, so ``ppcl --help`` stays instant. A :class:`ppcl.errors.PPCLError` raised anywhere
-becomes one line on stderr and exit status 2.
+becomes one line on stderr and exit status 2, and so does an OSError that describes the user's environment
+(read-only mount, permission, full disk: :data:`ppcl.outputs.ENVIRONMENT_ERRNOS`); other OSErrors are bugs and
+keep their traceback.
+
+Every (sub)command with an ``--out`` option gets ``--overwrite`` here, and runs inside
+:func:`ppcl.outputs.guard`: the one output rule (new path, or a previous output of the same command; never a
+folder holding other ppcl outputs) and the exclusive lock on ``--out``.
 
 Why :data:`COMMANDS` holds full module paths as strings: the ``ppcl`` command is the one place where the
 library and the DAG layer above it (``ppcl_kfp``, which imports ppcl) meet. Naming the DAG commands' modules
@@ -69,7 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_module=module)
+        _add_overwrite(p, name)
     return parser
+
+
+def _add_overwrite(parser: argparse.ArgumentParser, command: str) -> None:
+    """``--overwrite`` on ``parser`` and on each of its nested subcommands that has ``--out``; records the
+    command's name (``select``, ``pipeline compile``) for the output rule."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                _add_overwrite(sub, f"{command} {sub_name}")
+    if "--out" in parser._option_string_actions and "--overwrite" not in parser._option_string_actions:
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace an existing --out that is not a previous output of this command "
+                                 "(never a folder holding other ppcl outputs)")  # fmt: skip
+        parser.set_defaults(_out_command=command)
+
+
+def _os_error_line(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,15 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from ppcl import outputs
+
     try:
         from ppcl.storage import refuse_uri_credentials
 
         for dest, value in vars(args).items():  # a secret in a flag ends up in logs and process listings
             if isinstance(value, (str, list)) and "://" in str(value):
                 refuse_uri_credentials(value, f"--{dest.replace('_', '-')}")
-        return int(args._module.run(args) or 0)
+        with outputs.guard(getattr(args, "_out_command", args.command), getattr(args, "out", None),
+                           overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False)):
+            return int(args._module.run(args) or 0)
     except PPCLError as e:
         print(f"ppcl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in outputs.ENVIRONMENT_ERRNOS:
+            raise
+        print(f"ppcl {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ppcl {args.command}: interrupted", file=sys.stderr)

@@ -8,7 +8,7 @@ HELP = "write a synthetic captioned image folder (coloured shapes, exact caption
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (created; replaced if it exists)")
+    parser.add_argument("--out", required=True, help="output folder (new, or an earlier `ppcl synth` output)")
     parser.add_argument("--n", type=int, required=True, help="number of images")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")

@@ -10,7 +10,7 @@ HELP = "write a complete tiny random diffusers pipeline (flux, sd3, qwenimage) t
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # No argparse `choices`: an unknown family must be the usual one-line PPCLError (exit 2), not a usage dump.
     parser.add_argument("--arch", required=True, help="model family: flux, sd3 or qwenimage")
-    parser.add_argument("--out", required=True, help="output pipeline folder (replaced if it holds a pipeline)")
+    parser.add_argument("--out", required=True, help="output pipeline folder (new, or an earlier `ppcl tiny` output)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed; same seed -> identical files (default 0)")
 
 

@@ -63,16 +63,31 @@ class CacheManifest(BaseModel):
     shards: list[CacheShardInfo]
 
 
-def read_cache_manifest(path: str) -> CacheManifest:
+def read_cache_manifest(path: str, *, verify: bool = True) -> CacheManifest:
+    """Read and validate CACHE/manifest.json; with ``verify`` also check every listed shard's size and sha256
+    (:func:`ppcl.integrity.verify_files`: PPCLError naming the first file that does not match)."""
     mpath = storage.join(path, MANIFEST)
     if not storage.exists(mpath):
         raise PPCLError(f"{mpath} not found: is {path} the output of `ppcl encode`?")
     raw = storage.read_bytes(mpath)
     try:
-        return CacheManifest.model_validate_json(raw)
+        manifest = CacheManifest.model_validate_json(raw)
     except ValidationError as e:
         field, msg = first_field_error(e)
         raise PPCLError(f"{mpath}: invalid cache manifest, field '{field}': {msg}") from e
+    except UnicodeDecodeError:
+        raise PPCLError(f"{mpath}: not a cache manifest (not UTF-8 JSON)") from None
+    if verify:
+        from ppcl.integrity import verify_files
+
+        verify_files(path, [(s.name, s.bytes, s.sha256) for s in manifest.shards], what="cache manifest",
+                     remedy="re-run `ppcl encode`")  # fmt: skip
+    return manifest
+
+
+def _unreadable(path: str, e: Exception) -> PPCLError:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return PPCLError(f"{path}: unreadable cache shard ({type(e).__name__}: {first})")
 
 
 def decode_tensor(data: bytes, dtype: str, shape) -> torch.Tensor:
@@ -100,12 +115,17 @@ class LatentCache:
     def units(self) -> list[tuple[int, int, int]]:
         """(shard index, row group, rows) for every row group of every shard, in manifest order."""
         if self._units is None:
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
             units = []
             for i, s in enumerate(self.manifest.shards):
-                with storage.open_read(storage.join(self.path, s.name)) as fh:
-                    md = pq.ParquetFile(fh).metadata
+                shard_path = storage.join(self.path, s.name)
+                with storage.open_read(shard_path) as fh:
+                    try:
+                        md = pq.ParquetFile(fh).metadata
+                    except (pa.ArrowException, OSError) as e:
+                        raise _unreadable(shard_path, e) from None
                     units.extend((i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups))
             if sum(u[2] for u in units) != self.manifest.samples:
                 raise PPCLError(f"{self.path}: shards hold {sum(u[2] for u in units)} rows, the manifest says "
@@ -115,12 +135,17 @@ class LatentCache:
 
     def read_unit(self, shard: int, row_group: int, tensors: list[str] | None = None) -> list[dict]:
         """Rows of one row group as dicts {"key": str, name: Tensor, ...}."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         names = tensors or self.tensor_names
         columns = ["key"] + [c for n in names for c in (n, f"{n}.shape")]
-        with storage.open_read(storage.join(self.path, self.manifest.shards[shard].name)) as fh:
-            table = pq.ParquetFile(fh).read_row_group(row_group, columns=columns)
+        shard_path = storage.join(self.path, self.manifest.shards[shard].name)
+        with storage.open_read(shard_path) as fh:
+            try:
+                table = pq.ParquetFile(fh).read_row_group(row_group, columns=columns)
+            except (pa.ArrowException, OSError) as e:
+                raise _unreadable(shard_path, e) from None
         data = table.to_pydict()
         rows = []
         for j, key in enumerate(data["key"]):

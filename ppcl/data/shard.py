@@ -23,6 +23,12 @@ Design:
 - Nothing half-written under a final name: a local shard is written to a hidden temporary beside the final
   name and renamed; an S3 shard is uploaded whole (multipart is invisible until complete); the manifest is
   written last, so a reader that finds a manifest finds every shard it lists.
+- Generations: a re-shard never writes over a file the current manifest lists. A shard whose bytes changed
+  goes under a new name (``shard-00000-of-00004.<sha256[:12]>.parquet`` when the plain name is taken), the
+  new manifest is swapped in atomically, and only then are the files the old manifest listed and the new one
+  does not removed. A re-shard killed at any point leaves the previous manifest and every shard it lists intact.
+- Readers verify: :func:`read_shard_manifest` checks every listed shard's size and sha256 (S3: size and the
+  object's sha256 metadata) before a stage uses the data, and names the first file that does not match.
 """
 
 from __future__ import annotations
@@ -121,16 +127,25 @@ _WRITER_OPTIONS = dict(
 )  # fmt: skip
 
 
-def read_shard_manifest(data_dir: str) -> ShardManifest:
-    """Read and validate DIR/manifest.json (local or s3://)."""
+def read_shard_manifest(data_dir: str, *, verify: bool = True) -> ShardManifest:
+    """Read and validate DIR/manifest.json (local or s3://); with ``verify`` also check that every shard it
+    lists is there with the recorded size and sha256 (PPCLError naming the first one that is not)."""
     path = storage.join(data_dir, MANIFEST)
     if not storage.exists(path):
         raise PPCLError(f"{path} not found: is {data_dir} the output of `ppcl shard`?")
     try:
-        return ShardManifest.model_validate_json(storage.read_bytes(path))
+        manifest = ShardManifest.model_validate_json(storage.read_bytes(path))
     except ValidationError as e:
         field, msg = first_field_error(e)
         raise PPCLError(f"{path}: invalid shard manifest, field '{field}': {msg}") from e
+    except UnicodeDecodeError:
+        raise PPCLError(f"{path}: not a shard manifest (not UTF-8 JSON)") from None
+    if verify:
+        from ppcl.integrity import verify_files
+
+        verify_files(data_dir, [(s.name, s.bytes, s.sha256) for s in manifest.shards], what="shard manifest",
+                     remedy="re-run `ppcl shard`")  # fmt: skip
+    return manifest
 
 
 def inspect_image(data: bytes, min_size: int = 0) -> tuple[int, int]:
@@ -235,7 +250,7 @@ def _write_parquet(spill: Path, out: Path, rejected: list[RejectedSample]) -> in
 def _existing(out: str, num_shards: int) -> dict[str, str]:
     """{shard name: sha256} of shards already in ``out`` whose recorded checksum is still true."""
     try:
-        manifest = read_shard_manifest(out)
+        manifest = read_shard_manifest(out, verify=False)
     except PPCLError:
         return {}
     if manifest.num_shards != num_shards:
@@ -290,6 +305,8 @@ def shard_source(
     fmt_used = detect_format(list_source(source)) if fmt == "auto" else fmt
     rejected: list[RejectedSample] = []
     read = 0
+    fresh: list[str] = []  # files this run added: removed again if it fails, so the old generation stays
+    created = False
     spill_dir = Path(tempfile.mkdtemp(prefix="ppcl-shard-"))
     try:
         # Pass 1: read, validate, route each sample to its shard's spill file.
@@ -329,7 +346,9 @@ def shard_source(
 
         # Pass 2: one shard at a time, sorted by key; skip shards whose bytes did not change.
         existing = _existing(out, num_shards)
+        previous = _listed(out)  # the current generation: removed only once the new manifest is in place
         local_out = None if storage.is_s3(out) else Path(out)
+        created = local_out is not None and not local_out.exists()
         if local_out is not None:
             local_out.mkdir(parents=True, exist_ok=True)
         shards, written = [], 0
@@ -342,7 +361,14 @@ def shard_source(
                 spills[i].unlink(missing_ok=True)
                 digest = storage.sha256_file(tmp)
                 nbytes = tmp.stat().st_size
+                same = [n for n, d in existing.items() if d == digest and n.startswith(name.removesuffix(".parquet"))]
+                if same:  # unchanged, possibly under a generation name
+                    name = same[0]
                 if existing.get(name) != digest:
+                    if name in existing:  # an intact file of the current generation is never written over
+                        name = generation_name(i, num_shards, digest)
+                    if name not in previous:
+                        fresh.append(name)
                     if local_out is not None:
                         os.replace(tmp, local_out / name)
                     else:
@@ -351,6 +377,12 @@ def shard_source(
             finally:
                 tmp.unlink(missing_ok=True)
             shards.append(ShardInfo(name=name, samples=rows, bytes=nbytes, sha256=digest))
+    except BaseException:
+        for name in fresh:
+            storage.remove(storage.join(out, name))
+        if created and next(local_out.iterdir(), None) is None:
+            local_out.rmdir()
+        raise
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
@@ -360,7 +392,31 @@ def shard_source(
         accepted=sum(s.samples for s in shards), shards=shards, rejected=rejected,
     )  # fmt: skip
     storage.write_bytes(storage.join(out, MANIFEST), (manifest.model_dump_json(indent=2) + "\n").encode())
+    # The new generation is in place: drop what only the old one listed (and temporaries of killed runs).
+    keep = {s.name for s in shards}
+    for name in sorted(previous - keep):
+        storage.remove(storage.join(out, name))
+    if local_out is not None:
+        for p in local_out.iterdir():
+            if p.name not in keep and _SHARD_FILE.fullmatch(p.name):
+                p.unlink(missing_ok=True)
     return manifest, written
+
+
+#: Files shard owns in its output folder: shards of any generation and temporaries of killed runs.
+_SHARD_FILE = re.compile(r"\.?shard-\d{5}-of-\d{5}(\.[0-9a-f]{12})?\.parquet(\.tmp-[0-9a-f]{8})?")
+
+
+def generation_name(index: int, num_shards: int, digest: str) -> str:
+    """The name of a changed shard whose plain name the current manifest still lists."""
+    return f"shard-{index:05d}-of-{num_shards:05d}.{digest[:12]}.parquet"
+
+
+def _listed(out: str) -> set[str]:
+    try:
+        return {s.name for s in read_shard_manifest(out, verify=False).shards}
+    except PPCLError:
+        return set()
 
 
 def _redact(uri: str) -> str:
@@ -374,12 +430,17 @@ def iter_shard_rows(
     """Yield (shard name, column batch as {column: list}) over every shard listed in the manifest."""
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     manifest = read_shard_manifest(data_dir)
     for s in manifest.shards:
-        with storage.open_read(storage.join(data_dir, s.name)) as fh:
-            pf = pq.ParquetFile(fh)
-            for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-                yield s.name, batch.to_pydict()
+        path = storage.join(data_dir, s.name)
+        with storage.open_read(path) as fh:
+            try:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns):
+                    yield s.name, batch.to_pydict()
+            except (pa.ArrowException, OSError) as e:
+                raise PPCLError(f"{path}: unreadable shard ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def manifest_summary(manifest: ShardManifest) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppcl import outputs
 from ppcl.arch.common import Adapter
 from ppcl.atomic import atomic_path, write_json
 from ppcl.distill.checkpoint import resume_point, restore_training, save_checkpoint, trim_metrics
@@ -34,8 +35,10 @@ from ppcl.distill.settings import DistillSettings, resolve_settings
 from ppcl.distill.streams import BatchStream, step_inputs, take, training_stream
 from ppcl.distill.units import Unit, build_units, check_plan_family, plan_dict, plan_hash, unit_table
 from ppcl.errors import PPCLError
+from ppcl.integrity import teacher_fingerprint
 from ppcl.plan import as_plan
 from ppcl.plugs import freeze
+from ppcl.storage import sha256_file
 
 RUN_VERSION = 1
 
@@ -82,6 +85,7 @@ def distill(
     # restored from the checkpoint being resumed (or, fresh, the width projections fitted by least squares).
     settings = resolve_settings(settings, overrides)
     run = Path(out)
+    run_lock = outputs.hold(run) if outputs.rank_writes() else None  # noqa: F841 - a second writer is refused
     plan_obj = as_plan(plan)
     phash = plan_hash(plan_obj)
     last_ckpt, loaded = resume_point(run, phash, resume)
@@ -334,7 +338,9 @@ def write_run(run: Path, model: Any, plan_obj: Any, phash: str, data: Any, setti
         "plan_hash": phash,
         "plan": plan_dict(plan_obj),
         "teacher": {"model": str(model) if isinstance(model, (str, Path)) else None, "family": adapter.family,
-                    "num_blocks": adapter.num_blocks, "parameters": adapter.total_parameters()},
+                    "num_blocks": adapter.num_blocks, "parameters": adapter.total_parameters(),
+                    "fingerprint": teacher_fingerprint(model)},  # export refuses plugs of another teacher
+        "plugs_sha256": sha256_file(run / "plugs.safetensors"),
         "settings": settings.model_dump(mode="json"),
         "data": str(data) if isinstance(data, (str, Path)) else ("synthetic" if data is None else "in-memory"),
         "steps": settings.steps,
