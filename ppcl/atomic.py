@@ -11,9 +11,14 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+#: ``hook(final, tmp)`` called before a finished temporary folder is renamed to ``final``. Modules above this
+#: one register here (:mod:`ppcl.outputs` adds its marker) so that this module depends on none of them.
+FOLDER_COMPLETE_HOOKS: list[Callable[[Path, Path], None]] = []
 
 
 def _tmp_sibling(final: Path) -> Path:
@@ -45,9 +50,8 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False, overwrite:
     try:
         yield tmp
         if directory:
-            from ppcl.outputs import on_folder_complete
-
-            on_folder_complete(final, tmp)  # the --out of a running command appears with its marker
+            for hook in FOLDER_COMPLETE_HOOKS:  # e.g. the --out of a running command appears with its marker
+                hook(final, tmp)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)

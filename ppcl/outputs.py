@@ -39,6 +39,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ppcl import atomic
 from ppcl.errors import PPCLError
 
 MARKER = ".ppcl-output.json"
@@ -272,6 +273,10 @@ def on_folder_complete(final: Path, tmp: Path) -> None:
     command = _claims.get(_key(final))
     if command is not None and command not in FILE_COMMANDS:
         write_marker(tmp, command)
+
+
+# a claim exists only inside guard(), i.e. only once this module is imported: registering at import suffices
+atomic.FOLDER_COMPLETE_HOOKS.append(on_folder_complete)
 
 
 # ----------------------------------------------------------------------------------------------- the guard

@@ -187,7 +187,8 @@ REFUSED = [
     ("report over a user's folder", None, "report --metrics {w}/notes.txt --out {w}/user", "pass --overwrite"),
     # --- --out that is an existing file (measured: distill NotADirectoryError, evaluate after 45 s)
     ("distill into a file", "file_at_out",
-     "distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/x --steps 1", "existing file"),
+     "distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/x --steps 1 --warmup-steps 0",
+     "existing file"),
     ("evaluate into a file", "file_at_out",
      "evaluate --model {w}/teacher --teacher {w}/teacher --prompts {w}/prompts.txt --out {w}/x --steps 1",
      "existing file"),
@@ -199,7 +200,8 @@ REFUSED = [
      "distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/run --resume --overwrite",
      "pass one of them"),
     ("distill over its finished run", None,
-     "distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/run --steps 1", "--resume"),
+     "distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/run --steps 1 --warmup-steps 0",
+     "--resume"),
     # --- mixed or stale data (measured: accepted, exit 0)
     ("truncated shard into encode", "truncate_shard",
      "encode --model {w}/teacher --data {w}/shards --out {w}/cache2 --resolution 32 --no-progress",
@@ -210,10 +212,10 @@ REFUSED = [
     ("truncated cache into probe", "truncate_cache",
      "probe --model {w}/teacher --data {w}/cache --out {w}/probe2 --samples 4", "shard-00000-of-00002.parquet"),
     ("truncated cache into distill", "truncate_cache",
-     "distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/run2 --steps 1",
+     "distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/run2 --steps 1 --warmup-steps 0",
      "shard-00000-of-00002.parquet"),
     ("changed cache into distill", "flip_cache",
-     "distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/run2 --steps 1",
+     "distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/run2 --steps 1 --warmup-steps 0",
      "sha256 differs from the cache manifest"),
     ("plugs from another teacher", None,
      "export --model {w}/teacher2 --plan {w}/plan.json --plugs {w}/run --all --out {w}/pruned",
@@ -370,7 +372,7 @@ def test_second_writer_is_refused_at_once(w, capsys):
         before = snapshot(w)
         t0 = time.perf_counter()
         rc, err = run_cli(f"distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/run2 "
-                          "--steps 1".split(), capsys)  # fmt: skip
+                          "--steps 1 --warmup-steps 0".split(), capsys)  # fmt: skip
         assert rc == 2 and f"being written by another process (pid {holder.pid})" in _one_line(err)
         assert time.perf_counter() - t0 < 5
         # the stage function itself (what a component calls) takes the same lock
@@ -379,7 +381,7 @@ def test_second_writer_is_refused_at_once(w, capsys):
 
         with pytest.raises(PPCLError, match="being written by another process"):
             distill(str(w / "teacher"), str(w / "plan.json"), w / "run2", data=str(w / "cache"), steps=1,
-                    progress=False)  # fmt: skip
+                    warmup_steps=0, progress=False)  # fmt: skip
         assert snapshot(w) == before
     finally:
         holder.kill()
@@ -424,7 +426,7 @@ def test_resume_of_a_killed_run_without_marker(w, capsys):
         (w / "run" / name).unlink()
     before = snapshot(w)
     rc, err = run_cli(f"distill --model {w}/teacher --plan {w}/plan.json --data {w}/cache --out {w}/run --steps 1 "
-                      "--resume".split(), capsys)  # fmt: skip
+                      "--warmup-steps 0 --resume".split(), capsys)  # fmt: skip
     assert rc == 0, err
     after = snapshot(w)
     assert {k: v for k, v in before.items() if not k.startswith("run/")} == {
