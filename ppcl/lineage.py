@@ -118,13 +118,14 @@ class Lineage(_Model):
     blocks: list[Block]
 
     def describe(self, block: Block) -> str:
-        """``transformer_blocks.3 (block 3)`` / ``plug of [1, 2] (plan interval 0, from block 1)`` (+ width ops)."""
+        """``teacher transformer_blocks.3 (block 3)`` / ``plug of teacher blocks [1, 2] (plan interval 0,
+        initialised from teacher block 1)``, then the width ops applied, if any."""
         if block.kind == "kept":
-            text = f"{block.teacher_list}.{block.teacher_index} (teacher block {block.teacher_block})"
+            text = f"teacher {block.teacher_list}.{block.teacher_index} (block {block.teacher_block})"
         else:
             src = block.initialised_from
             text = (f"plug of teacher blocks [{block.interval[0]}, {block.interval[1]}] (plan interval "
-                    f"{block.plan_index}, initialised from {src.teacher_list}.{src.teacher_index})")
+                    f"{block.plan_index}, initialised from teacher block {src.teacher_block})")
             if block.text_freeze is not None:
                 a, b = block.text_freeze.interval
                 text += f", text frozen [{a}, {b}] as {block.text_freeze.role}"
@@ -265,7 +266,7 @@ def format_block_map(lineage: Lineage) -> str:
     t, s = lineage.teacher, lineage.student
     lines = [f"block map ({lineage.family}): {t.num_blocks} teacher blocks -> {s.num_blocks} "
              f"(plan intervals {lineage.intervals} replaced)",
-             f"{'student block':>32}    teacher"]
+             f"{'student block':>32}    is"]
     for b in lineage.blocks:
         lines.append(f"{f'{b.student_list}.{b.student_index}':>32} <- {lineage.describe(b)}")
     return "\n".join(lines)

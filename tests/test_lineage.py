@@ -147,12 +147,14 @@ def test_plan_show_reads_back_and_checks(runs, tiny_pipe_dir, tmp_path, capsys):
     assert main(["plan", "show", "--model", str(out)]) == 0
     text = capsys.readouterr().out
     assert "family flux: 10 teacher blocks -> 6" in text  # the plan ...
-    assert "transformer_blocks.0 <- transformer_blocks.0 (teacher block 0)" in text  # ... and the block map
-    assert "transformer_blocks.1 <- transformer_blocks.1 (teacher block 1) + text_freeze [0, 3], ffn_linear image" in text
-    assert "transformer_blocks.2 <- plug of teacher blocks [2, 3] (plan interval 0" in text
-    assert "single_transformer_blocks.0 <- single_transformer_blocks.0 (teacher block 4)" in text
+    assert "transformer_blocks.0 <- teacher transformer_blocks.0 (block 0)" in text  # ... and the block map
+    assert ("transformer_blocks.1 <- teacher transformer_blocks.1 (block 1) + text_freeze [0, 3], ffn_linear image"
+            in text)
+    assert ("transformer_blocks.2 <- plug of teacher blocks [2, 3] (plan interval 0, initialised from teacher block 2), "
+            "text frozen [0, 3] as last") in text
+    assert "single_transformer_blocks.0 <- teacher single_transformer_blocks.0 (block 4)" in text
     assert "single_transformer_blocks.1 <- plug of teacher blocks [5, 8] (plan interval 1" in text
-    assert "single_transformer_blocks.2 <- single_transformer_blocks.5 (teacher block 9)" in text
+    assert "single_transformer_blocks.2 <- teacher single_transformer_blocks.5 (block 9)" in text
 
     assert main(["plan", "show", "--plan", str(plan_path), "--model", str(out)]) == 0
     assert "was exported from this plan" in capsys.readouterr().out

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         if plan is None:
             from ppcl.errors import PPCLError
 
-            raise PPCLError("plan show: give a plan.json, --model PRUNED, or both")
+            raise PPCLError("plan show needs a plan.json, --model PRUNED, or both")
         print(format_plan(load_plan(plan)))
         return 0
     if args.action == "make":
@@ -173,7 +173,7 @@ def _show_model(args: argparse.Namespace) -> int:
     from ppcl.plan import format_plan, load_plan
 
     if args.plan_flag and args.plan and args.plan_flag != args.plan:
-        raise PPCLError("plan show: two different plans given (positional and --plan): give one")
+        raise PPCLError("two different plans given (positional and --plan): give one")
     plan_path = args.plan_flag or args.plan
     model = Path(args.model)
     has_lineage = (model / LINEAGE_FILE).is_file() or (model.is_file() and model.name == LINEAGE_FILE)
@@ -200,7 +200,7 @@ def _show_model(args: argparse.Namespace) -> int:
 
     adapter = meta_adapter(model)
     try:
-        check_plan_family(plan, adapter, "plan show")
+        check_plan_family(plan, adapter, "show")
     except PPCLError as e:
         t = plan.teacher.num_blocks
         if plan.family != adapter.family:
@@ -208,12 +208,12 @@ def _show_model(args: argparse.Namespace) -> int:
         elif t != adapter.num_blocks:
             what = f"the plan is for {t} blocks, the model has {adapter.num_blocks}"
         else:
-            what = str(e).removeprefix("plan show: ")
+            what = str(e).removeprefix("show: ")
         if has_lineage:
             origin = lineage.teacher.num_blocks
             what += (f"; {args.model} was exported from another plan (for {origin} blocks, plan hash "
                      f"{lineage.plan_hash[:12]})" + (" of the same teacher" if origin == t else ""))
-        raise PPCLError(f"plan show: {plan_path} does not belong to {args.model}: {what}") from None
+        raise PPCLError(f"{plan_path} does not belong to {args.model}: {what}") from None
     print(format_plan(plan))
     print(f"\nthe plan fits {args.model} as a teacher ({adapter.num_blocks} {adapter.family} blocks)"
           + (f"; it is not the plan {args.model} was exported from" if has_lineage else ""))
