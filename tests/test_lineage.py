@@ -201,3 +201,19 @@ def test_plan_show_reads_back_and_checks(runs, tiny_pipe_dir, tmp_path, capsys):
     (bad / LINEAGE_FILE).write_text(json.dumps(good))
     (bad / "plan.json").write_text((bad / "plan.json").read_text().replace('"middle"', '"first"'))
     refused(["--model", str(bad)], "sha256 differs")
+
+
+def test_pipeline_export_step_writes_lineage(runs, tmp_path):
+    """The pipeline's export step (``ppcl.stages.export``, what the KFP component calls) carries the same lineage."""
+    from ppcl.stages import export as export_stage
+
+    pipe_dir, plan_path, run = runs("sd3")
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+    shutil.copy(plan_path, plan_dir / "plan.json")
+    plan = load_plan(plan_path)
+    out = tmp_path / "model"
+    export_stage(str(pipe_dir), str(plan_dir), str(run), plan.params.student / plan.params.teacher, str(out))
+    assert (out / "plan.json").read_bytes() == plan_path.read_bytes()
+    lin = _check_by_weight_identity(pipe_dir, plan_path, run, out)
+    assert lin.intervals == [0, 1] and lin.student.num_blocks == 10 - 3
