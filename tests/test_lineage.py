@@ -172,7 +172,7 @@ def test_plan_show_reads_back_and_checks(runs, tiny_pipe_dir, tmp_path, capsys):
     # another plan of the same teacher
     other = save_plan(make_plan(get_adapter(load_pipeline(pipe_dir)), [[1, 2]]), tmp_path / "other.json")
     refused(["--plan", str(other), "--model", str(out)], "the plan is for 10 blocks, the model has 6")
-    refused(["--plan", str(other), "--model", str(out)], "exported from another plan")
+    refused(["--plan", str(other), "--model", str(out / LINEAGE_FILE)], "exported from another plan")
     # a plan of another family; a folder without lineage (a teacher) read as an export
     sd3 = save_plan(make_plan(get_adapter(load_pipeline(tiny_pipe_dir["sd3"])), [[1, 2]]), tmp_path / "sd3.json")
     refused(["--plan", str(sd3), "--model", str(out)], "for a sd3 model")

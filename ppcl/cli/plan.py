@@ -169,7 +169,7 @@ def _show_model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ppcl.errors import PPCLError
-    from ppcl.lineage import LINEAGE_FILE, format_block_map, read_export_plan, read_lineage
+    from ppcl.lineage import LINEAGE_FILE, format_block_map, lineage_path, read_export_plan, read_lineage
     from ppcl.plan import format_plan, load_plan
 
     if args.plan_flag and args.plan and args.plan_flag != args.plan:
@@ -198,7 +198,7 @@ def _show_model(args: argparse.Namespace) -> int:
     from ppcl.distill import check_plan_family
     from ppcl.plan import meta_adapter
 
-    adapter = meta_adapter(model)
+    adapter = meta_adapter(lineage_path(model).parent if model.is_file() else model)
     try:
         check_plan_family(plan, adapter, "show")
     except PPCLError as e:
