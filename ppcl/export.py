@@ -26,6 +26,9 @@ layer counts are updated, weights are safetensors.
   one whose exported parameter count is the LARGEST that does not exceed ``F x teacher parameters`` (the least
   pruning that meets the budget); ties go to the smaller sum of the plugs' final training losses. If even all
   intervals cannot reach F, it is an error that says the smallest reachable fraction.
+- Lineage: the export folder also holds the plan it was built from (``plan.json``, byte for byte) and the block
+  map ``ppcl_lineage.json`` (:mod:`ppcl.lineage`: each student block -> the teacher block it is, or the interval
+  its plug replaces); the model card shows the map as a table. Both are written inside the atomic folder.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class ExportResult:
     parameters: int  # exported transformer parameters (exact)
     teacher_parameters: int
     transformer_class: str
+    #: ``out/ppcl_lineage.json``: the block map (:mod:`ppcl.lineage`); ``out/plan.json`` is the plan copied in
+    lineage: Path | None = None
 
 
 def _read_run(plugs: Path) -> dict[str, Any]:
@@ -177,7 +182,10 @@ def build_pruned_transformer(adapter: Adapter, units, width_ops_new: list[dict[s
     return model.eval()
 
 
-def _model_card(plan_d: dict, run: dict, chosen: list[int], result: ExportResult, teacher_path: str) -> str:
+def _model_card(plan_d: dict, run: dict, chosen: list[int], result: ExportResult, teacher_path: str,
+                lineage: dict) -> str:
+    from ppcl.lineage import LINEAGE_FILE, PLAN_FILE, markdown_block_map
+
     ivs = [plan_d["intervals"][k] for k in chosen]
     lines = [
         "---", "library_name: diffusers", "tags: [ppcl, pruning, distillation]", "---", "",
@@ -191,6 +199,10 @@ def _model_card(plan_d: dict, run: dict, chosen: list[int], result: ExportResult
         f"- Width ops: {json.dumps(plan_d.get('width') or [])}",
         f"- Plug init: {plan_d.get('init', 'middle')}",
         f"- Plan hash: `{run.get('plan_hash')}`", "",
+        "## Block map", "",
+        f"What each block of this model is (0-based; machine-readable in `{LINEAGE_FILE}`, the plan in "
+        f"`{PLAN_FILE}`; `ppcl plan show --model <this folder>` prints it):", "",
+        *markdown_block_map(lineage), "",
         "## Training", "",
         "```json", json.dumps(run.get("settings", {}), indent=2), "```", "",
         "Final losses (D per plug and stream, mean of the last steps):", "",
@@ -221,6 +233,7 @@ def export(
     """
     from ppcl.arch import load_pipeline
     from ppcl.distill import build_units, check_plan_family, load_unit_weights, plan_dict, plan_hash, student_layout
+    from ppcl.lineage import LINEAGE_FILE, PLAN_FILE, build_lineage
     from ppcl.plan import as_plan
     from ppcl.plugs import freeze
 
@@ -229,6 +242,9 @@ def export(
         raise PPCLError("choose exactly one of --keep-params, --intervals, --all")
     model_path, plugs, out = Path(model), Path(plugs), Path(out)
     plan_obj = as_plan(plan)
+    # the plan copied into the export unchanged: the file's own bytes, or the object as save_plan writes it
+    plan_bytes = (Path(plan).read_bytes() if isinstance(plan, (str, Path))
+                  else (json.dumps(plan_dict(plan_obj), indent=2) + "\n").encode())
     run = _read_run(plugs)
     if run.get("plan_hash") != plan_hash(plan_obj):
         raise PPCLError(f"plugs {plugs} were trained for a different plan (plan hash differs)")
@@ -285,11 +301,13 @@ def export(
     predicted = teacher_params - width_saving - sum(savings[k] for k in chosen)
     if params != predicted:  # a bug, not bad input: the structure differs from the accounting
         raise AssertionError(f"exported {params} parameters, accounting predicts {predicted}")
-    result = ExportResult(out, chosen, params, teacher_params, type(pruned).__name__)
+    result = ExportResult(out, chosen, params, teacher_params, type(pruned).__name__, out / LINEAGE_FILE)
+    lineage = build_lineage(adapter, selected, plan_bytes=plan_bytes, plan_hash=plan_hash(plan_obj), chosen=chosen,
+                            teacher_path=str(model_path))
 
     with atomic_path(out, directory=True) as tmp:
         for item in model_path.iterdir():
-            if item.name in ("transformer", "README.md") or item.name.startswith("."):
+            if item.name in ("transformer", "README.md", PLAN_FILE, LINEAGE_FILE) or item.name.startswith("."):
                 continue
             if item.is_dir():
                 shutil.copytree(item, tmp / item.name)
@@ -300,7 +318,10 @@ def export(
         library = "diffusers" if not width_new else type(pruned).__module__
         index["transformer"] = [library, type(pruned).__name__]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "README.md").write_text(_model_card(plan_dict(plan_obj), run, chosen, result, str(model_path)))
+        card = _model_card(plan_dict(plan_obj), run, chosen, result, str(model_path), lineage)
+        (tmp / "README.md").write_text(card)
+        (tmp / PLAN_FILE).write_bytes(plan_bytes)
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
         (tmp / "ppcl_export.json").write_text(json.dumps({
             "version": 1, "intervals": chosen, "parameters": params, "teacher_parameters": teacher_params,
             "plan_hash": run.get("plan_hash"), "transformer_class": result.transformer_class,

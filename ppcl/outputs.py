@@ -48,6 +48,9 @@ MARKER = ".ppcl-output.json"
 FILE_COMMANDS = frozenset({"select", "pipeline compile"})
 #: Commands whose own output legitimately holds other stages' outputs (the bench's OUT/work: cache, runs...).
 NESTING_COMMANDS = frozenset({"bench quality"})
+#: Files a command writes at the top of its own folder that read like another command's output: part of it
+#: (an export carries the plan it was built from, ``ppcl.lineage``), so re-running into that folder is allowed.
+OWN_FILES = {"export": frozenset({"plan.json"})}
 #: errno values that describe the user's environment (a read-only mount, a full disk, a path that cannot
 #: exist), shown as one line by the CLI; any other OSError is a bug and keeps its traceback.
 ENVIRONMENT_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT,
@@ -122,9 +125,10 @@ def identify(path: str | os.PathLike) -> str | None:
     return None
 
 
-def nested_output(path: Path, max_depth: int | None = None) -> tuple[Path, str] | None:
+def nested_output(path: Path, max_depth: int | None = None,
+                  own: frozenset[str] = frozenset()) -> tuple[Path, str] | None:
     """The first (path, command) of a ppcl output strictly inside folder ``path`` (at most ``max_depth``
-    levels down), or None."""
+    levels down; files named in ``own`` at its top are its own), or None."""
     for root, dirs, files in os.walk(path):
         root_p = Path(root)
         dirs.sort()
@@ -135,6 +139,8 @@ def nested_output(path: Path, max_depth: int | None = None) -> tuple[Path, str] 
             if found is not None:
                 return root_p, found
         for name in sorted(files):
+            if root_p == path and name in own:
+                continue
             if name.endswith(".json") and name != MARKER and identify(root_p / name) == "select":
                 return root_p / name, "select"
     return None
@@ -159,7 +165,7 @@ def check_target(command: str, out: str | os.PathLike, *, overwrite: bool = Fals
     wants_folder = command not in FILE_COMMANDS
     if own == command and path.is_dir() == wants_folder:
         if wants_folder and command not in NESTING_COMMANDS:
-            inner = nested_output(path)
+            inner = nested_output(path, own=OWN_FILES.get(command, frozenset()))
             if inner is not None:
                 raise PPCLError(f"--out {path} holds another ppcl output ({inner[0]}: {describe(inner[1])}); "
                                 f"it is never replaced: choose another --out")  # fmt: skip

@@ -39,4 +39,5 @@ def run(args: argparse.Namespace) -> int:
                intervals=cfg.intervals, all_intervals=cfg.all_intervals)
     print(f"{r.out}: {r.transformer_class}, {r.parameters:,} of {r.teacher_parameters:,} parameters "
           f"({r.parameters / r.teacher_parameters:.2%}), intervals {r.intervals}")
+    print(f"block map in {r.lineage} (ppcl plan show --model {r.out}), plan.json copied in")
     return 0

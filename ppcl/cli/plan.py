@@ -23,8 +23,16 @@ WIDTH_HELP = ("width operations, comma-separated: 'ffn:B:STREAM' replaces block 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    show = sub.add_parser("show", help="print the plan's intervals, width ops and parameter counts")
-    show.add_argument("plan", help="plan.json")
+    show = sub.add_parser("show", help="print a plan, or an exported model's plan and block map",
+                          description="Print plan.json; with --model PRUNED (a `ppcl export` folder) print the plan "
+                                      "it was built from and its block map (each block -> the teacher block it is, "
+                                      "or the interval its plug replaces). With a plan and --model, check that the "
+                                      "plan belongs to the model: the plan the export was built from, or a plan for "
+                                      "the model itself as a teacher; anything else is a one-line error.")
+    show.add_argument("plan", nargs="?", help="plan.json")
+    show.add_argument("--plan", dest="plan_flag", metavar="PLAN", help="plan.json (same as the positional)")
+    show.add_argument("--model", help="an exported (pruned) pipeline folder, or any pipeline to check the plan "
+                                      "against")
 
     make = sub.add_parser("make", help="write plan.json from explicit intervals (exact parameter counts, no weights)",
                           description="Write plan.json from explicit intervals, with the same checks and exact "
@@ -138,11 +146,78 @@ def run(args: argparse.Namespace) -> int:
     from ppcl.plan import format_plan, load_plan
 
     if args.action == "show":
-        print(format_plan(load_plan(args.plan)))
+        if args.model is not None:
+            return _show_model(args)
+        plan = args.plan_flag or args.plan
+        if plan is None:
+            from ppcl.errors import PPCLError
+
+            raise PPCLError("plan show needs a plan.json, --model PRUNED, or both")
+        print(format_plan(load_plan(plan)))
         return 0
     if args.action == "make":
         return _make(args)
     return _resources(args)
+
+
+def _show_model(args: argparse.Namespace) -> int:
+    """``plan show --model M [PLAN]``: M's lineage (plan + block map) and, with a plan, whether it belongs to M.
+
+    With a plan: it is the plan M was exported from (same plan hash as the lineage records), or a plan made for M
+    itself as a teacher (family, block count and per-block parameters match, as distill and export check). Any
+    other plan is a one-line error saying what differs, e.g. "the plan is for 60 blocks, the model has 35"."""
+    from pathlib import Path
+
+    from ppcl.errors import PPCLError
+    from ppcl.lineage import LINEAGE_FILE, format_block_map, lineage_path, read_export_plan, read_lineage
+    from ppcl.plan import format_plan, load_plan
+
+    if args.plan_flag and args.plan and args.plan_flag != args.plan:
+        raise PPCLError("two different plans given (positional and --plan): give one")
+    plan_path = args.plan_flag or args.plan
+    model = Path(args.model)
+    has_lineage = (model / LINEAGE_FILE).is_file() or (model.is_file() and model.name == LINEAGE_FILE)
+    if plan_path is None or has_lineage:
+        lineage = read_lineage(model)  # no lineage and no plan: the one-line error
+        exported = read_export_plan(model, lineage)
+    if plan_path is None:
+        print(format_plan(exported))
+        print()
+        print(format_block_map(lineage))
+        return 0
+    plan = load_plan(plan_path)
+    if has_lineage:
+        from ppcl.distill import plan_hash
+
+        if plan_hash(plan) == lineage.plan_hash:
+            print(format_plan(plan))
+            print()
+            print(format_block_map(lineage))
+            print(f"\n{args.model} was exported from this plan (plan intervals {lineage.intervals} replaced)")
+            return 0
+    from ppcl.distill import check_plan_family
+    from ppcl.plan import meta_adapter
+
+    adapter = meta_adapter(lineage_path(model).parent if model.is_file() else model)
+    try:
+        check_plan_family(plan, adapter, "show")
+    except PPCLError as e:
+        t = plan.teacher.num_blocks
+        if plan.family != adapter.family:
+            what = f"the plan is for a {plan.family} model, {args.model} is {adapter.family}"
+        elif t != adapter.num_blocks:
+            what = f"the plan is for {t} blocks, the model has {adapter.num_blocks}"
+        else:
+            what = str(e).removeprefix("show: ")
+        if has_lineage:
+            origin = lineage.teacher.num_blocks
+            what += (f"; {args.model} was exported from another plan (for {origin} blocks, plan hash "
+                     f"{lineage.plan_hash[:12]})" + (" of the same teacher" if origin == t else ""))
+        raise PPCLError(f"{plan_path} does not belong to {args.model}: {what}") from None
+    print(format_plan(plan))
+    print(f"\nthe plan fits {args.model} as a teacher ({adapter.num_blocks} {adapter.family} blocks)"
+          + (f"; it is not the plan {args.model} was exported from" if has_lineage else ""))
+    return 0
 
 
 def _make(args: argparse.Namespace) -> int:
