@@ -110,7 +110,7 @@ class Peak:
 
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (it counts what is live at the
     reset, so ``held`` is not added; what a previous case left behind is subtracted). CPU: the largest "Total
-    Allocated" of torch's memory profiler, which starts at zero, plus ``held``."""
+    Allocated" of torch's memory profiler over the region, less its value at the start, plus ``held``."""
 
     def __init__(self, device: torch.device, held: int = 0):
         self.device, self.held, self.bytes = device, held, 0
@@ -138,9 +138,10 @@ class Peak:
                 trace = Path(tmp) / "trace.json"
                 self.prof.export_chrome_trace(str(trace))
                 events = json.loads(trace.read_text())["traceEvents"]
-            totals = [e["args"]["Total Allocated"] for e in events
-                      if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-            self.bytes = self.held + max(totals, default=0)
+            mem = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+            # the running total is the allocator's, over the whole process: count from where the region began
+            start = mem[0]["Total Allocated"] - mem[0]["Bytes"] if mem else 0
+            self.bytes = self.held + max((m["Total Allocated"] - start for m in mem), default=0)
         return None
 
 
@@ -253,6 +254,8 @@ def run_case(case: Case, s: GpuCheckSettings) -> dict[str, Any]:
         table = unit_table(units).to(device)
         params = [p for p in table.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, settings, device)
+        for g in optimizer.param_groups:  # torch picks foreach for CUDA tensors; on CPU too, so the CPU run has
+            g["foreach"] = True           # the step temporaries the planner counts for CUDA
         scheduler = make_scheduler(optimizer, settings)
         table.train()
 
