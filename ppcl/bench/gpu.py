@@ -373,6 +373,8 @@ def run_gpu_check(out: str | Path, s: GpuCheckSettings | None = None) -> dict[st
     dev = check_device(s.device)
     if s.warmup < 2 or s.repeats < 1:
         raise PPCLError(f"--warmup must be >= 2 and --repeats >= 1 (got {s.warmup}, {s.repeats})")
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # events record on the current device's stream
     t0 = time.perf_counter()
     diffusers.utils.logging.set_verbosity_error()  # a cast warning per meta module otherwise
     with warnings.catch_warnings():
