@@ -37,10 +37,10 @@ def test_cpu_small_run_writes_every_measurement(tmp_path, capsys):
                                                                    "plug gradients", "optimizer states"))
         assert mem["measured_bytes"]["training"] > held
         # tiny widths: allocator-level constants (rope tables, kernel scratch) are a large share, so the planner is
-        # only near the measurement here; the 10 % target is for the real widths on a GPU
-        assert 0.5 < mem["predicted_bytes"]["training"] / mem["measured_bytes"]["training"] < 2
-        assert mem["error"]["training"] == pytest.approx(
-            (mem["predicted_bytes"]["training"] - mem["measured_bytes"]["training"]) / mem["measured_bytes"]["training"])
+        # only near the measurement here (FLUX 0 %, Qwen-Image +21 %); the 10 % target is for real widths on a GPU
+        measured, predicted = mem["measured_bytes"]["training"], mem["predicted_bytes"]["training"]
+        assert abs(predicted - measured) < 0.35 * measured, (c["model"], predicted, measured)
+        assert mem["error"]["training"] == pytest.approx((predicted - measured) / measured)
     for words in ("qwen-image (6 blocks, 2 plugs)", "flux1-dev (8 blocks, 2 plugs)", "training peak, planner",
                   "step / forward", "probe forward / plain forward", "FLOP limit", torch.__version__):
         assert words in table
