@@ -1,6 +1,7 @@
 # ppcl runtime image: every pipeline step and the multi-node TrainJob run in it.
 #   docker build -t ghcr.io/ppcl/ppcl:0.1.0 .                                     # CUDA 12.8 torch (GPU nodes)
-#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t ppcl:cpu .   # CPU only
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu --build-arg PPCL_EXTRAS= \
+#     -t ppcl:cpu .                                                                # CPU only
 #
 # Base: Debian slim with CPython 3.11 (pyproject requires 3.11), pinned tag. The CUDA user-space libraries
 # (cuBLAS, cuDNN, NCCL, ...) come with the CUDA build of torch from TORCH_INDEX as nvidia-* wheels, the same
@@ -13,6 +14,9 @@ FROM python:3.11.14-slim-bookworm
 # of the same release, from PyTorch's wheel index, so `pip install -c constraints.txt .` below keeps it.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# Extras of pyproject installed on top: cuda = bitsandbytes (8-bit AdamW, `use_8bit_adam`, on by default: a CUDA
+# run without it stops with an error rather than silently training with fp32 AdamW). Empty for the CPU image.
+ARG PPCL_EXTRAS=cuda
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -36,6 +40,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY ppcl ./ppcl
 COPY manifests/trainjob ./manifests/trainjob
 RUN pip install --no-cache-dir -c constraints.txt . \
+    && if [ -n "${PPCL_EXTRAS}" ]; then pip install --no-cache-dir -c constraints.txt ".[${PPCL_EXTRAS}]"; fi \
     && python -c "import torch, ppcl; print('ppcl', ppcl.__version__, 'torch', torch.__version__)"
 
 USER 10001:10001

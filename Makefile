@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv compile clean
+.PHONY: demo test bench gpu-check venv compile clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ test: $(STAMP)
 # Benchmarks marked `slow`: run on request, never in CI.
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -s
+
+# The GPU check of issue 15 (docs/resources.md): one CUDA GPU of >= 80 GB, < 8 min, no download. Needs a CUDA
+# build of torch in the venv (refused in one line otherwise); writes ppcl-bench/gpu/gpu_check.{json,md}.
+gpu-check: $(STAMP)
+	$(BIN)/ppcl bench gpu --device cuda --out ppcl-bench/gpu
 
 compile: $(STAMP)
 	$(BIN)/ppcl pipeline compile

@@ -24,8 +24,8 @@ registrations) and routes attention to the fused kernels CUDA picks; AdamW runs 
 it does on CUDA.
 8-bit AdamW is modelled by :class:`Adam8bitMemory` (bitsandbytes' state layout: two uint8 states and per-256-block
 fp32 scales for tensors of >= 4096 elements, fp32 states below; a fused kernel, no temporaries), because
-bitsandbytes cannot run on meta tensors (and today's image does not install it: the real run falls back to fp32
-AdamW).
+bitsandbytes cannot run on meta tensors (the CUDA image installs it, ``ppcl[cuda]``; without it a CUDA run asked for
+8-bit stops with an error).
 
 Today's distill does not shard: N GPUs run N copies of the same state, so the per-GPU peak does not depend on N;
 the planner says so in its output. The sharded path will be measured through the same function once it exists.

@@ -186,7 +186,9 @@ class DistillSettings(StageSettings):
     ridge: float = Field(1e-4, ge=0, description="relative ridge of that least-squares fit")
     guidance: float | None = Field(None, description="guidance value for guidance-distilled teachers (none: the "
                                    "teacher's default)")
-    use_8bit_adam: bool = Field(True, description="8-bit AdamW where bitsandbytes is installed (else plain AdamW)")
+    use_8bit_adam: bool = Field(True, description="bitsandbytes' 8-bit AdamW on CUDA (needs ppcl[cuda]; "
+                               "missing there is an error, never a silent fallback); on CPU plain AdamW runs. "
+                               "run.json's optimizer records what ran")
 
     @field_validator("max_grad_norm", mode="before")
     @classmethod

@@ -1,7 +1,12 @@
 """The optimiser and learning-rate schedule of a distillation run (method.md section 2's released settings).
 
-AdamW (bitsandbytes 8-bit on CUDA when importable), linear warm-up then cosine to zero; gradient clipping at
-``max_grad_norm`` happens in the training loop.
+AdamW, linear warm-up then cosine to zero; gradient clipping at ``max_grad_norm`` happens in the training loop.
+
+8-bit AdamW (``use_8bit_adam``) is bitsandbytes' ``AdamW8bit``, a CUDA kernel: asked for on CUDA it runs or the
+run stops (bitsandbytes missing is a one-line error naming the fix, never a silent fp32 fallback: the memory the
+resource planner promised would not hold). On any other device 8-bit is not available and plain AdamW runs, so the
+CPU demo and tests work with the default settings; run.json's ``optimizer`` (:func:`optimizer_name`) records what
+actually ran either way.
 """
 
 from __future__ import annotations
@@ -12,18 +17,43 @@ import torch
 from torch import nn
 
 from ppcl.distill.settings import DistillSettings
+from ppcl.errors import PPCLError
+
+
+def uses_8bit_adam(settings: DistillSettings, device: torch.device | str) -> bool:
+    """Whether a run of ``settings`` on ``device`` gets bitsandbytes' 8-bit AdamW: ``use_8bit_adam`` on CUDA. Raises
+    :class:`PPCLError` there when bitsandbytes cannot be imported (checked before the teacher loads, so a missing
+    package costs seconds, not a 40 GB load)."""
+    if not settings.use_8bit_adam or torch.device(device).type != "cuda":
+        return False
+    try:
+        import bitsandbytes  # type: ignore  # noqa: F401
+    except ImportError as e:
+        raise PPCLError(f"use_8bit_adam is true on CUDA but bitsandbytes is not importable ({e}): install "
+                        "ppcl[cuda] (pip install 'ppcl[cuda]'), or set use_8bit_adam false "
+                        "(--no-use-8bit-adam) for fp32 AdamW") from None
+    return True
 
 
 def make_optimizer(params: list[nn.Parameter], settings: DistillSettings, device: torch.device):
-    """AdamW; bitsandbytes' 8-bit AdamW on CUDA when installed and ``use_8bit_adam``."""
-    if settings.use_8bit_adam and device.type == "cuda":
-        try:
-            import bitsandbytes as bnb  # type: ignore
+    """bitsandbytes' ``AdamW8bit`` when :func:`uses_8bit_adam`, else ``torch.optim.AdamW`` (fp32 states)."""
+    if uses_8bit_adam(settings, device):
+        import bitsandbytes as bnb  # type: ignore
 
-            return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        except ImportError:
-            pass
+        return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """What ran, for run.json: ``"AdamW"`` or ``"AdamW8bit (bitsandbytes 0.45.0)"``."""
+    name = type(optimizer).__name__
+    module = type(optimizer).__module__.split(".")[0]
+    if module == "torch":
+        return name
+    import importlib
+
+    version = getattr(importlib.import_module(module), "__version__", "unknown version")
+    return f"{name} ({module} {version})"
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

@@ -29,7 +29,7 @@ from ppcl.arch.common import Adapter
 from ppcl.atomic import atomic_path, write_json
 from ppcl.distill.checkpoint import resume_point, restore_training, save_checkpoint, trim_metrics
 from ppcl.distill.losses import Losses, nonsequential_losses, sequential_losses, total_loss
-from ppcl.distill.optim import make_optimizer, make_scheduler
+from ppcl.distill.optim import make_optimizer, make_scheduler, optimizer_name, uses_8bit_adam
 from ppcl.distill.projections import fit_width_units
 from ppcl.distill.settings import DistillSettings, resolve_settings
 from ppcl.distill.streams import BatchStream, step_inputs, take, training_stream
@@ -174,6 +174,7 @@ def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings) -> 
         mp = "bf16" if torch.cuda.is_available() else "no"
     accelerator = Accelerator(mixed_precision=mp)
     device = accelerator.device
+    uses_8bit_adam(settings, device)  # 8-bit asked for on CUDA without bitsandbytes: refused before the teacher loads
 
     pipe, adapter = load_teacher(model)
     check_plan_family(plan_obj, adapter, "distill")
@@ -342,6 +343,8 @@ def write_run(run: Path, model: Any, plan_obj: Any, phash: str, data: Any, setti
                     "fingerprint": teacher_fingerprint(model)},  # export refuses plugs of another teacher
         "plugs_sha256": sha256_file(run / "plugs.safetensors"),
         "settings": settings.model_dump(mode="json"),
+        # what ran, which use_8bit_adam alone does not say (8-bit exists on CUDA only: ppcl.distill.optim)
+        "optimizer": optimizer_name(t.optimizer),
         "data": str(data) if isinstance(data, (str, Path)) else ("synthetic" if data is None else "in-memory"),
         "steps": settings.steps,
         "world_size": t.accelerator.num_processes,
