@@ -149,8 +149,9 @@ class DistillSettings(StageSettings):
 
     Defaults are those the pipeline used before the settings were unified, which follow the paper's released
     Qwen-Image settings (PPCL arXiv 2511.16156; method.md section 2) where it states them: lr 1e-5, batch 1, a
-    short warm-up, logit-normal timesteps; 2000 steps and a checkpoint every 500 (the paper's run is ~20k). Field names are those of :class:`ppcl.distill.DistillSettings` (a superset of them), so
-    ``distill(**settings.model_dump())`` passes them through.
+    short warm-up, logit-normal timesteps; 2000 steps and a checkpoint every 500 (the paper's run is ~20k). This
+    is the model the training loop takes (:func:`ppcl.distill.distill` ``settings=``, re-exported as
+    ``ppcl.distill.DistillSettings``).
     """
 
     stage: ClassVar[str] = "distill"
