@@ -568,13 +568,25 @@ def iter_batches(pipe, *, data: str | None, samples: int, batch_size: int, resol
     return synthetic_batches(pipe, n_samples=samples, batch_size=batch_size, resolution=resolution, seed=seed)
 
 
+def probe_device(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """``(torch device, teacher dtype)`` for the settings' ``device``/``dtype``: ``auto`` is CUDA + bfloat16 where
+    a GPU is present (a 20B teacher fits one 80 GB card only in 16 bits), else CPU + float32 (bfloat16 matmuls
+    are slow on most CPUs and float32 keeps small-model results as they always were)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise PPCLError("probe settings: field 'device' is cuda but no CUDA GPU is available (use auto or cpu)")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
 def run_probe(
     model: str | Path,
     out: str | Path,
     *,
     data: str | None = None,
     settings: Any = None,
-    device: str | None = None,
     progress: bool = True,
     plots: bool = True,
     **overrides: Any,
@@ -583,14 +595,16 @@ def run_probe(
     atomically: the folder appears complete or not at all.
 
     ``settings``: a :class:`ppcl.settings.ProbeSettings` (None: its defaults, the same as ``ppcl probe``'s and the
-    pipeline's); ``overrides``: any of its fields by name (``samples=16``), validated by the same model."""
+    pipeline's); ``overrides``: any of its fields by name (``samples=16``, ``device="cpu"``), validated by the same
+    model. The teacher runs on ``device`` in ``dtype`` (:func:`probe_device`)."""
     from ppcl.arch import get_adapter, load_pipeline
     from ppcl.settings import ProbeSettings, validate_settings
 
     base = settings.model_dump() if settings is not None else {}
     s = validate_settings(ProbeSettings, {**base, **overrides})
     samples, batch_size, timesteps, seed = s.samples, s.batch_size, s.timesteps, s.seed
-    pipe = load_pipeline(model, device=device)
+    device, dtype = probe_device(s.device, s.dtype)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
     adapter = get_adapter(pipe)
     adapter.transformer.eval()
     batches = iter_batches(pipe, data=data, samples=samples, batch_size=batch_size, resolution=s.resolution,
