@@ -9,8 +9,10 @@ their Python definitions so ``$PPCL_IMAGE`` set at compile time reaches every st
 Cluster settings, every name from :mod:`ppcl.cluster` (the manifests use the same):
 - every step: the S3 credentials Secret and the cluster ConfigMap as environment variables (values never
   appear in the compiled YAML, only the Secret/ConfigMap names and keys), CPU and memory requests;
-- distill and evaluate: the accelerator type and count, the GPU pool's node selector and tolerations (not
-  distill in multi-node mode, ``distill.nodes`` > 1 at compile time: its pod only submits the TrainJob);
+- probe, distill and evaluate: the accelerator type, the GPU pool's node selector and tolerations; the
+  accelerator count for distill and evaluate, one GPU for the probe (one process running its teacher in bf16;
+  on CPU in fp32 a 20B teacher needs ~99 GB of RAM). Not distill in multi-node mode (``distill.nodes`` > 1 at
+  compile time): its pod only submits the TrainJob;
 - caching: on for every stage whose output is a function of its inputs; OFF for shard (it reads an external
   source whose URI may stay the same while its content changes; shard itself skips unchanged shards) and for
   report (cheap, and it should reflect the evaluations just run);
@@ -28,7 +30,7 @@ from ppcl.config import RunConfig
 from ppcl_kfp.dag import load_component
 
 PIPELINE_NAME = "ppcl"
-GPU_STAGES = ("distill", "evaluate")
+GPU_STAGES = ("probe", "distill", "evaluate")
 CACHED_STAGES = ("encode", "probe", "select", "distill", "export", "evaluate")
 RETRIED_STAGES = {"shard": 2, "encode": 2, "distill": 1, "export": 2, "evaluate": 2}
 
@@ -42,7 +44,9 @@ def _configure(task: dsl.PipelineTask, stage: str, config: RunConfig) -> dsl.Pip
         task.set_retry(num_retries=RETRIED_STAGES[stage], backoff_duration="30s", backoff_factor=2.0)
     # Multi-node distill trains in a TrainJob; its own pod only submits, waits and downloads: no GPU.
     if stage in GPU_STAGES and not (stage == "distill" and config.distill.nodes > 1):
-        task.set_accelerator_type(config.resources.gpu.type).set_accelerator_limit(config.resources.gpu.count)
+        # the probe is one process on one device: more GPUs would sit idle
+        count = 1 if stage == "probe" else config.resources.gpu.count
+        task.set_accelerator_type(config.resources.gpu.type).set_accelerator_limit(count)
         for key, value in cluster.GPU_POOL.node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
         for t in cluster.GPU_POOL.tolerations:

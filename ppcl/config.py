@@ -79,7 +79,8 @@ class DistillConfig(DistillSettings):
 
 
 class GpuConfig(_Strict):
-    """GPUs of one GPU stage pod (distill, evaluate). Defaults: :data:`ppcl.cluster.GPU_POOL`."""
+    """GPUs of one GPU stage pod (distill, evaluate; the probe takes one of this type). Defaults:
+    :data:`ppcl.cluster.GPU_POOL`."""
 
     type: str = Field(default_factory=lambda: _gpu_pool().accelerator_type)
     count: int = Field(default_factory=lambda: _gpu_pool().accelerator_count, ge=1)

@@ -47,7 +47,21 @@ size. ``CKA_ij = mean HSIC(K_i, K_j) / sqrt(mean HSIC(K_i, K_i) mean HSIC(K_j, K
 
 Angular distances (for the "Unreasonable Ineffectiveness of the Deeper Layers" baseline): an ``(L+1) x (L+1)``
 matrix of mean token ``arccos(cos(h_i, h_j)) / pi`` per stream (and of mean cosines), accumulated per forward
-from the unit-normalised states of that forward.
+from the unit-normalised states of that forward, for the pairs ``|i - j| <= max_interval`` (the others are
+None). Design choice: a mean of arccos over tokens has no streaming form, so every pair needs both states at
+once; keeping all ``L + 1`` full-width states of a forward costs memory linear in the depth (12.9 GiB for
+Qwen-Image at batch 4), while the window covers every interval up to ``max_interval + 1`` blocks, longer than
+any interval the ppcl selector can score. Models with ``L <= max_interval`` get the full matrix, as before.
+
+Memory per forward (flat in the number of blocks). Each block's statistics are updated inside its hook and its
+state is dropped there, except for a window: the ``max_interval`` most recent centred (projected) states for
+the interval cross moments and unit states for the angular window, plus one ``m x m`` HSIC Gram per block
+(``m = hsic_tokens``: 0.5 MiB each at 256, independent of width and tokens). Only those Grams grow with depth.
+
+Device and precision. The teacher may run in bfloat16 on a GPU (``ProbeSettings.device``/``dtype``; ``auto`` is
+CUDA + bfloat16 where a GPU is present, else CPU + float32): each captured state is cast to float32 before any
+statistic, and the moments, cosines and HSIC accumulate in float64 as above, so only the teacher's forward
+runs in the low precision.
 """
 
 from __future__ import annotations
@@ -167,10 +181,13 @@ def choose_probe_dim(model_dim: int, num_blocks: int, kinds: list[str], max_inte
     if probe_dim == "auto":
         if moment_bytes(num_blocks, kinds, model_dim, max_interval) <= max_moment_bytes:
             return model_dim
-        k = model_dim
+        # moment_bytes is proportional to k^2: start from the exact root, rounded down to a multiple of 64, and
+        # step down in 64s only to absorb rounding (64 is the floor even where it does not fit)
+        per_unit = moment_bytes(num_blocks, kinds, 1, max_interval)
+        k = max(64, math.isqrt(max_moment_bytes // per_unit) // 64 * 64)
         while k > 64 and moment_bytes(num_blocks, kinds, k, max_interval) > max_moment_bytes:
-            k = max(64, (k // 2) // 64 * 64)
-        return k
+            k -= 64
+        return min(k, model_dim)
     try:
         k = int(probe_dim)
     except (TypeError, ValueError):
@@ -203,9 +220,9 @@ class _StreamBank:
 class ProbeAccumulator:
     """Accumulates the probe statistics over stock teacher forwards; :meth:`result` solves and reports.
 
-    Memory is fixed at construction (moment matrices), plus per forward the states of that forward (the
-    window of centred projected states, unit-normalised full states for cosines, and ``m x m`` HSIC Gram
-    matrices): nothing grows with the number of forwards.
+    Memory is fixed at construction (moment matrices), plus per forward a window of that forward's states
+    (``max_interval`` centred projected states and unit-normalised full states for cosines) and one ``m x m``
+    HSIC Gram per block: nothing grows with the number of forwards, and no full-width state with the depth.
     """
 
     def __init__(
@@ -302,7 +319,9 @@ class ProbeAccumulator:
             keep_from = t + 1 - self.max_interval
             for s in [s for s in st["xc"] if s < keep_from]:
                 del st["xc"][s]
-            # Cosines / angular distances against every earlier state of this forward (full width).
+            # Cosines / angular distances against the earlier states of this forward at most max_interval back
+            # (full width). Only that window of unit states is kept, so the states held per forward do not
+            # grow with the number of blocks (see "Memory" in the module docstring).
             unit = torch.nn.functional.normalize(rows.float(), dim=1, eps=1e-12)
             for s, u in st["unit"].items():
                 c = (unit * u).sum(1).clamp(-1, 1).double()
@@ -310,6 +329,8 @@ class ProbeAccumulator:
                 bank.ang_sum[t, s] += (torch.arccos(c) / math.pi).sum()
                 bank.cos_n[t, s] += c.numel()
             st["unit"][t] = unit
+            for s in [s for s in st["unit"] if s < t + 1 - self.max_interval]:
+                del st["unit"][s]
             # Minibatch unbiased HSIC between block outputs (states 1..L) on sampled tokens.
             if t >= 1:
                 if st["idx"] is None:
@@ -547,13 +568,25 @@ def iter_batches(pipe, *, data: str | None, samples: int, batch_size: int, resol
     return synthetic_batches(pipe, n_samples=samples, batch_size=batch_size, resolution=resolution, seed=seed)
 
 
+def probe_device(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """``(torch device, teacher dtype)`` for the settings' ``device``/``dtype``: ``auto`` is CUDA + bfloat16 where
+    a GPU is present (a 20B teacher fits one 80 GB card only in 16 bits), else CPU + float32 (bfloat16 matmuls
+    are slow on most CPUs and float32 keeps small-model results as they always were)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise PPCLError("probe settings: field 'device' is cuda but no CUDA GPU is available (use auto or cpu)")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
 def run_probe(
     model: str | Path,
     out: str | Path,
     *,
     data: str | None = None,
     settings: Any = None,
-    device: str | None = None,
     progress: bool = True,
     plots: bool = True,
     **overrides: Any,
@@ -562,14 +595,16 @@ def run_probe(
     atomically: the folder appears complete or not at all.
 
     ``settings``: a :class:`ppcl.settings.ProbeSettings` (None: its defaults, the same as ``ppcl probe``'s and the
-    pipeline's); ``overrides``: any of its fields by name (``samples=16``), validated by the same model."""
+    pipeline's); ``overrides``: any of its fields by name (``samples=16``, ``device="cpu"``), validated by the same
+    model. The teacher runs on ``device`` in ``dtype`` (:func:`probe_device`)."""
     from ppcl.arch import get_adapter, load_pipeline
     from ppcl.settings import ProbeSettings, validate_settings
 
     base = settings.model_dump() if settings is not None else {}
     s = validate_settings(ProbeSettings, {**base, **overrides})
     samples, batch_size, timesteps, seed = s.samples, s.batch_size, s.timesteps, s.seed
-    pipe = load_pipeline(model, device=device)
+    device, dtype = probe_device(s.device, s.dtype)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
     adapter = get_adapter(pipe)
     adapter.transformer.eval()
     batches = iter_batches(pipe, data=data, samples=samples, batch_size=batch_size, resolution=s.resolution,

@@ -92,7 +92,8 @@ class EncodeSettings(StageSettings):
 
 class ProbeSettings(StageSettings):
     """``ppcl probe`` / the probe step (:func:`ppcl.probe.run_probe`): ``samples`` calibration samples, each
-    noised at ``timesteps`` noise levels."""
+    noised at ``timesteps`` noise levels. ``device`` is a setting here (not a hand-written flag) because with
+    ``dtype`` it decides the teacher's precision, and the pipeline's GPU step relies on ``auto``."""
 
     stage: ClassVar[str] = "probe"
 
@@ -109,6 +110,11 @@ class ProbeSettings(StageSettings):
     ridge: float = Field(1e-4, ge=0, description="relative ridge of the linear probes")
     hsic_tokens: int = Field(256, ge=4, description="tokens per forward for the CKA matrix")
     seed: int = Field(0, description="calibration, noise and projection seed")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the teacher runs (auto: cuda when a "
+                                                  "GPU is present, else cpu)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="teacher precision (auto: bfloat16 "
+                                                          "on cuda, float32 on cpu); the statistics accumulate in "
+                                                          "float32/float64 whatever it is")
 
     @field_validator("probe_dim")
     @classmethod

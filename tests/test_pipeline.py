@@ -61,12 +61,14 @@ def test_gpu_stages_get_accelerators_node_selector_and_tolerations(compiled):
         resources = executors[f"exec-{stage}"]["container"]["resources"]
         assert resources["resourceCpuRequest"] and resources["resourceMemoryRequest"]
         assert executors[f"exec-{stage}"]["container"]["image"] == cluster.default_image()
-        gpu = stage in ("distill", "evaluate")
+        gpu = stage in ("probe", "distill", "evaluate")
         assert ("accelerator" in resources) == gpu, stage
         assert ("nodeSelector" in k8s[f"exec-{stage}"]) == gpu, stage
         if gpu:
             assert resources["accelerator"]["resourceType"] == pool.accelerator_type
-            assert int(resources["accelerator"]["resourceCount"]) == pool.accelerator_count
+            # the probe is one process: one GPU whatever the pool's count
+            count = 1 if stage == "probe" else pool.accelerator_count
+            assert int(resources["accelerator"]["resourceCount"]) == count
             assert k8s[f"exec-{stage}"]["nodeSelector"]["labels"] == pool.node_selector
             tol = k8s[f"exec-{stage}"]["tolerations"]
             assert [{k: v for k, v in t.items()} for t in tol] == [t.as_k8s() for t in pool.tolerations]
@@ -107,6 +109,8 @@ def test_compile_command_with_config(tmp_path, capsys, monkeypatch):
     res = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]
     assert res["image"] == "registry.example/ppcl:test"
     assert res["resources"]["accelerator"]["resourceCount"] == "4"
+    probe = spec["deploymentSpec"]["executors"]["exec-probe"]["container"]
+    assert probe["resources"]["accelerator"]["resourceCount"] == "1"
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["teacher"]["defaultValue"] == "s3://models/flux"
     assert params["ratios"]["defaultValue"] == [0.7, 0.4] and params["keep_params"]["defaultValue"] == 0.4

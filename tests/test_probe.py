@@ -137,10 +137,13 @@ def test_streamed_statistics_equal_all_at_once(arch):
     for stream, stats in iv.per_stream.items():
         r2, _ = residual_probe(*_moments(ref[stream][1], ref[stream][4]), ridge=1e-4)
         assert stats["r2"] == pytest.approx(r2, abs=1e-5)
-    # angular matrix entry (0, 5) = mean arccos(cos)/pi
-    c = torch.nn.functional.cosine_similarity(ref["image"][0].double(), ref["image"][5].double(), dim=1)
-    assert res.angular["image"][0][5] == pytest.approx(float(torch.arccos(c.clamp(-1, 1)).mean() / math.pi),
+    # angular matrix entry (1, 5) = mean arccos(cos)/pi; pairs further apart than max_interval (4) are not
+    # kept (their states are released during the forward): None
+    c = torch.nn.functional.cosine_similarity(ref["image"][1].double(), ref["image"][5].double(), dim=1)
+    assert res.angular["image"][1][5] == pytest.approx(float(torch.arccos(c.clamp(-1, 1)).mean() / math.pi),
                                                        abs=1e-5)
+    assert res.angular["image"][5][1] == res.angular["image"][1][5]
+    assert res.angular["image"][0][5] is None and res.cosine_matrix["image"][0][5] is None
     # the CKA matrix is L x L with a unit diagonal
     m = res.cka_matrix.matrices["image"]
     assert len(m) == L and all(m[i][i] == pytest.approx(1.0) for i in range(L))
@@ -237,3 +240,44 @@ def test_cli_probe_bad_input(tmp_path, capsys):
     bad.write_text(json.dumps({"version": 1, "family": "flux"}))
     with pytest.raises(Exception, match="invalid probe file"):
         load_probe(bad)
+
+
+# ------------------------------------------------------------------------------ width rule, bf16 teacher
+def test_auto_probe_dim_is_largest_multiple_of_64_that_fits_qwen_image():
+    from ppcl.probe import DEFAULT_MAX_MOMENT_BYTES, choose_probe_dim, moment_bytes
+
+    kinds, budget = ["dual"] * 60, DEFAULT_MAX_MOMENT_BYTES  # Qwen-Image: 60 blocks of width 3072, 4 GiB
+    k = choose_probe_dim(3072, 60, kinds, 12, "auto", budget)
+    assert k == 576 and k % 64 == 0
+    assert moment_bytes(60, kinds, k, 12) <= budget < moment_bytes(60, kinds, k + 64, 12)
+    assert choose_probe_dim(3072, 60, kinds, 12, "auto", 2**60) == 3072  # exact when it fits
+    assert choose_probe_dim(3072, 60, kinds, 12, "auto", 1) == 64  # the floor
+
+
+def test_bf16_teacher_statistics_accumulate_in_float64_and_match_fp32():
+    torch.manual_seed(0)
+    t = tiny_transformer("qwenimage")
+    batches = random_batches("qwenimage", n=4, b=2)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        adapter = get_adapter(t.to(dtype))
+        acc, _ = probe_transformer(adapter, SCHED, batches, timesteps=2, probe_dim=0, max_interval=4)
+        assert all(g.dtype == torch.float64 for g in acc.banks["image"].gram)
+        results[dtype] = acc.result(family="qwenimage", model="tiny", calibration=dict(
+            source="synthetic", samples=4, batch_size=2, timesteps=2, sigmas=[0.3, 0.7], seed=0))
+    for b32, b16 in zip(results[torch.float32].blocks, results[torch.bfloat16].blocks):
+        assert b16.cka == pytest.approx(b32.cka, abs=0.02)
+        assert b16.cosine == pytest.approx(b32.cosine, abs=0.02)
+
+
+def test_probe_device_auto_is_cpu_float32_without_gpu_and_cuda_refused():
+    from ppcl.errors import PPCLError
+    from ppcl.probe import probe_device
+
+    if torch.cuda.is_available():
+        assert probe_device() == ("cuda", torch.bfloat16)
+    else:
+        assert probe_device() == ("cpu", torch.float32)
+        with pytest.raises(PPCLError, match="'device' is cuda but no CUDA GPU"):
+            probe_device("cuda")
+    assert probe_device("cpu", "bfloat16") == ("cpu", torch.bfloat16)

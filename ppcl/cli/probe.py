@@ -13,8 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="diffusers pipeline directory (the teacher)")
     parser.add_argument("--data", default=None, help="latent cache (ppcl encode); default: built-in synthetic set")
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
-    add_settings_arguments(parser, ProbeSettings)
-    parser.add_argument("--device", default=None, help="torch device (default: cpu)")
+    add_settings_arguments(parser, ProbeSettings)  # --device and --dtype among them
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ppcl.probe import run_probe
 
-    result = run_probe(args.model, args.out, data=args.data, device=args.device, **cfg.model_dump())
+    result = run_probe(args.model, args.out, data=args.data, **cfg.model_dump())
     exact = "exact" if result.projection.exact else f"projected to {result.projection.dim}"
     print(f"probed {len(result.blocks)} blocks of {result.family} over {result.calibration.forwards} forwards "
           f"({exact} moments); wrote {args.out}/probe.json, cka_heatmap.png, trend.png")
