@@ -31,6 +31,25 @@ from ppcl.errors import PPCLError
 _verified: set[tuple[str, int, int, str]] = set()
 
 
+def read_manifest(model, path: str, base: str, *, what: str, remedy: str, verify: bool = True):
+    """The ``model`` (a pydantic manifest with ``shards`` of name/bytes/sha256) read from ``path``, every listed
+    file under ``base`` verified when ``verify``; a garbled manifest or a damaged file is one line naming it."""
+    from pydantic import ValidationError
+
+    from ppcl.errors import first_field_error
+
+    try:
+        manifest = model.model_validate_json(storage.read_bytes(path))
+    except ValidationError as e:
+        field, msg = first_field_error(e)
+        raise PPCLError(f"{path}: invalid {what}, field '{field}': {msg}") from e
+    except UnicodeDecodeError:
+        raise PPCLError(f"{path}: not a {what} (not UTF-8 JSON)") from None
+    if verify:
+        verify_files(base, [(s.name, s.bytes, s.sha256) for s in manifest.shards], what=what, remedy=remedy)
+    return manifest
+
+
 def verify_files(base: str, files: list[tuple[str, int, str]], *, what: str, remedy: str) -> None:
     """Check ``(name, bytes, sha256)`` of each file under ``base`` (a folder or s3:// prefix) in order;
     PPCLError naming the first missing or different file."""

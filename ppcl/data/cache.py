@@ -30,10 +30,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from ppcl import storage
-from ppcl.errors import PPCLError, first_field_error
+from ppcl.errors import PPCLError
+from ppcl.integrity import read_manifest
 
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
@@ -69,20 +70,8 @@ def read_cache_manifest(path: str, *, verify: bool = True) -> CacheManifest:
     mpath = storage.join(path, MANIFEST)
     if not storage.exists(mpath):
         raise PPCLError(f"{mpath} not found: is {path} the output of `ppcl encode`?")
-    raw = storage.read_bytes(mpath)
-    try:
-        manifest = CacheManifest.model_validate_json(raw)
-    except ValidationError as e:
-        field, msg = first_field_error(e)
-        raise PPCLError(f"{mpath}: invalid cache manifest, field '{field}': {msg}") from e
-    except UnicodeDecodeError:
-        raise PPCLError(f"{mpath}: not a cache manifest (not UTF-8 JSON)") from None
-    if verify:
-        from ppcl.integrity import verify_files
-
-        verify_files(path, [(s.name, s.bytes, s.sha256) for s in manifest.shards], what="cache manifest",
-                     remedy="re-run `ppcl encode`")  # fmt: skip
-    return manifest
+    return read_manifest(CacheManifest, mpath, path, what="cache manifest", remedy="re-run `ppcl encode`",
+                         verify=verify)
 
 
 def _unreadable(path: str, e: Exception) -> PPCLError:

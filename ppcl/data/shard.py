@@ -47,11 +47,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from ppcl import storage
 from ppcl.data.sources import iter_samples
-from ppcl.errors import PPCLError, first_field_error
+from ppcl.errors import PPCLError
+from ppcl.integrity import read_manifest
 
 MANIFEST = "manifest.json"
 #: Rows per Parquet row group (fixed: row-group boundaries are part of the bytes).
@@ -133,19 +134,8 @@ def read_shard_manifest(data_dir: str, *, verify: bool = True) -> ShardManifest:
     path = storage.join(data_dir, MANIFEST)
     if not storage.exists(path):
         raise PPCLError(f"{path} not found: is {data_dir} the output of `ppcl shard`?")
-    try:
-        manifest = ShardManifest.model_validate_json(storage.read_bytes(path))
-    except ValidationError as e:
-        field, msg = first_field_error(e)
-        raise PPCLError(f"{path}: invalid shard manifest, field '{field}': {msg}") from e
-    except UnicodeDecodeError:
-        raise PPCLError(f"{path}: not a shard manifest (not UTF-8 JSON)") from None
-    if verify:
-        from ppcl.integrity import verify_files
-
-        verify_files(data_dir, [(s.name, s.bytes, s.sha256) for s in manifest.shards], what="shard manifest",
-                     remedy="re-run `ppcl shard`")  # fmt: skip
-    return manifest
+    return read_manifest(ShardManifest, path, data_dir, what="shard manifest", remedy="re-run `ppcl shard`",
+                         verify=verify)
 
 
 def inspect_image(data: bytes, min_size: int = 0) -> tuple[int, int]:
