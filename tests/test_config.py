@@ -93,7 +93,7 @@ def test_sections_match_the_stage_apis():
     from ppcl.config import DistillConfig
     from ppcl.distill import DistillSettings
     from ppcl.evaluate.metrics import EvalSettings
-    from ppcl.probe import ProbeAccumulator, iter_batches, probe_transformer
+    from ppcl.probe import ProbeAccumulator, iter_batches, probe_device, probe_transformer
     from ppcl.settings import EvaluateSettings, ProbeSettings
     from ppcl.trainjob import TrainJobSpec
 
@@ -107,7 +107,7 @@ def test_sections_match_the_stage_apis():
     assert set(multinode.values()) <= {f.name for f in dataclasses.fields(TrainJobSpec)}
     assert set(EvaluateSettings.model_fields) - {"prompts"} == set(EvalSettings.model_fields)
     probe_params = set().union(*(inspect.signature(f).parameters for f in (iter_batches, probe_transformer,
-                                                                          ProbeAccumulator.__init__)))
+                                                                          ProbeAccumulator.__init__, probe_device)))
     assert set(ProbeSettings.model_fields) <= probe_params
 
 
