@@ -466,8 +466,8 @@ def as_plan(plan: Any) -> Plan:
     if isinstance(plan, dict):
         try:
             return Plan.model_validate(plan)
-        except Exception as e:  # pydantic ValidationError: say what, on one line
-            raise PPCLError(f"invalid plan: {str(e).splitlines()[0]}") from None
+        except ValidationError as e:
+            raise PPCLError(f"invalid plan: {_first_error(e)}") from None
     return plan
 
 
