@@ -199,8 +199,8 @@ def test_bad_resume_and_checkpoints_fail_cleanly(tiny_pipe_dir, tmp_path, capsys
     # an existing run without --resume
     assert main([*base, "--plan", str(plan)]) == 2
     assert "already exists" in capsys.readouterr().err
-    # a truncated checkpoint
-    ck = tmp_path / "run" / "checkpoints" / "step-000002" / "plugs.safetensors"
+    # a truncated checkpoint (its shard file): found before the teacher loads
+    ck = tmp_path / "run" / "checkpoints" / "step-000002" / "__0_0.distcp"
     ck.write_bytes(ck.read_bytes()[:100])
     assert main([*base, "--plan", str(plan), "--resume"]) == 2
     err = capsys.readouterr().err
