@@ -92,8 +92,9 @@ def distill(
         stop_after: stop as if killed after this many steps in total: no final outputs and no extra checkpoint
             (a resumed run restarts from the last regular checkpoint and replays the steps after it).
         on_step: ``on_step(step, metrics)`` after every step on rank 0 (MLflow logging hooks in here).
-        on_checkpoint: ``on_checkpoint(folder)`` on rank 0 after each checkpoint is complete on disk, before the
-            other ranks go on (``ppcl.distill_s3`` mirrors it to S3 here).
+        on_checkpoint: ``on_checkpoint(folder)`` on EVERY rank after each checkpoint is complete on disk (its
+            marker written by rank 0), before training goes on; with several nodes each node's folder holds only its
+            own ranks' shards, so the hook coordinates who copies what (``ppcl.distill_s3`` mirrors it to S3 here).
     Returns: :class:`DistillResult` (``final_losses``: mean over the last 10 steps, per ``unit/stream``).
     """
     # Prepare: every input validated before anything is written, then the teacher, units, data and optimiser,
