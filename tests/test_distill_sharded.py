@@ -7,8 +7,8 @@ batch and each rank takes its rows (``ppcl.distill.streams.step_inputs``), and l
 the two runs minimise the same objective on the same noised inputs: their curves differ only by float rounding
 (FSDP's reduce-scatter mean against one backward over 4 samples).
 
-Run as a script under ``torch.distributed.run`` this file is the worker (``main``): a full run, then a run stopped
-after step 5 and resumed.
+Run as a script under ``torch.distributed.run`` this file is the worker (``main``): a run stopped after step 3 and
+resumed from its step-2 checkpoint; it must end where the uninterrupted one-process run ends (float rounding).
 """
 
 from __future__ import annotations
@@ -22,19 +22,20 @@ from pathlib import Path
 import pytest
 import torch
 
-STEPS = 6
-KW = dict(steps=STEPS, checkpoint_every=2, keep_checkpoints=2, lr=2e-3, warmup_steps=2, output_loss_weight=0.5,
-          progress=False, timesteps="uniform")
+STEPS = 4
+#: the output-level term (a second backward through every FSDP unit), activation checkpointing through FSDP units,
+#: and a clipping norm small enough to clip every step (the global norm over both ranks' DTensor gradient shards)
+KW = dict(steps=STEPS, checkpoint_every=2, keep_checkpoints=2, lr=2e-3, warmup_steps=1, output_loss_weight=0.5,
+          gradient_checkpointing=True, max_grad_norm=0.01, progress=False, timesteps="uniform")
 
 
 def main(pipe_dir: str, plan: str, data: str, out: str) -> None:
-    """The worker: every rank runs the same three calls (the process group comes from ``torch.distributed.run``)."""
+    """The worker: every rank runs the same two calls (the process group comes from ``torch.distributed.run``)."""
     from ppcl.distill import distill
 
     torch.set_num_threads(1)
     batches = torch.load(data, weights_only=True)
-    distill(pipe_dir, plan, Path(out) / "full", data=batches, **KW)
-    distill(pipe_dir, plan, Path(out) / "cut", data=batches, stop_after=5, **KW)
+    distill(pipe_dir, plan, Path(out) / "cut", data=batches, stop_after=3, **KW)
     distill(pipe_dir, plan, Path(out) / "cut", data=batches, resume=True, **KW)
 
 
@@ -68,9 +69,10 @@ def test_two_processes_match_one_resume_and_hold_half_the_state(tiny_pipe_dir, t
 
     one = tmp_path / "one"
     distill(str(pipe_dir), tmp_path / "plan.json", one, data=[both], **KW)
-    two, cut = tmp_path / "two" / "full", tmp_path / "two" / "cut"
+    two = tmp_path / "two" / "cut"
 
-    # The same loss curve: every step's total and every unit/stream term (means over the ranks) within float rounding
+    # The same loss curve (steps 1-2 before the stop, 3-4 after the resume): every step's total and every unit/stream
+    # term (means over the ranks) within float rounding (measured: 4e-7 relative at most)
     c1, c2 = _curve(one), _curve(two)
     assert [r["step"] for r in c2] == list(range(1, STEPS + 1))
     assert c2[-1]["loss"] < c2[0]["loss"]  # it trains
@@ -80,16 +82,12 @@ def test_two_processes_match_one_resume_and_hold_half_the_state(tiny_pipe_dir, t
         assert r2["losses"].keys() == r1["losses"].keys()
         for k, v in r1["losses"].items():
             assert r2["losses"][k] == pytest.approx(v, rel=1e-4, abs=1e-7), (k, r1, r2)
-    # ... and the same plugs: the final file is the full fp32 state, gathered from both ranks' shards
+    # ... and the same plugs after the resume from each rank's shard of the step-2 checkpoint (weights and AdamW
+    # moments): the final file is the full fp32 state, gathered from both ranks (measured: 1.6e-6 at most)
     p1, p2 = load_file(str(one / "plugs.safetensors")), load_file(str(two / "plugs.safetensors"))
     assert p1.keys() == p2.keys() and all(p2[k].dtype == torch.float32 for k in p2)
-    assert max(float((p1[k] - p2[k]).abs().max()) for k in p1) < 1e-4
-
-    # Stopped after step 5 and resumed from the step-4 checkpoint (each rank's shard): the uninterrupted run's result
-    pc = load_file(str(cut / "plugs.safetensors"))
-    assert max(float((pc[k] - p2[k]).abs().max()) for k in p2) < 1e-6
-    assert [r["loss"] for r in _curve(cut)] == pytest.approx([r["loss"] for r in c2], rel=1e-6)
-    ckpt = cut / "checkpoints" / "step-000006"
+    assert max(float((p1[k] - p2[k]).abs().max()) for k in p1) < 2e-5
+    ckpt = two / "checkpoints" / f"step-{STEPS:06d}"
     assert {"__0_0.distcp", "__1_0.distcp", "rng-0.pt", "rng-1.pt", "state.json"} <= {p.name for p in ckpt.iterdir()}
 
     # What ran, and each rank's share of the trainable state (parameter shards + AdamW moments), as measured
