@@ -79,6 +79,15 @@ class Processes:
         return contextlib.nullcontext()
 
 
+def everyone(flag: bool, device: torch.device) -> bool:
+    """``flag`` held on every rank (one tiny all-reduce over the default group); one process: ``flag``."""
+    if world()[1] <= 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def init_processes(mixed_precision: str) -> Processes:
     """Join the run's process group when a launcher started several processes (``torchrun`` / ``accelerate
     launch`` set ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``): nccl on CUDA (one GPU per local rank),

@@ -44,7 +44,15 @@ from ppcl.atomic import atomic_path, write_json
 from ppcl.distill.checkpoint import PendingCheckpoint, resume_point, restore_training, save_checkpoint, trim_metrics
 from ppcl.distill.losses import Losses, nonsequential_losses, sequential_losses, total_loss
 from ppcl.distill.optim import make_optimizer, make_scheduler, optimizer_name, uses_8bit_adam
-from ppcl.distill.sharding import SHARDING, Processes, init_processes, shard_units, sharding_record, training_mesh
+from ppcl.distill.sharding import (
+    SHARDING,
+    Processes,
+    everyone,
+    init_processes,
+    shard_units,
+    sharding_record,
+    training_mesh,
+)
 from ppcl.distill.projections import fit_width_units
 from ppcl.distill.settings import DistillSettings, resolve_settings
 from ppcl.distill.streams import BatchStream, step_inputs, take, training_stream
@@ -110,7 +118,7 @@ def distill(
     end_step = settings.steps if stop_after is None else min(settings.steps, int(stop_after))
     procs = t.procs
     history: list[dict[str, float]] = []
-    pending: PendingCheckpoint | None = None
+    ckpts = Checkpoints(run, t, phash, settings, on_checkpoint, last_ckpt)
     with StepLog(run / "metrics.jsonl", procs.is_main_process, progress, settings.steps, start_step,
                  on_step) as log:
         t.table.train()
@@ -123,7 +131,7 @@ def distill(
             losses, out_loss = step_losses(t, inputs, settings, step)
             # The mean over the ranks of what was minimised: what is logged and checked
             total, flat, out_value = mean_over_ranks(losses, out_loss, settings.output_loss_weight)
-            check_finite(total, step, last_ckpt)
+            check_finite(total, step, ckpts.last)
             # Clip (the global norm over every rank's gradient shards) and step (the schedule steps with it)
             if settings.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(t.params, settings.max_grad_norm)
@@ -135,16 +143,8 @@ def distill(
             history.append(record["losses"])
             log.write(done, record)
             # Maybe checkpoint: every checkpoint_every steps and at the last step (every rank writes its shard)
-            if done % settings.checkpoint_every == 0 or done == settings.steps:
-                if pending is not None:
-                    last_ckpt = pending.finish()
-                pending = save_checkpoint(run, done, t.table, t.optimizer, t.scheduler, t.stream.state(), phash,
-                                          settings.keep_checkpoints, local_main=procs.is_local_main_process,
-                                          on_checkpoint=on_checkpoint, async_group=t.async_group)
-                if t.async_group is None:  # a synchronous save is complete now; an async one at the next save
-                    last_ckpt = pending.finish()
-        if pending is not None:
-            last_ckpt = pending.finish()
+            ckpts.after_step(done)
+        ckpts.close()
 
     # Finish: final losses; a complete run (not stopped early) writes plugs.safetensors, then run.json
     final_losses = mean_of_last(history, 10)
@@ -184,7 +184,7 @@ class Training:
     mesh: Any = None
     #: the dtype sharded units compute in (FSDP2's param_dtype; None: fp32)
     param_dtype: torch.dtype | None = None
-    #: a gloo group for asynchronous checkpoint writes (several CUDA ranks), else None (synchronous)
+    #: a gloo group for asynchronous checkpoint writes (several ranks), else None (synchronous)
     async_group: Any = None
     params: list[nn.Parameter] | None = None
     optimizer: Any = None
@@ -229,8 +229,10 @@ def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings) -> 
     t = Training(procs, pipe, adapter, units, table, batches, stream, noised, mp, mesh)
     if mesh is not None:
         t.param_dtype = torch.bfloat16 if mp == "bf16" else None
-        if device.type == "cuda":  # the background writer's collectives stay off the training stream's NCCL group
-            t.async_group = torch.distributed.new_group(backend="gloo")
+        # Checkpoints are written in the background (dcp.async_save) whenever the state is sharded, on CUDA and on
+        # the CPU alike (so the 2-process CPU test runs the path the GPU runs); the writer's collectives get their
+        # own gloo group, never interleaved with the training's collectives.
+        t.async_group = torch.distributed.new_group(backend="gloo")
     return t
 
 
@@ -369,6 +371,36 @@ class StepLog:
             self.file.close()
         if self.bar is not None:
             self.bar.close()
+
+
+class Checkpoints:
+    """When the loop writes checkpoints (:func:`ppcl.distill.checkpoint.save_checkpoint`) and completes them: a
+    synchronous save at once; a background one (several ranks) at the first step after which every rank's write has
+    finished, at the latest before the next save or at the end. ``last``: the newest complete checkpoint."""
+
+    def __init__(self, run: Path, t: Training, phash: str, settings: DistillSettings,
+                 on_checkpoint: Callable[[Path], None] | None, last: Path | None):
+        self.run, self.t, self.phash, self.settings, self.on_checkpoint, self.last = (
+            run, t, phash, settings, on_checkpoint, last)
+        self.pending: PendingCheckpoint | None = None
+
+    def after_step(self, done: int) -> None:
+        t, settings = self.t, self.settings
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            self.close()
+            self.pending = save_checkpoint(self.run, done, t.table, t.optimizer, t.scheduler, t.stream.state(),
+                                           self.phash, settings.keep_checkpoints,
+                                           local_main=t.procs.is_local_main_process,
+                                           on_checkpoint=self.on_checkpoint, async_group=t.async_group)
+            if t.async_group is None:
+                self.close()
+        elif self.pending is not None and everyone(self.pending.future.done(), t.procs.device):
+            self.close()
+
+    def close(self) -> None:
+        """Complete the pending checkpoint, if any (waits for its background write)."""
+        if self.pending is not None:
+            self.last, self.pending = self.pending.finish(), None
 
 
 # ------------------------------------------------------------------------------------------------ write-out
