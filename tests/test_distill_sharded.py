@@ -103,5 +103,21 @@ def test_two_processes_match_one_resume_and_hold_half_the_state(tiny_pipe_dir, t
     assert single["engine"] == "none" and single["per_rank"][0]["share"] == 1.0
 
 
+def test_8bit_adam_is_refused_when_sharded():
+    """bitsandbytes' AdamW8bit cannot step FSDP2's DTensor shards: with several CUDA processes ``use_8bit_adam`` is a
+    one-line error (``distill`` checks it before loading the teacher); on the CPU 8-bit never applies, so nothing is
+    refused there."""
+    from ppcl.distill import DistillSettings
+    from ppcl.distill.optim import uses_8bit_adam
+    from ppcl.errors import PPCLError
+
+    on = DistillSettings(use_8bit_adam=True)
+    with pytest.raises(PPCLError, match="use_8bit_adam is true with 2 processes: .*--no-use-8bit-adam") as e:
+        uses_8bit_adam(on, "cuda", 2)
+    assert "\n" not in str(e.value)
+    assert uses_8bit_adam(on, "cpu", 2) is False and uses_8bit_adam(DistillSettings(use_8bit_adam=False), "cuda", 2) \
+        is False
+
+
 if __name__ == "__main__":
     main(*sys.argv[1:5])
