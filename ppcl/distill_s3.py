@@ -12,8 +12,8 @@ and ``out`` may be ``s3://`` URIs (any mix with local paths; all local -> plain 
   as ``dcp.metadata``, ``rng-<rank>.pt``; the first process of each node uploads what its node's ranks wrote),
   ``metrics.jsonl`` (the loss curve up to that step) and LAST, from global rank 0 once every node is done,
   ``state.json``, the completion marker: a checkpoint is complete on S3 iff its ``state.json`` exists. Older
-  checkpoints beyond ``keep_checkpoints`` are deleted marker first. At the end ``plugs.safetensors``, ``metrics.jsonl`` and LAST ``run.json`` go to ``OUT``
-  (run.json names the S3 URIs, not the scratch paths).
+  checkpoints beyond ``keep_checkpoints`` are deleted marker first. At the end ``plugs.safetensors``,
+  ``metrics.jsonl`` and LAST ``run.json`` go to ``OUT`` (run.json names the S3 URIs, not the scratch paths).
 - ``resume``: the local RUN folder is rebuilt from S3 (the newest COMPLETE checkpoint and its metrics.jsonl),
   then :func:`ppcl.distill.distill` resumes from it exactly as from a local folder (bit-identical on CPU). No
   checkpoint on S3: a fresh start. A complete run on S3 (``OUT/run.json``) with the same plan: nothing to do

@@ -15,11 +15,14 @@ means "complete", and it is also what the S3 mirror (:mod:`ppcl.distill_s3`) upl
 
 Saving is synchronous on one process. With several ranks (CUDA or CPU) it is ``dcp.async_save`` on a separate
 gloo group: the shards are copied to host memory at the checkpoint step and written by a background thread while
-training goes on (a 53 GB write must not hold the ranks at a collective past its timeout); the
-marker, the ``on_checkpoint`` hook and the pruning of old checkpoints follow at the first step after which every
-rank's write has finished (at the latest at the next checkpoint, or at the end of the run). The noise of each step is seeded by ``(seed, step)``
-(:mod:`ppcl.distill.streams`), so it needs no state here; the global generators are still saved for anything else
-that draws.
+training goes on (a 53 GB write must not hold the ranks at a collective past its timeout); the marker, the
+``on_checkpoint`` hook and the pruning of old checkpoints follow at the first step after which every rank's write
+has finished (at the latest at the next checkpoint, or at the end of the run).
+
+Resuming with another number of processes loads (DCP reshards by parameter name), but the data order is each
+rank's share of the batches, so the run continues exactly only with the same number. The noise of each step is
+seeded by ``(seed, step)`` (:mod:`ppcl.distill.streams`), so it needs no state here; the global generators are
+still saved for anything else that draws.
 """
 
 from __future__ import annotations

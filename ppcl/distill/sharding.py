@@ -161,16 +161,17 @@ def state_share(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) ->
 
 def sharding_record(engine: str | None, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                     units: list[Unit], param_dtype: torch.dtype | None) -> dict[str, Any]:
-    """run.json's ``sharding`` block (a collective when sharded: every rank must call it): the engine, one FSDP unit
-    per plug, and per rank the measured local state (:func:`state_share`) and its share of the whole."""
+    """run.json's ``sharding`` block (a collective when sharded: every rank must call it): the engine, the number of
+    FSDP units, and per rank the measured local state (:func:`state_share`) and its ``share`` of the state all ranks
+    hold together (1/world when sharded evenly; 1.0 for one process)."""
     rank, size = world()
     mine = state_share(params, optimizer)
     per_rank = [mine]
     if size > 1:
         per_rank = [None] * size
         torch.distributed.all_gather_object(per_rank, mine)
-    full = mine["trainable_params"]
-    for r in per_rank:  # AdamW keeps two moments per parameter element: the whole state is 3 x params
-        r["share"] = (r["param_numel"] + r["optimizer_numel"]) / max(1, 3 * full)
+    whole = sum(r["param_numel"] + r["optimizer_numel"] for r in per_rank)
+    for r in per_rank:  # of the state all ranks hold together (a tensor that never had a gradient has no moments)
+        r["share"] = (r["param_numel"] + r["optimizer_numel"]) / max(1, whole)
     return {"engine": engine or "none", "world_size": size, "fsdp_units": len(fsdp_modules(units)) if engine else 0,
             "param_dtype": str(param_dtype or torch.float32).replace("torch.", ""), "per_rank": per_rank}

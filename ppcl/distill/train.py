@@ -7,10 +7,11 @@ losses with each plug's backward, clip, step, log, maybe checkpoint -> finish (`
 
 Choices where method.md is silent (all parameters of :class:`DistillSettings`):
 - One code path for 1 to N processes (``torchrun`` / ``accelerate launch``; the process group is joined from the
-  launcher's environment, :func:`ppcl.distill.sharding.init_processes`): with N > 1 every unit's trainable state (fp32 master weights, gradients, AdamW moments) is
-  sharded over all ranks with FSDP2, one FSDP unit per plug (:mod:`ppcl.distill.sharding`); gradients are
-  reduce-scattered by FSDP (mean over ranks), no hand-written all-reduce. The frozen teacher is replicated. One
-  process (no process group) trains the same units unsharded: the same numbers, no collectives.
+  launcher's environment, :func:`ppcl.distill.sharding.init_processes`): with N > 1 every unit's trainable state
+  (fp32 master weights, gradients, AdamW moments) is sharded over all ranks with FSDP2, one FSDP unit per plug
+  (:mod:`ppcl.distill.sharding`); gradients are reduce-scattered by FSDP (mean over ranks), no hand-written
+  all-reduce. The frozen teacher is replicated. One process (no process group) trains the same units unsharded:
+  the same numbers, no collectives, and the same checkpoint format.
 - Each process takes every ``world``-th batch and the noise of its rows of the global batch
   (:func:`ppcl.distill.streams.step_inputs`): N processes with batch B train like one with batch N*B. The losses
   logged (metrics.jsonl, ``on_step``) are the means over the ranks, i.e. the global batch's.
