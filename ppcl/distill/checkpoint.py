@@ -27,12 +27,14 @@ still saved for anything else that draws.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,14 @@ def _rank() -> tuple[int, int]:
 def _barrier() -> None:
     if _rank()[1] > 1:
         torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every single-process save / load that it assumes one process: that is what we ask for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
@@ -158,7 +168,8 @@ def save_checkpoint(run: Path, step: int, table: nn.ModuleDict, optimizer, sched
     if async_group is not None:
         future = dcp.async_save(state, checkpoint_id=str(folder), process_group=async_group)
     else:
-        dcp.save(state, checkpoint_id=str(folder), no_dist=size == 1)
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(folder), no_dist=size == 1)
     marker = {"version": CHECKPOINT_VERSION, "step": step, "plan_hash": phash, "data": data_state,
               "scheduler": scheduler.state_dict(), "world_size": size, "rng": _json_rng()}
     return PendingCheckpoint(run, folder, marker, keep, local_main, on_checkpoint, future)
@@ -269,7 +280,8 @@ def restore_training(
 
     try:
         state = training_state(table, optimizer)
-        dcp.load(state, storage_reader=_reader(ckpt), no_dist=_rank()[1] == 1)
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=_reader(ckpt), no_dist=_rank()[1] == 1)
         set_state_dict(table, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(loaded["state"]["scheduler"])
     except (RuntimeError, KeyError, ValueError) as e:
