@@ -377,8 +377,8 @@ def test_per_plug_backward_gives_the_gradients_of_one_backward(tiny_pipe_dir):
     per_losses, per_out = nonsequential_losses(adapter, inputs, units, settings, step=3,
                                                backward=lambda loss: loss.backward())
     assert all(not v.requires_grad for per in per_losses.values() for v in per.values())  # logged, detached
-    assert float(per_out) == float(out) and float(total_loss(per_losses, per_out, 0.5)) == pytest.approx(
-        float(total_loss(losses, out, 0.5)), rel=1e-6)
+    assert float(per_out) == float(out.detach()) and float(total_loss(per_losses, per_out, 0.5)) == pytest.approx(
+        float(total_loss(losses, out, 0.5).detach()), rel=1e-6)
     assert len(once) > 20 and all(p.grad is not None for p in params)
     for g, p in zip(once, params):
         assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-8), float((p.grad - g).abs().max())

@@ -77,7 +77,8 @@ def cache_stream(path: str | Path, batch_size: int, seed: int) -> BatchStream:
     ``(seed, epoch)``), collated to ``batch_size`` (the last short batch of an epoch is kept)."""
     from ppcl.data.cache import CacheDataset, collate
 
-    dataset = CacheDataset(path, shuffle=True, seed=seed)
+    rank, world = _rank_world()  # the process group's, never a stale launcher state
+    dataset = CacheDataset(path, rank=rank, world_size=world, shuffle=True, seed=seed)
 
     def epoch_iter(epoch: int) -> Iterator[dict[str, Any]]:
         dataset.set_epoch(epoch)
