@@ -78,9 +78,11 @@ def noise_batch(
     generator: torch.Generator | None = None,
     guidance: float | None = None,
     shift: bool = True,
+    noise: torch.Tensor | None = None,
 ) -> Noised:
     """Noise ``batch["latents"]`` at ``sigma`` (drawn with ``scheme`` when None; shifted like the teacher's
-    scheduler unless ``shift=False``) and build the transformer inputs.
+    scheduler unless ``shift=False``) and build the transformer inputs; ``noise`` (the latents' shape): use it
+    instead of a draw.
 
     Noise is drawn on the CPU from ``generator`` so results do not depend on the device.
     """
@@ -91,7 +93,9 @@ def noise_batch(
         if shift:
             sigma = shift_sigmas(sigma, scheduler_config, adapter.image_seq_len(x0))
     sigma = sigma.to(device=x0.device, dtype=torch.float32)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(device=x0.device, dtype=torch.float32)
     s = sigma.view(-1, *([1] * (x0.ndim - 1)))
     xt = ((1 - s) * x0.float() + s * noise).to(x0.dtype)
     text = {k: batch[k] for k in text_keys(batch)}

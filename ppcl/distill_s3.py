@@ -7,20 +7,22 @@ and ``out`` may be ``s3://`` URIs (any mix with local paths; all local -> plain 
   ``inputs/<sha of URI>`` (:func:`ppcl.storage.fetch`; inputs are treated as immutable, the torchrun ranks of a
   node share one copy through a lock). The plan is downloaded again on every start (it is small, and a stale
   plan would train plugs for the wrong intervals).
-- Training writes a local RUN folder ``runs/<sha of out>`` as usual; every checkpoint is mirrored (global rank 0
-  only) to ``OUT/checkpoints/step-XXXXXX/``: ``plugs.safetensors``, ``training_state.pt``, ``rng.pt``,
-  ``metrics.jsonl`` (the loss curve up to that step) and LAST ``state.json``, the completion marker: a
-  checkpoint is complete on S3 iff its ``state.json`` exists. Older checkpoints beyond ``keep_checkpoints`` are
-  deleted marker first. At the end ``plugs.safetensors``, ``metrics.jsonl`` and LAST ``run.json`` go to ``OUT``
-  (run.json names the S3 URIs, not the scratch paths).
+- Training writes a local RUN folder ``runs/<sha of out>`` as usual; every checkpoint is mirrored to
+  ``OUT/checkpoints/step-XXXXXX/``: the sharded checkpoint's files (``__<rank>_0.distcp``, DCP's ``.metadata``
+  as ``dcp.metadata``, ``rng-<rank>.pt``; the first process of each node uploads what its node's ranks wrote),
+  ``metrics.jsonl`` (the loss curve up to that step) and LAST, from global rank 0 once every node is done,
+  ``state.json``, the completion marker: a checkpoint is complete on S3 iff its ``state.json`` exists. Older
+  checkpoints beyond ``keep_checkpoints`` are deleted marker first. At the end ``plugs.safetensors``,
+  ``metrics.jsonl`` and LAST ``run.json`` go to ``OUT`` (run.json names the S3 URIs, not the scratch paths).
 - ``resume``: the local RUN folder is rebuilt from S3 (the newest COMPLETE checkpoint and its metrics.jsonl),
   then :func:`ppcl.distill.distill` resumes from it exactly as from a local folder (bit-identical on CPU). No
   checkpoint on S3: a fresh start. A complete run on S3 (``OUT/run.json``) with the same plan: nothing to do
   (a node restarted after the job finished must not fail it; locally that is an error instead).
 
-Design choice: checkpoints are uploaded synchronously on rank 0 while the other ranks wait at the barrier after
-the checkpoint, so an upload slower than the collective timeout (NCCL default 10 min) needs a larger
-``checkpoint_every`` or a longer timeout.
+Design choice: checkpoints are uploaded synchronously (each node's first process, then rank 0's marker) while the
+other ranks wait at a barrier, so an upload slower than the collective timeout (NCCL default 10 min) needs a
+larger ``checkpoint_every`` or a longer timeout. Each node uploads only its own ranks' shards, so the upload per
+node shrinks as nodes are added.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ppcl import storage
 from ppcl.errors import PPCLError
 
 MARKER = "state.json"
+REMOTE_NAMES = {".metadata": "dcp.metadata"}  # local name -> object name (see _remote_name)
 FINAL_FILES = ("plugs.safetensors", "metrics.jsonl", "run.json")  # run.json last: the run's completion marker
 
 
@@ -78,14 +81,24 @@ def _remove_checkpoint(files: list[str]) -> None:
         storage.remove(uri)
 
 
-def upload_checkpoint(ckpt: Path, out: str, *, metrics: Path | None = None, keep: int = 2) -> str:
-    """Mirror the local checkpoint folder ``ckpt`` to ``OUT/checkpoints/<name>/`` (marker last), with the loss
-    curve ``metrics``; then delete remote checkpoints older than the newest ``keep``. Returns its URI."""
+def _remote_name(name: str) -> str:
+    """The object name of a checkpoint file: DCP's ``.metadata`` becomes ``dcp.metadata`` (hidden names are skipped
+    when a prefix is listed, :func:`ppcl.storage.list_files`)."""
+    return REMOTE_NAMES.get(name, name)
+
+
+def upload_shards(ckpt: Path, out: str) -> None:
+    """Upload every file of the local checkpoint folder ``ckpt`` but its marker (what this node wrote, and on one
+    node all of it) to ``OUT/checkpoints/<name>/``."""
     dest = storage.join(out, "checkpoints", ckpt.name)
-    storage.remove(storage.join(dest, MARKER))  # a leftover of an earlier attempt: incomplete until we finish
-    files = sorted(p for p in ckpt.iterdir() if p.is_file() and p.name != MARKER)
-    for p in files:
-        storage.upload_file(p, storage.join(dest, p.name))
+    for p in sorted(p for p in ckpt.iterdir() if p.is_file() and p.name != MARKER):
+        storage.upload_file(p, storage.join(dest, _remote_name(p.name)))
+
+
+def publish_checkpoint(ckpt: Path, out: str, *, metrics: Path | None = None, keep: int = 2) -> str:
+    """After every node's :func:`upload_shards`: the loss curve ``metrics``, then the marker (the checkpoint is
+    complete on S3 from here), then delete remote checkpoints older than the newest ``keep``. Returns its URI."""
+    dest = storage.join(out, "checkpoints", ckpt.name)
     if metrics is not None and metrics.is_file():
         storage.upload_file(metrics, storage.join(dest, "metrics.jsonl"))
     storage.upload_file(ckpt / MARKER, storage.join(dest, MARKER))
@@ -95,6 +108,33 @@ def upload_checkpoint(ckpt: Path, out: str, *, metrics: Path | None = None, keep
     for name, files in remote.items():
         if name < ckpt.name and name not in kept:  # never touch a newer (in-flight) folder
             _remove_checkpoint(files)
+    return dest
+
+
+def upload_checkpoint(ckpt: Path, out: str, *, metrics: Path | None = None, keep: int = 2) -> str:
+    """Mirror the local checkpoint folder ``ckpt`` to ``OUT/checkpoints/<name>/`` (marker last), with the loss
+    curve ``metrics``; then delete remote checkpoints older than the newest ``keep``. Called by every process of
+    the run (:func:`ppcl.distill.distill`'s ``on_checkpoint``): global rank 0 withdraws a stale marker of this
+    step, the first process of each node uploads the files its node wrote (with several nodes, each holds only
+    its own ranks' shards), and once all have, global rank 0 publishes the marker. Returns its URI."""
+    import torch
+
+    dest = storage.join(out, "checkpoints", ckpt.name)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def barrier() -> None:
+        if dist:
+            torch.distributed.barrier()
+
+    if _global_rank() == 0:  # a leftover of an earlier attempt: incomplete until we finish
+        storage.remove(storage.join(dest, MARKER))
+    barrier()
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        upload_shards(ckpt, out)
+    barrier()
+    if _global_rank() == 0:
+        publish_checkpoint(ckpt, out, metrics=metrics, keep=keep)
+    barrier()
     return dest
 
 
@@ -118,6 +158,9 @@ def sync_run(out: str, run: Path) -> str | None:
         if name is not None:
             local = run / "checkpoints" / name
             storage.download_dir(storage.join(out, "checkpoints", name), local)
+            for local_name, remote_name in REMOTE_NAMES.items():
+                if (local / remote_name).is_file():
+                    os.replace(local / remote_name, local / local_name)
             if (local / "metrics.jsonl").is_file():
                 os.replace(local / "metrics.jsonl", run / "metrics.jsonl")
         stamp.write_text(f"{token} {name}")

@@ -199,8 +199,8 @@ def test_bad_resume_and_checkpoints_fail_cleanly(tiny_pipe_dir, tmp_path, capsys
     # an existing run without --resume
     assert main([*base, "--plan", str(plan)]) == 2
     assert "already exists" in capsys.readouterr().err
-    # a truncated checkpoint
-    ck = tmp_path / "run" / "checkpoints" / "step-000002" / "plugs.safetensors"
+    # a truncated checkpoint (its shard file): found before the teacher loads
+    ck = tmp_path / "run" / "checkpoints" / "step-000002" / "__0_0.distcp"
     ck.write_bytes(ck.read_bytes()[:100])
     assert main([*base, "--plan", str(plan), "--resume"]) == 2
     err = capsys.readouterr().err
@@ -346,3 +346,40 @@ def test_sequential_mode_runs_with_plugs_inside_a_frozen_text_interval(tiny_pipe
     assert first["interval_0/image"] == pytest.approx(0.0, abs=1e-10)
     assert first["interval_0/text"] == pytest.approx(0.0, abs=1e-10)
     assert first["interval_1/image"] > 1e-4 and first["text_freeze_2_6/text"] > 1e-4
+
+
+def test_per_plug_backward_gives_the_gradients_of_one_backward(tiny_pipe_dir):
+    """Each unit's loss backpropagated as soon as it exists (then the output-level term) accumulates exactly the
+    gradients of one backward of the total: same losses, same gradient for every trainable tensor (a composed plan:
+    a source plug, a plug inside a frozen text interval, the text_freeze unit's member blocks, the output term)."""
+    from ppcl.calibration import noise_batch
+    from ppcl.distill import DistillSettings, build_units, nonsequential_losses
+    from ppcl.distill.losses import total_loss
+    from ppcl.plugs import freeze
+
+    pipe_dir = tiny_pipe_dir["qwenimage"]
+    pipe = load_pipeline(pipe_dir)
+    adapter = get_adapter(pipe)
+    freeze(adapter.transformer)
+    plan = make_plan(adapter, [[2, 2], [3, 4]], width=[{"op": "text_freeze", "interval": [2, 6]}], allow_ends=True)
+    units = build_units(adapter, plan)
+    params = [p for u in units for p in u.module.parameters()]
+    settings = DistillSettings(output_loss_weight=0.5)
+    batch = list(synthetic_batches(pipe, n_samples=2, batch_size=2, seed=5))[0]
+    inputs = noise_batch(adapter, dict(pipe.scheduler.config), batch, generator=torch.Generator().manual_seed(1)
+                         ).model_inputs
+
+    losses, out = nonsequential_losses(adapter, inputs, units, settings, step=3)
+    total_loss(losses, out, 0.5).backward()
+    once = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    per_losses, per_out = nonsequential_losses(adapter, inputs, units, settings, step=3,
+                                               backward=lambda loss: loss.backward())
+    assert all(not v.requires_grad for per in per_losses.values() for v in per.values())  # logged, detached
+    assert float(per_out) == float(out.detach()) and float(total_loss(per_losses, per_out, 0.5)) == pytest.approx(
+        float(total_loss(losses, out, 0.5).detach()), rel=1e-6)
+    assert len(once) > 20 and all(p.grad is not None for p in params)
+    for g, p in zip(once, params):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-8), float((p.grad - g).abs().max())
+    assert any(float(g.abs().max()) > 0 for g in once)

@@ -42,6 +42,7 @@ output-level term.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -180,21 +181,35 @@ def unit_step_losses(
 
 
 def nonsequential_losses(
-    adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], settings: DistillSettings, step: int = 0
+    adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], settings: DistillSettings, step: int = 0,
+    backward: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[Losses, torch.Tensor | None]:
     """Per-unit, per-stream losses of one batch, every unit fed the TEACHER state entering it. The output-level
     term (weight > 0) runs the student with the units of :func:`output_loss_units`, drawn from a generator seeded
-    by ``(seed, step)``: a resumed run draws what the uninterrupted one drew, and every rank draws the same."""
+    by ``(seed, step)``: a resumed run draws what the uninterrupted one drew, and every rank draws the same.
+
+    ``backward`` (per-plug backward): called on each unit's summed loss as soon as it exists, then on the weighted
+    output-level term last; the losses returned are then detached. A unit's loss depends only on detached teacher
+    states and its own weights, so the gradients summed over these calls are those of one backward of
+    :func:`total_loss`, while only one unit's activations are alive at a time (scale.md, "for free" 1)."""
     full = settings.output_loss_weight > 0
     calls, outs, teacher_out = teacher_pass(adapter, model_inputs, units, full=full)
-    losses = {u.name: unit_step_losses(u, calls, outs, LOSS_EPS, settings.gradient_checkpointing)
-              for u in units}
+    losses: Losses = {}
+    for u in units:
+        per = unit_step_losses(u, calls, outs, LOSS_EPS, settings.gradient_checkpointing)
+        if backward is not None and per:
+            backward(sum(per.values()))
+            per = {s: v.detach() for s, v in per.items()}
+        losses[u.name] = per
     out_loss = None
     if full:
         g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 7_919 + 104_729)
         placed = output_loss_units(units, settings.output_loss_keep, g)
         student_out, _ = student_forward(adapter, model_inputs, placed, capture=False)
         out_loss = output_loss(student_out, teacher_out)
+        if backward is not None:
+            backward(settings.output_loss_weight * out_loss)
+            out_loss = out_loss.detach()
     return losses, out_loss
 
 

@@ -6,7 +6,9 @@ AdamW, linear warm-up then cosine to zero; gradient clipping at ``max_grad_norm`
 run stops (bitsandbytes missing is a one-line error naming the fix, never a silent fp32 fallback: the memory the
 resource planner promised would not hold). On any other device 8-bit is not available and plain AdamW runs, so the
 CPU demo and tests work with the default settings; run.json's ``optimizer`` (:func:`optimizer_name`) records what
-actually ran either way.
+actually ran either way. Several processes shard the plugs' state with FSDP2 (:mod:`ppcl.distill.sharding`); the
+AdamW moments are then sharded too (each rank keeps those of its own shard), and 8-bit AdamW, which cannot step
+DTensor shards, is refused there with one line rather than replaced.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ from ppcl.distill.settings import DistillSettings
 from ppcl.errors import PPCLError
 
 
-def uses_8bit_adam(settings: DistillSettings, device: torch.device | str) -> bool:
-    """Whether a run of ``settings`` on ``device`` gets bitsandbytes' 8-bit AdamW: ``use_8bit_adam`` on CUDA. Raises
-    :class:`PPCLError` there when bitsandbytes cannot be imported (checked before the teacher loads, so a missing
-    package costs seconds, not a 40 GB load)."""
+def uses_8bit_adam(settings: DistillSettings, device: torch.device | str, world: int = 1) -> bool:
+    """Whether a run of ``settings`` on ``device`` with ``world`` processes gets bitsandbytes' 8-bit AdamW:
+    ``use_8bit_adam`` on CUDA. Raises :class:`PPCLError` there when bitsandbytes cannot be imported, and when the
+    run is sharded (``world > 1``: AdamW8bit steps plain tensors, not FSDP2's DTensor shards); both are checked
+    before the teacher loads, so they cost seconds, not a 40 GB load."""
     if not settings.use_8bit_adam or torch.device(device).type != "cuda":
         return False
+    if world > 1:
+        raise PPCLError(f"use_8bit_adam is true with {world} processes: bitsandbytes' AdamW8bit cannot step the "
+                        "sharded (FSDP2 DTensor) plug parameters; set use_8bit_adam false (--no-use-8bit-adam) for "
+                        "sharded fp32 AdamW, or run one process")
     try:
         import bitsandbytes  # type: ignore  # noqa: F401
     except ImportError as e:

@@ -3,7 +3,8 @@
 Batches are visited in epochs; the order of an epoch is a permutation seeded by ``(seed, epoch)`` for the
 in-memory synthetic set; a latent cache is read through ``ppcl.data.cache.CacheDataset`` (shuffled by
 ``(seed, epoch)`` too). The data position ``(epoch, index)`` is checkpointed; resuming re-opens the epoch and skips
-``index`` batches. Multi-GPU (``accelerate launch``): each process takes every ``world``-th batch.
+``index`` batches. Several processes (``torchrun`` / ``accelerate launch``): each takes every ``world``-th batch,
+so one step's global batch is the ``world`` consecutive batches of the epoch's order.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def cache_stream(path: str | Path, batch_size: int, seed: int) -> BatchStream:
     ``(seed, epoch)``), collated to ``batch_size`` (the last short batch of an epoch is kept)."""
     from ppcl.data.cache import CacheDataset, collate
 
-    dataset = CacheDataset(path, shuffle=True, seed=seed)
+    rank, world = _rank_world()  # the process group's, never a stale launcher state
+    dataset = CacheDataset(path, rank=rank, world_size=world, shuffle=True, seed=seed)
 
     def epoch_iter(epoch: int) -> Iterator[dict[str, Any]]:
         dataset.set_epoch(epoch)
@@ -138,20 +140,30 @@ def training_stream(
 
 
 def step_inputs(
-    pipe: Any, adapter: Adapter, settings: DistillSettings, device: torch.device, dtype: torch.dtype, rank: int
+    pipe: Any, adapter: Adapter, settings: DistillSettings, device: torch.device, dtype: torch.dtype, rank: int,
+    world: int = 1,
 ) -> Callable[[dict[str, Any], int], dict[str, Any]]:
     """``noised(batch, step)``: the model inputs of one step, the batch on ``device`` noised at sampled timesteps.
 
-    Noise and sigmas of step ``t`` come from a generator seeded with ``(seed, t, rank)``: a resumed run draws exactly
-    what the uninterrupted one drew, with no generator state to restore (negative ``t``: the least-squares fit)."""
+    The sigmas and noise of step ``t`` are drawn for the GLOBAL batch (``world`` x this rank's batch, in rank order)
+    from a generator seeded with ``(seed, t)``, and rank ``r`` takes rows ``r*B .. (r+1)*B``: a run of N processes
+    with batch B draws exactly what one process with batch N*B draws, a resumed run what the uninterrupted one drew
+    (no generator state to restore); negative ``t``: the least-squares fit. One process draws as it always did."""
+    from ppcl.arch import shift_sigmas
+    from ppcl.calibration import noise_batch, sample_sigmas
+
     scheduler_config = dict(pipe.scheduler.config) if hasattr(pipe, "scheduler") else {}
 
     def noised(batch: dict[str, Any], step: int):
-        from ppcl.calibration import noise_batch
-
-        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 7_919 + rank)
+        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 7_919)
         b = to_device(batch, device, dtype)
-        return noise_batch(adapter, scheduler_config, b, scheme=settings.timesteps, generator=g,
+        x0 = b["latents"]
+        n = x0.shape[0]
+        rows = slice(rank * n, (rank + 1) * n)
+        sigma = sample_sigmas(n * world, settings.timesteps, g)
+        sigma = shift_sigmas(sigma, scheduler_config, adapter.image_seq_len(x0))[rows]
+        noise = torch.randn((n * world, *x0.shape[1:]), generator=g, dtype=torch.float32)[rows]
+        return noise_batch(adapter, scheduler_config, b, sigma=sigma, shift=False, noise=noise,
                            guidance=settings.guidance).model_inputs
 
     return noised

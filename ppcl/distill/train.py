@@ -1,15 +1,30 @@
 """The training loop: every plug of a plan trained against the frozen teacher, one teacher pass per step.
 
-:func:`distill` reads top to bottom: prepare (settings, plan, the checkpoint to resume, teacher, units, data,
-optimiser) -> per step: batch, inputs, losses, backward, gradient sync, clip, step, log, maybe checkpoint -> finish
-(``plugs.safetensors`` and ``run.json``). What the losses are is :mod:`ppcl.distill.losses`.
+:func:`distill` reads top to bottom: prepare (settings, plan, the checkpoint to resume, teacher, units, data) ->
+start (fit width projections or restore the checkpoint; shard the units; optimiser) -> per step: batch, inputs,
+losses with each plug's backward, clip, step, log, maybe checkpoint -> finish (``plugs.safetensors`` and
+``run.json``). What the losses are is :mod:`ppcl.distill.losses`.
 
 Choices where method.md is silent (all parameters of :class:`DistillSettings`):
-- Multi-GPU (``accelerate launch``): each process takes every ``world``-th batch; plug gradients are all-reduced
-  (mean) explicitly after backward (plugs are called one by one, so a DDP wrapper around them would never see a
-  forward); only rank 0 writes.
-- Mixed precision: bf16 autocast on CUDA (fp32 master weights, the frozen teacher in bf16), none on CPU.
-- A non-finite loss stops the run with a one-line error naming the last good checkpoint; nothing final is written.
+- One code path for 1 to N processes (``torchrun`` / ``accelerate launch``; the process group is joined from the
+  launcher's environment, :func:`ppcl.distill.sharding.init_processes`): with N > 1 every unit's trainable state
+  (fp32 master weights, gradients, AdamW moments) is sharded over all ranks with FSDP2, one FSDP unit per plug
+  (:mod:`ppcl.distill.sharding`); gradients are reduce-scattered by FSDP (mean over ranks), no hand-written
+  all-reduce. The frozen teacher is replicated. One process (no process group) trains the same units unsharded:
+  the same numbers, no collectives, and the same checkpoint format.
+- Each process takes every ``world``-th batch and the noise of its rows of the global batch
+  (:func:`ppcl.distill.streams.step_inputs`): N processes with batch B train like one with batch N*B. The losses
+  logged (metrics.jsonl, ``on_step``) are the means over the ranks, i.e. the global batch's.
+- Per-plug backward (non-sequential mode): each unit's loss is backpropagated as soon as that unit has run on its
+  captured teacher call, the output-level term last (:func:`ppcl.distill.losses.nonsequential_losses`); the
+  gradients are those of one backward of the total, and only one unit's activations are alive at a time.
+  Sequential mode (the ablation) keeps one backward of the total: its units feed each other.
+- Mixed precision: bf16 autocast on CUDA, fp32 master weights, the frozen teacher in bf16; sharded units also
+  compute with bf16 weights gathered by FSDP (gradients reduced in fp32); none on CPU.
+- Checkpoints: torch.distributed.checkpoint, every rank writes its shard (:mod:`ppcl.distill.checkpoint`);
+  the final ``plugs.safetensors`` is the full fp32 state, gathered and written by rank 0.
+- A non-finite loss (on any rank) stops the run with a one-line error naming the last good checkpoint; nothing
+  final is written.
 """
 
 from __future__ import annotations
@@ -27,9 +42,18 @@ from torch import nn
 from ppcl import outputs
 from ppcl.arch.common import Adapter
 from ppcl.atomic import atomic_path, write_json
-from ppcl.distill.checkpoint import resume_point, restore_training, save_checkpoint, trim_metrics
+from ppcl.distill.checkpoint import PendingCheckpoint, resume_point, restore_training, save_checkpoint, trim_metrics
 from ppcl.distill.losses import Losses, nonsequential_losses, sequential_losses, total_loss
 from ppcl.distill.optim import make_optimizer, make_scheduler, optimizer_name, uses_8bit_adam
+from ppcl.distill.sharding import (
+    SHARDING,
+    Processes,
+    everyone,
+    init_processes,
+    shard_units,
+    sharding_record,
+    training_mesh,
+)
 from ppcl.distill.projections import fit_width_units
 from ppcl.distill.settings import DistillSettings, resolve_settings
 from ppcl.distill.streams import BatchStream, step_inputs, take, training_stream
@@ -77,8 +101,9 @@ def distill(
         stop_after: stop as if killed after this many steps in total: no final outputs and no extra checkpoint
             (a resumed run restarts from the last regular checkpoint and replays the steps after it).
         on_step: ``on_step(step, metrics)`` after every step on rank 0 (MLflow logging hooks in here).
-        on_checkpoint: ``on_checkpoint(folder)`` on rank 0 after each checkpoint is complete on disk, before the
-            other ranks go on (``ppcl.distill_s3`` mirrors it to S3 here).
+        on_checkpoint: ``on_checkpoint(folder)`` on EVERY rank after each checkpoint is complete on disk (its
+            marker written by rank 0), before training goes on; with several nodes each node's folder holds only its
+            own ranks' shards, so the hook coordinates who copies what (``ppcl.distill_s3`` mirrors it to S3 here).
     Returns: :class:`DistillResult` (``final_losses``: mean over the last 10 steps, per ``unit/stream``).
     """
     # Prepare: every input validated before anything is written, then the teacher, units, data and optimiser,
@@ -92,46 +117,47 @@ def distill(
     t = prepare(model, plan_obj, data, settings)
     start_step = start_or_resume(run, t, last_ckpt, loaded, settings)
     end_step = settings.steps if stop_after is None else min(settings.steps, int(stop_after))
-    loss_fn = sequential_losses if settings.mode == "sequential" else nonsequential_losses
-    accelerator = t.accelerator
+    procs = t.procs
     history: list[dict[str, float]] = []
-    with StepLog(run / "metrics.jsonl", accelerator.is_main_process, progress, settings.steps, start_step,
+    ckpts = Checkpoints(run, t, phash, settings, on_checkpoint, last_ckpt)
+    with StepLog(run / "metrics.jsonl", procs.is_main_process, progress, settings.steps, start_step,
                  on_step) as log:
         t.table.train()
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
-            # Batch -> this step's model inputs (noise seeded by (seed, step, rank): a resumed run draws the same)
+            # Batch -> this step's model inputs (noise seeded by (seed, step), this rank's rows of the global batch)
             inputs = t.noised(next(t.stream), step)
-            # Losses: D per unit and stream, plus the weighted output-level term (ppcl.distill.losses)
-            with accelerator.autocast():
-                losses, out_loss = loss_fn(t.adapter, inputs, t.units, settings, step=step)
-            total = total_loss(losses, out_loss, settings.output_loss_weight)
-            check_finite(total, step, last_ckpt)
-            # Backward, then the mean plug gradient over the ranks
+            # Losses D per unit and stream (+ the weighted output-level term), each plug's backward as it comes
             t.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            average_gradients(t.params, accelerator.num_processes)
-            # Clip and step (the schedule steps with the optimiser)
+            losses, out_loss = step_losses(t, inputs, settings, step)
+            # The mean over the ranks of what was minimised: what is logged and checked
+            total, flat, out_value = mean_over_ranks(losses, out_loss, settings.output_loss_weight)
+            check_finite(total, step, ckpts.last)
+            # Clip (the global norm over every rank's gradient shards) and step (the schedule steps with it)
             if settings.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(t.params, settings.max_grad_norm)
             t.optimizer.step()
             t.scheduler.step()
             # Log: one line of metrics.jsonl, the progress bar, on_step (rank 0)
             done = step + 1
-            record = step_record(done, total, t.scheduler.get_last_lr()[0], losses, out_loss, t0)
+            record = step_record(done, total, t.scheduler.get_last_lr()[0], flat, out_value, t0)
             history.append(record["losses"])
             log.write(done, record)
-            # Maybe checkpoint: every checkpoint_every steps and at the last step (rank 0 writes, every rank waits)
-            if done % settings.checkpoint_every == 0 or done == settings.steps:
-                last_ckpt = write_checkpoint(run, done, t, phash, settings.keep_checkpoints, on_checkpoint, last_ckpt)
+            # Maybe checkpoint: every checkpoint_every steps and at the last step (every rank writes its shard)
+            ckpts.after_step(done)
+        ckpts.close()
 
     # Finish: final losses; a complete run (not stopped early) writes plugs.safetensors, then run.json
     final_losses = mean_of_last(history, 10)
     plug_info = plug_records(t.adapter, t.units, final_losses)
     if end_step < settings.steps:
         return DistillResult(run, end_step, final_losses, plug_info)
-    if accelerator.is_main_process:
-        write_run(run, model, plan_obj, phash, data, settings, t, plug_info, final_losses)
+    full_state = gather_full_state(t)  # every rank takes part; rank 0 gets the whole fp32 state
+    sharding = sharding_record(SHARDING if t.mesh is not None else None, t.params, t.optimizer, t.units,
+                               t.param_dtype)
+    if procs.is_main_process:
+        write_run(run, model, plan_obj, phash, data, settings, t, plug_info, final_losses, full_state, sharding)
+    procs.wait_for_everyone()
     return DistillResult(run, settings.steps, final_losses, plug_info)
 
 
@@ -139,21 +165,31 @@ def distill(
 @dataclass
 class Training:
     """What the loop works with: the frozen teacher, the units and their trainable parameters, the data, the
-    optimiser and schedule, on this process's device."""
+    optimiser and schedule, on this process's device (the optimiser and schedule are made by
+    :func:`start_or_resume`, after the units are fitted and sharded)."""
 
-    accelerator: Any
+    #: this process's rank, device, mixed precision (:class:`ppcl.distill.sharding.Processes`)
+    procs: Processes
     pipe: Any
     adapter: Adapter
     units: list[Unit]
     table: nn.ModuleDict
-    params: list[nn.Parameter]
     #: the in-memory batches (synthetic set or a list given as data); None for a latent cache
     batches: list[dict[str, Any]] | None
     stream: BatchStream
     #: ``noised(batch, step)`` -> the model inputs of that step (:func:`ppcl.distill.streams.step_inputs`)
     noised: Callable[[dict[str, Any], int], dict[str, Any]]
-    optimizer: Any
-    scheduler: Any
+    #: the resolved mixed precision ("bf16" or "no")
+    mixed_precision: str
+    #: the device mesh the units are sharded over; None for one process (nothing sharded)
+    mesh: Any = None
+    #: the dtype sharded units compute in (FSDP2's param_dtype; None: fp32)
+    param_dtype: torch.dtype | None = None
+    #: a gloo group for asynchronous checkpoint writes (several ranks), else None (synchronous)
+    async_group: Any = None
+    params: list[nn.Parameter] | None = None
+    optimizer: Any = None
+    scheduler: Any = None
 
 
 def load_teacher(model: Any) -> tuple[Any, Adapter]:
@@ -165,16 +201,15 @@ def load_teacher(model: Any) -> tuple[Any, Adapter]:
 
 
 def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings) -> Training:
-    """The accelerator (process group, mixed precision), the frozen teacher on the device, the plan's units
-    (fp32 master weights), the batch stream and the optimiser; nothing is written."""
-    from accelerate import Accelerator
-
+    """The processes (group, device, mixed precision), the frozen teacher on the device, the plan's units (fp32
+    master weights, not yet sharded), the batch stream; nothing is written."""
     mp = settings.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=mp)
-    device = accelerator.device
-    uses_8bit_adam(settings, device)  # 8-bit asked for on CUDA without bitsandbytes: refused before the teacher loads
+    procs = init_processes(mp)
+    device = procs.device
+    # 8-bit asked for where it cannot run (CUDA without bitsandbytes, or sharded): refused before the teacher loads
+    uses_8bit_adam(settings, device, procs.num_processes)
 
     pipe, adapter = load_teacher(model)
     check_plan_family(plan_obj, adapter, "distill")
@@ -188,31 +223,46 @@ def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings) -> 
     if not units:
         raise PPCLError("the plan has no intervals and no width ops: nothing to distill")
     table = unit_table(units).to(device)
-    params = [p for p in table.parameters() if p.requires_grad]
     batches, stream = training_stream(pipe, data, settings)
-    noised = step_inputs(pipe, adapter, settings, device, teacher_dtype, accelerator.process_index)
-    optimizer = make_optimizer(params, settings, device)
-    scheduler = make_scheduler(optimizer, settings)
-    return Training(accelerator, pipe, adapter, units, table, params, batches, stream, noised, optimizer, scheduler)
+    noised = step_inputs(pipe, adapter, settings, device, teacher_dtype, procs.process_index,
+                         procs.num_processes)
+    mesh = training_mesh(device)
+    t = Training(procs, pipe, adapter, units, table, batches, stream, noised, mp, mesh)
+    if mesh is not None:
+        t.param_dtype = torch.bfloat16 if mp == "bf16" else None
+        # Checkpoints are written in the background (dcp.async_save) whenever the state is sharded, on CUDA and on
+        # the CPU alike (so the 2-process CPU test runs the path the GPU runs); the writer's collectives get their
+        # own gloo group, never interleaved with the training's collectives.
+        t.async_group = torch.distributed.new_group(backend="gloo")
+    return t
 
 
 def start_or_resume(
     run: Path, t: Training, ckpt: Path | None, loaded: dict[str, Any] | None, settings: DistillSettings
 ) -> int:
-    """Restore the checkpoint ``loaded`` (and cut metrics.jsonl back to it), or on a fresh run fit the width
-    projections; then create the RUN folder (rank 0). Returns the first step to train."""
+    """On a fresh run fit the width projections (rank 0's fit is every rank's); shard the units and make the
+    optimiser and schedule; restore the checkpoint ``loaded`` (and cut metrics.jsonl back to it); then create the
+    RUN folder (rank 0). Returns the first step to train."""
     start_step = 0
-    if loaded is not None:
-        start_step = restore_training(ckpt, loaded, t.table, t.optimizer, t.scheduler, t.stream,
-                                      t.accelerator.device)
-        if t.accelerator.is_main_process:
-            trim_metrics(run / "metrics.jsonl", start_step)
-    else:
+    if loaded is None:
         # Least-squares init of width projections (fresh runs only: a resumed run has them in its checkpoint).
         fit_projections(t, settings)
-    if t.accelerator.is_main_process:
+        if t.mesh is not None:  # each rank fitted on its own batches: FSDP shards rank 0's copy, so all must hold it
+            for tensor in t.table.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+    if t.mesh is not None:
+        shard_units(t.units, t.table, t.mesh, t.param_dtype)
+    t.params = [p for p in t.table.parameters() if p.requires_grad]
+    t.optimizer = make_optimizer(t.params, settings, t.procs.device)
+    t.scheduler = make_scheduler(t.optimizer, settings)
+    if loaded is not None:
+        start_step = restore_training(ckpt, loaded, t.table, t.optimizer, t.scheduler, t.stream)
+        if t.procs.is_main_process:
+            trim_metrics(run / "metrics.jsonl", start_step)
+    if t.procs.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
         (run / "checkpoints").mkdir(exist_ok=True)
+    t.procs.wait_for_everyone()
     return start_step
 
 
@@ -223,7 +273,7 @@ def fit_projections(t: Training, settings: DistillSettings) -> None:
     if any(u.kind in ("width", "text_freeze") for u in t.units):
         fit_batches = t.batches if t.batches is not None else take(t.stream, settings.lsq_batches)
         fit_width_units(t.adapter, t.units, list(fit_batches)[: settings.lsq_batches],
-                        lambda b, j: t.noised(b, -1 - j), settings.ridge, t.accelerator.autocast)
+                        lambda b, j: t.noised(b, -1 - j), settings.ridge, t.procs.autocast)
         if t.batches is None:
             t.stream.restore({"epoch": 0, "index": 0})
 
@@ -236,26 +286,58 @@ def check_finite(total: torch.Tensor, step: int, last_ckpt: Path | None) -> None
         raise PPCLError(f"loss is not finite at step {step + 1}: training stopped{where}")
 
 
-def average_gradients(params: list[nn.Parameter], world: int) -> None:
-    """Every plug gradient replaced by its mean over the ``world`` ranks (a plug no rank used gets zeros)."""
-    if world > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= world
+def step_losses(t: Training, inputs: dict[str, Any], settings: DistillSettings, step: int
+                ) -> tuple[Losses, torch.Tensor | None]:
+    """One step's losses with their gradients accumulated: non-sequential mode backpropagates each unit's loss
+    as soon as it exists (then the output-level term); sequential mode one backward of the total."""
+    device_type = t.procs.device.type
+
+    def backward(loss: torch.Tensor) -> None:
+        with torch.autocast(device_type, enabled=False):  # backward runs in the forward's dtypes, not autocast's
+            loss.backward()
+
+    with t.procs.autocast():
+        if settings.mode == "sequential":
+            losses, out_loss = sequential_losses(t.adapter, inputs, t.units, settings, step=step)
+        else:
+            losses, out_loss = nonsequential_losses(t.adapter, inputs, t.units, settings, step=step,
+                                                    backward=backward)
+    if settings.mode == "sequential":
+        backward(total_loss(losses, out_loss, settings.output_loss_weight))
+    return losses, out_loss
 
 
-def step_record(
-    done: int, total: torch.Tensor, lr: float, losses: Losses, out_loss: torch.Tensor | None, t0: float
-) -> dict[str, Any]:
+def mean_over_ranks(losses: Losses, out_loss: torch.Tensor | None, weight: float
+                    ) -> tuple[torch.Tensor, dict[str, float], float | None]:
+    """``(total, per unit/stream, output term)`` averaged over the ranks (one small all-reduce; the global batch's
+    losses, since every rank's batch has the same size); one process: its own. ``total`` is a 0-d tensor."""
+    keys = [(n, s) for n, per in losses.items() for s in per]
+    values = [losses[n][s].detach().float() for n, s in keys]
+    if out_loss is not None:
+        values.append(out_loss.detach().float())
+    vec = torch.stack(values) if values else torch.zeros(0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        vec = vec.clone()
+        torch.distributed.all_reduce(vec)
+        vec /= torch.distributed.get_world_size()
+    flat = {f"{n}/{s}": float(v) for (n, s), v in zip(keys, vec[: len(keys)])}
+    out_value = float(vec[-1]) if out_loss is not None else None
+    d_terms = vec[: len(keys)]
+    total = d_terms.sum() if len(keys) else torch.zeros(())
+    if out_value is not None:
+        total = total + weight * vec[-1]
+    return total, flat, out_value
+
+
+def step_record(done: int, total: torch.Tensor, lr: float, flat: dict[str, float], out_value: float | None,
+                t0: float) -> dict[str, Any]:
     """One line of metrics.jsonl: ``step`` (1-based), ``loss`` (the total), ``lr``, ``losses`` per
     ``unit/stream``, ``step_time_s``, and ``output_loss`` when that term is on."""
-    flat = {f"{n}/{s}": float(v.detach()) for n, per in losses.items() for s, v in per.items()}
-    record = {"step": done, "loss": float(total.detach()), "lr": lr, "losses": flat,
+    record = {"step": done, "loss": float(total), "lr": lr, "losses": dict(flat),
               "step_time_s": time.perf_counter() - t0}
-    if out_loss is not None:
-        record["output_loss"] = float(out_loss.detach())
+    if out_value is not None:
+        record["output_loss"] = out_value
     return record
 
 
@@ -292,16 +374,34 @@ class StepLog:
             self.bar.close()
 
 
-def write_checkpoint(run: Path, done: int, t: Training, phash: str, keep: int,
-                     on_checkpoint: Callable[[Path], None] | None, last: Path | None) -> Path | None:
-    """Rank 0 writes ``RUN/checkpoints/step-<done>`` and calls ``on_checkpoint``; every rank then waits for it.
-    Returns the newest checkpoint this rank knows of."""
-    if t.accelerator.is_main_process:
-        last = save_checkpoint(run, done, t.table, t.optimizer, t.scheduler, t.stream.state(), phash, keep)
-        if on_checkpoint is not None:
-            on_checkpoint(last)
-    t.accelerator.wait_for_everyone()
-    return last
+class Checkpoints:
+    """When the loop writes checkpoints (:func:`ppcl.distill.checkpoint.save_checkpoint`) and completes them: a
+    synchronous save at once; a background one (several ranks) at the first step after which every rank's write has
+    finished, at the latest before the next save or at the end. ``last``: the newest complete checkpoint."""
+
+    def __init__(self, run: Path, t: Training, phash: str, settings: DistillSettings,
+                 on_checkpoint: Callable[[Path], None] | None, last: Path | None):
+        self.run, self.t, self.phash, self.settings, self.on_checkpoint, self.last = (
+            run, t, phash, settings, on_checkpoint, last)
+        self.pending: PendingCheckpoint | None = None
+
+    def after_step(self, done: int) -> None:
+        t, settings = self.t, self.settings
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            self.close()
+            self.pending = save_checkpoint(self.run, done, t.table, t.optimizer, t.scheduler, t.stream.state(),
+                                           self.phash, settings.keep_checkpoints,
+                                           local_main=t.procs.is_local_main_process,
+                                           on_checkpoint=self.on_checkpoint, async_group=t.async_group)
+            if t.async_group is None:
+                self.close()
+        elif self.pending is not None and everyone(self.pending.future.done(), t.procs.device):
+            self.close()
+
+    def close(self) -> None:
+        """Complete the pending checkpoint, if any (waits for its background write)."""
+        if self.pending is not None:
+            self.last, self.pending = self.pending.finish(), None
 
 
 # ------------------------------------------------------------------------------------------------ write-out
@@ -326,14 +426,25 @@ def plug_records(adapter: Adapter, units: list[Unit], final_losses: dict[str, fl
     ]
 
 
+def gather_full_state(t: Training) -> dict[str, torch.Tensor]:
+    """The units' whole fp32 state on the CPU, keys ``<unit>.<param>``: gathered from every rank's shards (every
+    rank must call it; rank 0 gets the tensors, the others an empty dict), or this process's own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(t.table, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+
+
 def write_run(run: Path, model: Any, plan_obj: Any, phash: str, data: Any, settings: DistillSettings, t: Training,
-              plug_info: list[dict[str, Any]], final_losses: dict[str, float]) -> None:
-    """``RUN/plugs.safetensors`` (fp32, keys ``<unit>.<param>``), then ``RUN/run.json``, each atomically."""
+              plug_info: list[dict[str, Any]], final_losses: dict[str, float], full_state: dict[str, torch.Tensor],
+              sharding: dict[str, Any]) -> None:
+    """``RUN/plugs.safetensors`` (``full_state``: fp32, keys ``<unit>.<param>``), then ``RUN/run.json``, each
+    atomically (rank 0)."""
     from safetensors.torch import save_file
 
     adapter = t.adapter
     with atomic_path(run / "plugs.safetensors") as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in t.table.state_dict().items()}, str(tmp))
+        save_file(full_state, str(tmp))
     write_json(run / "run.json", {
         "version": RUN_VERSION,
         "plan_hash": phash,
@@ -345,9 +456,12 @@ def write_run(run: Path, model: Any, plan_obj: Any, phash: str, data: Any, setti
         "settings": settings.model_dump(mode="json"),
         # what ran, which use_8bit_adam alone does not say (8-bit exists on CUDA only: ppcl.distill.optim)
         "optimizer": optimizer_name(t.optimizer),
+        "mixed_precision": t.mixed_precision,
         "data": str(data) if isinstance(data, (str, Path)) else ("synthetic" if data is None else "in-memory"),
         "steps": settings.steps,
-        "world_size": t.accelerator.num_processes,
+        "world_size": t.procs.num_processes,
+        # engine ("fsdp2" per unit, or "none" on one process) and each rank's MEASURED share of the trainable state
+        "sharding": sharding,
         "plugs": plug_info,
         "final_losses": final_losses,
     })
