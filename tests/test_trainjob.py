@@ -92,6 +92,13 @@ def test_2x8_job_is_valid_against_the_crd_and_carries_locations_and_resume(crd_s
     assert job["metadata"]["name"] != trainjob.render_trainjob(_spec(out_uri="s3://ppcl/other"))["metadata"]["name"]
 
 
+def test_one_node_job_launches_standalone_like_the_pipeline_step(crd_schema):
+    job = trainjob.render_trainjob(_spec(nodes=1, gpus=4))
+    _validate(job, crd_schema)
+    assert job["spec"]["trainer"]["command"] == ["python", "-m", "torch.distributed.run", "--standalone", "--nnodes",
+                                                 "1", "--nproc_per_node", "4", "-m", "ppcl", "distill"]
+
+
 def test_schema_check_can_fail(crd_schema):
     job = trainjob.render_trainjob(_spec())
     bad = copy.deepcopy(job)
