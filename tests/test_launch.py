@@ -170,11 +170,17 @@ def test_compiled_pipeline_gives_distill_its_gpus_and_the_launcher_their_count(t
 @pytest.mark.slow
 def test_stage_distill_on_two_cpu_processes(tiny_pipe_dir, tmp_path, monkeypatch):
     """The pipeline step with gpus_per_node 2 on a machine without GPU: torchrun starts two gloo ranks, rank 0
-    writes the run (world size 2 in run.json), the step's own process reads the losses back."""
+    writes the run (world size 2 in run.json), the step's own process reads the losses back and has logged the
+    curve to MLflow (live from metrics.jsonl, every step once)."""
+    from mlflow.tracking import MlflowClient
+
     from ppcl import stages
     from ppcl.arch import get_adapter, load_pipeline
     from ppcl.plan import make_plan, save_plan
 
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "launch")
     plan = make_plan(get_adapter(load_pipeline(tiny_pipe_dir["flux"])), [[1, 2]])
     save_plan(plan, tmp_path / "plan" / "plan.json")
     metrics = stages.distill(str(tiny_pipe_dir["flux"]), str(tmp_path / "plan"), None, str(tmp_path / "run"),
@@ -184,3 +190,8 @@ def test_stage_distill_on_two_cpu_processes(tiny_pipe_dir, tmp_path, monkeypatch
     assert run["world_size"] == 2 and run["steps"] == 4
     assert metrics["steps"] == 4 and metrics["plugs"] == 1
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("launch")
+    (distill_run,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "distill"]
+    steps = [m.step for m in client.get_metric_history(distill_run.info.run_id, "loss")]
+    assert sorted(s for s in steps if s > 0) == [1, 2, 3, 4]  # (step 0: the stage's summary metric "loss")
