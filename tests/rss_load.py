@@ -35,7 +35,10 @@ def measure(pipe_dir: str, mode: str) -> dict:
     from ppcl.distill import load_teacher
 
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError as e:  # not Linux, or a kernel that refuses it: no measurement rather than a wrong one
+        return {"mode": mode, "error": f"cannot reset the high-water mark: {e}"}
     baseline = _status("VmRSS")
     if mode == "old":
         pipe = DiffusionPipeline.from_pretrained(pipe_dir)

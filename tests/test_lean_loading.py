@@ -51,6 +51,9 @@ def measure(pipe_dir: Path, warm: Path) -> dict[str, dict]:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    for r in rows:
+        if "error" in r:
+            pytest.skip(r["error"])
     return {r["mode"]: r for r in rows}
 
 
@@ -72,6 +75,24 @@ def test_float32_load_is_the_same_teacher_as_before(tiny_pipe_dir):
     got = adapter.transformer.state_dict()
     assert got.keys() == ref.keys()
     assert all(got[k].dtype == torch.float32 and torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_transformer_is_read_onto_the_rank_device_in_its_dtype(tiny_pipe_dir, monkeypatch):
+    """On a GPU rank the transformer is placed by diffusers' device_map as it is read (no GPU here: the call
+    diffusers receives is what is checked)."""
+    from diffusers import FluxTransformer2DModel
+
+    from ppcl.arch import _load_transformer
+
+    calls = []
+    monkeypatch.setattr(FluxTransformer2DModel, "from_pretrained",
+                        classmethod(lambda cls, folder, **kw: calls.append((Path(folder), kw)) or "model"))
+    folder = tiny_pipe_dir["flux"] / "transformer"
+    assert _load_transformer(folder, "diffusers", "FluxTransformer2DModel", device="cuda:3",
+                             dtype=torch.bfloat16) == "model"
+    _load_transformer(folder, "diffusers", "FluxTransformer2DModel", device="cpu", dtype=torch.float32)
+    assert calls == [(folder, {"low_cpu_mem_usage": True, "dtype": torch.bfloat16, "device_map": "cuda:3"}),
+                     (folder, {"low_cpu_mem_usage": True, "dtype": torch.float32})]
 
 
 def test_unknown_component_is_one_line(tiny_pipe_dir):
