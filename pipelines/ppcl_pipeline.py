@@ -10,7 +10,9 @@ Cluster settings, every name from :mod:`ppcl.cluster` (the manifests use the sam
 - every step: the S3 credentials Secret and the cluster ConfigMap as environment variables (values never
   appear in the compiled YAML, only the Secret/ConfigMap names and keys), CPU and memory requests;
 - probe, distill and evaluate: the accelerator type, the GPU pool's node selector and tolerations; the
-  accelerator count for distill and evaluate, one GPU for the probe (one process running its teacher in bf16;
+  accelerator count ``resources.gpu.count`` for evaluate, ``distill.gpus_per_node`` (default: the same count)
+  for distill, which starts one training process per GPU (:mod:`ppcl.launch`; with several, a 32 GiB memory
+  /dev/shm for NCCL), one GPU for the probe (one process running its teacher in bf16;
   on CPU in fp32 a 20B teacher needs ~99 GB of RAM). Not distill in multi-node mode (``distill.nodes`` > 1 at
   compile time): its pod only submits the TrainJob;
 - caching: on for every stage whose output is a function of its inputs; OFF for shard (it reads an external
@@ -33,6 +35,8 @@ PIPELINE_NAME = "ppcl"
 GPU_STAGES = ("probe", "distill", "evaluate")
 CACHED_STAGES = ("encode", "probe", "select", "distill", "export", "evaluate")
 RETRIED_STAGES = {"shard": 2, "encode": 2, "distill": 1, "export": 2, "evaluate": 2}
+#: /dev/shm of a multi-GPU distill pod (the TrainingRuntime of manifests/multinode gives its nodes the same)
+DISTILL_SHM = "32Gi"
 
 
 def _configure(task: dsl.PipelineTask, stage: str, config: RunConfig) -> dsl.PipelineTask:  # noqa: D401
@@ -44,9 +48,14 @@ def _configure(task: dsl.PipelineTask, stage: str, config: RunConfig) -> dsl.Pip
         task.set_retry(num_retries=RETRIED_STAGES[stage], backoff_duration="30s", backoff_factor=2.0)
     # Multi-node distill trains in a TrainJob; its own pod only submits, waits and downloads: no GPU.
     if stage in GPU_STAGES and not (stage == "distill" and config.distill.nodes > 1):
-        # the probe is one process on one device: more GPUs would sit idle
-        count = 1 if stage == "probe" else config.resources.gpu.count
+        # the probe is one process on one device: more GPUs would sit idle; distill starts one process per GPU
+        # (distill.gpus_per_node, which defaults to resources.gpu.count: ppcl.launch)
+        count = {"probe": 1, "distill": config.distill.gpus_per_node}.get(stage, config.resources.gpu.count)
         task.set_accelerator_type(config.resources.gpu.type).set_accelerator_limit(count)
+        if stage == "distill" and count > 1:
+            # NCCL between the processes of one pod goes through /dev/shm; a container's default is 64 MiB
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                       size_limit=DISTILL_SHM)
         for key, value in cluster.GPU_POOL.node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
         for t in cluster.GPU_POOL.tolerations:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ppcl.errors import PPCLError
 from ppcl.settings import (  # SELECT_METHODS: re-exported, the one list of selectors
@@ -75,7 +75,8 @@ class DistillConfig(DistillSettings):
 
     nodes: int = Field(1, ge=1, description="nodes of the multi-node TrainJob (1: train in the step's own pod)")
     gpus_per_node: int = Field(default_factory=lambda: _gpu_pool().accelerator_count, ge=1,
-                               description="processes (GPUs) per node of the multi-node TrainJob")
+                               description="GPUs = training processes per node: of the distill step's pod "
+                                           "(nodes 1) or of each TrainJob node; default resources.gpu.count")
 
 
 class GpuConfig(_Strict):
@@ -158,6 +159,13 @@ class RunConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError("ratios must be distinct")
         return v
+
+    @model_validator(mode="after")
+    def _distill_gpus(self) -> "RunConfig":
+        # The distill step uses every GPU its pod gets: unless set, its process count is the GPU stages' count.
+        if "gpus_per_node" not in self.distill.model_fields_set:
+            self.distill.gpus_per_node = self.resources.gpu.count
+        return self
 
     @property
     def keep_params(self) -> float:

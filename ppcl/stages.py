@@ -245,8 +245,14 @@ def distill(teacher: str, plan_dir: str, cache: str, out: str, settings: dict[st
     with tracking.stage_run("distill", out=out) as mlflow_run:  # closed FAILED if anything below raises
         hook = tracking.distill_callback(mlflow_run)
         try:
-            result = run_distill(model, Path(plan_dir) / "plan.json", run, data=cache, resume=resume,
-                                 progress=progress, on_step=hook, **fields)  # fmt: skip
+            if cfg.gpus_per_node > 1:  # one process per GPU of this pod (ppcl.launch); one GPU: this process
+                from ppcl.launch import distill_on_gpus
+
+                result = distill_on_gpus(model, Path(plan_dir) / "plan.json", run, data=cache, settings=cfg,
+                                         resume=resume, on_step=hook)  # fmt: skip
+            else:
+                result = run_distill(model, Path(plan_dir) / "plan.json", run, data=cache, resume=resume,
+                                     progress=progress, on_step=hook, **fields)  # fmt: skip
         except BaseException:
             if hook is not None:  # the curve up to the failure; a tracking error must not hide the real one
                 with contextlib.suppress(Exception):

@@ -5,7 +5,8 @@ PyTorchJob: current Kubeflow releases ship Trainer v2 and the Training Operator 
 The job references a namespaced TrainingRuntime (``manifests/multinode``) that carries everything
 cluster-wide (GPU pool node selector and toleration, securityContext, /dev/shm, S3 credentials and the
 ConfigMap as env); the TrainJob itself carries only this run: image, N nodes x G GPUs, and the
-``torchrun -m ppcl distill ... --resume`` command. Only TrainJob fields that exist in every Trainer v2
+``python -m torch.distributed.run --nnodes N --nproc_per_node G -m ppcl distill ... --resume`` command of
+:func:`ppcl.launch.distill_command`, the same launch as the single-node pipeline step's. Only TrainJob fields that exist in every Trainer v2
 release are used (runtimeRef, trainer.*), so it works on v2.0 as on the latest.
 
 Data, plan and checkpoints live on S3 (``s3://`` URIs): every node reads the same latent cache and the rank-0
@@ -32,6 +33,7 @@ import yaml
 
 from ppcl import cluster
 from ppcl.errors import PPCLError
+from ppcl.launch import distill_command
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
@@ -120,6 +122,9 @@ def render_trainjob(spec: TrainJobSpec, *, template: str | Path = TEMPLATE) -> d
     trainer["image"] = image
     trainer["numNodes"] = spec.nodes
     trainer["numProcPerNode"] = spec.gpus
+    # The launch of every distillation (ppcl.launch): node rank and master address from the PET_* variables the
+    # Trainer injects; the image's `python` is the one ppcl is installed in.
+    trainer["command"] = distill_command(spec.gpus, spec.nodes, python="python")
     trainer["args"] = [
         "--model", spec.model,
         "--plan", spec.plan,

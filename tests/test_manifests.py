@@ -193,6 +193,25 @@ def test_gpu_pool_and_multinode_names_match(rendered):
     assert template["spec"]["runtimeRef"]["kind"] == "TrainingRuntime"
 
 
+def test_multinode_nodes_launch_like_the_pipeline_step_and_stage_on_scratch(rendered):
+    from ppcl.launch import distill_command
+
+    template = yaml.safe_load((MANIFESTS / "trainjob" / "trainjob.yaml").read_text())
+    trainer = template["spec"]["trainer"]
+    # the template's command is the launcher's, for its own 1 node x 1 GPU (ppcl/trainjob.py re-renders it)
+    assert trainer["command"] == distill_command(trainer["numProcPerNode"], trainer["numNodes"], python="python")
+    runtime = _one(rendered["multinode"], "TrainingRuntime", cluster.TRAINING_RUNTIME)
+    node = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    (container,) = node["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in node["volumes"]}
+    # the s3:// teacher (~41 GB bf16 for Qwen-Image) is staged on the big scratch volume, not the 10 Gi /tmp
+    assert env["PPCL_SCRATCH"].startswith(mounts["scratch"] + "/")
+    assert volumes["scratch"]["emptyDir"]["sizeLimit"] == "500Gi"
+    assert mounts["dshm"] == "/dev/shm" and volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+
+
 def test_rbac_is_namespaced_and_has_no_wildcards(rendered):
     everything = [o for objs in rendered.values() for o in objs]
     assert not [o for o in everything if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]

@@ -77,7 +77,9 @@ def test_2x8_job_is_valid_against_the_crd_and_carries_locations_and_resume(crd_s
     t = job["spec"]["trainer"]
     assert (t["numNodes"], t["numProcPerNode"], t["image"]) == (2, 8, "ghcr.io/acme/ppcl:0.1.0")
     assert t["resourcesPerNode"]["requests"]["nvidia.com/gpu"] == 8 == t["resourcesPerNode"]["limits"]["nvidia.com/gpu"]
-    assert t["command"] == ["torchrun", "-m", "ppcl", "distill"]
+    # the launch of ppcl.launch: 2 nodes x 8 processes; node rank and master address from PET_* (not pinned)
+    assert t["command"] == ["python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "8",
+                            "-m", "ppcl", "distill"]
     args = t["args"]
     pairs = dict(zip(args[:-1:2], args[1::2]))
     assert pairs["--data"] == "s3://ppcl/cache" and pairs["--out"] == "s3://ppcl/run/distill"
@@ -88,6 +90,13 @@ def test_2x8_job_is_valid_against_the_crd_and_carries_locations_and_resume(crd_s
     # Same output location -> same job name (a retry finds the previous attempt); another -> another name.
     assert job["metadata"]["name"] == trainjob.render_trainjob(_spec(nodes=4))["metadata"]["name"]
     assert job["metadata"]["name"] != trainjob.render_trainjob(_spec(out_uri="s3://ppcl/other"))["metadata"]["name"]
+
+
+def test_one_node_job_launches_standalone_like_the_pipeline_step(crd_schema):
+    job = trainjob.render_trainjob(_spec(nodes=1, gpus=4))
+    _validate(job, crd_schema)
+    assert job["spec"]["trainer"]["command"] == ["python", "-m", "torch.distributed.run", "--standalone", "--nnodes",
+                                                 "1", "--nproc_per_node", "4", "-m", "ppcl", "distill"]
 
 
 def test_schema_check_can_fail(crd_schema):
@@ -331,7 +340,8 @@ class JobRunningCluster(FakeCluster):
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         super().create_namespaced_custom_object(group, version, namespace, plural, body)
-        assert body["spec"]["trainer"]["command"] == ["torchrun", "-m", "ppcl", "distill"]
+        command = body["spec"]["trainer"]["command"]
+        assert command[:3] == ["python", "-m", "torch.distributed.run"] and command[-3:] == ["-m", "ppcl", "distill"]
         self.exit_codes = getattr(self, "exit_codes", []) + [ppcl_main(["distill", *body["spec"]["trainer"]["args"]])]
 
 

@@ -2,7 +2,8 @@
 
 Body: marshalling only; the work is :func:`ppcl.stages.distill`. ``steps`` and ``learning_rate`` are separate
 parameters (the pipeline exposes them at the top level); they override the same keys of ``settings``. With
-``settings["nodes"] > 1`` the step submits a multi-node TrainJob and waits for it instead of training itself.
+``settings["gpus_per_node"] > 1`` the step trains with one process per GPU of its pod (:mod:`ppcl.launch`); with
+``settings["nodes"] > 1`` it submits a multi-node TrainJob and waits for it instead of training itself.
 """
 
 from kfp import dsl

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ FAMILIES: dict[str, str] = {
 
 __all__ = [
     "Adapter", "BlockCall", "BlockInfo", "FAMILIES", "adapter_for", "count_parameters", "get_adapter",
-    "load_pipeline", "shift_sigmas",
+    "load_pipeline", "pipeline_components", "shift_sigmas",
 ]
 
 
@@ -112,11 +113,46 @@ def _resolve_class(library: str, name: str):
         raise PPCLError(f"cannot import transformer class {library}.{name}: {e}") from None
 
 
-def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None):
-    """Load a diffusers pipeline directory (stock or ppcl-exported) and move it to ``device``/``dtype``.
+def pipeline_components(path: str | Path) -> list[str]:
+    """The component names of the pipeline folder ``path`` (``model_index.json`` entries with a class)."""
+    spec = _read_index(Path(path))
+    return [k for k, v in spec.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2]
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise PPCLError(f"model path not found: {path}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise PPCLError(f"not a diffusers pipeline directory (no model_index.json): {path}")
+    try:
+        spec = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise PPCLError(f"unreadable {index}: {e}") from None
+    if not isinstance(spec, dict):
+        raise PPCLError(f"unreadable {index}: expected a JSON object")
+    return spec
+
+
+def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None,
+                  components: Iterable[str] | None = None):
+    """Load a diffusers pipeline directory (stock or ppcl-exported), its models on ``device`` in ``dtype``.
+
+    Lean loading (issue 15): the transformer (the 20B of a Qwen-Image teacher) is read by its own class,
+    safetensors tensor by tensor through diffusers' ``low_cpu_mem_usage`` path, cast to ``dtype`` as each tensor
+    is read and, for an accelerator ``device`` (``"cuda:3"``: the rank's own GPU), placed there by
+    ``device_map`` as it is read. It therefore never exists in float32 on the host nor on the device (the old
+    path built the whole pipeline in float32 on the host, moved it, then cast: ~99 GB of host RAM and a 76 GiB
+    device spike for Qwen-Image). The host holds at most one safetensors shard, memory-mapped (page cache
+    shared by every rank of a node). ``dtype`` None keeps diffusers' default (float32), exactly as before, so CPU
+    runs compute the same numbers.
+
+    ``components``: the names to load (e.g. ``("transformer", "scheduler")`` for distillation from a latent
+    cache, which holds the text embeddings and latents already); every other component is not read at all and
+    is None on the returned pipeline. None loads every component. A name the folder does not have is an error.
 
     A width-pruned export records its transformer as ``["ppcl.<module>", "<Class>"]`` in model_index.json; the
-    class is imported from ppcl and passed as ``transformer=`` so the stock pipeline class runs it.
+    class is imported from ppcl, like a stock class from diffusers, and the stock pipeline class runs it.
     """
     import diffusers
     import transformers
@@ -126,30 +162,45 @@ def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None):
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     path = Path(path)
-    if not path.exists():
-        raise PPCLError(f"model path not found: {path}")
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise PPCLError(f"not a diffusers pipeline directory (no model_index.json): {path}")
+    spec = _read_index(path)
     from ppcl.integrity import check_pipeline_weights
 
     check_pipeline_weights(path)  # a truncated weight file: one line naming it, not a SafetensorError
-    try:
-        spec = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise PPCLError(f"unreadable {index}: {e}") from None
-    kwargs: dict[str, Any] = {}
+    names = [k for k, v in spec.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2]
+    wanted = set(names) if components is None else set(components)
+    unknown = sorted(wanted - set(names))
+    if unknown:
+        raise PPCLError(f"{path / 'model_index.json'}: no component {unknown[0]!r} (components: {', '.join(names)})")
+    # A component passed as None is not read from disk (diffusers' own rule for optional components).
+    kwargs: dict[str, Any] = {name: None for name in names if name not in wanted}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    library, cls_name = (spec.get("transformer") or [None, None])[:2]
-    if library and library.startswith("ppcl"):
-        cls = _resolve_class(library, cls_name)
-        kwargs["transformer"] = cls.from_pretrained(path / "transformer", **({"dtype": dtype} if dtype else {}))
+    if "transformer" in wanted:
+        library, cls_name = spec["transformer"][:2]
+        kwargs["transformer"] = _load_transformer(path / "transformer", library, cls_name, device=device,
+                                                  dtype=dtype)
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise PPCLError(f"cannot load pipeline {path}: {str(e).splitlines()[0]}") from None
     if device is not None:
-        pipe.to(device)
+        pipe.to(device)  # the other components (small beside the transformer, which is there already)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load_transformer(folder: Path, library: str, cls_name: str, *, device: str | None, dtype):
+    """The transformer of a pipeline folder in ``dtype``, read straight onto ``device`` (see
+    :func:`load_pipeline`). On the CPU (or with no device) diffusers' plain ``low_cpu_mem_usage`` load."""
+    import torch
+
+    cls = _resolve_class(library if library.startswith("ppcl") else "diffusers", cls_name)
+    kw: dict[str, Any] = {"low_cpu_mem_usage": True}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    if device is not None and torch.device(device).type not in ("cpu", "meta"):
+        kw["device_map"] = str(torch.device(device))
+    try:
+        return cls.from_pretrained(folder, **kw)
+    except (OSError, ValueError) as e:
+        raise PPCLError(f"cannot load transformer {folder}: {str(e).splitlines()[0]}") from None

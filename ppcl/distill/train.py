@@ -192,11 +192,27 @@ class Training:
     scheduler: Any = None
 
 
-def load_teacher(model: Any) -> tuple[Any, Adapter]:
-    """The teacher pipeline (loaded from a folder, or as given) and its family adapter."""
+def load_teacher(model: Any, device: Any = None, dtype: torch.dtype = torch.float32, *,
+                 encoders: bool = True) -> tuple[Any, Adapter]:
+    """The teacher pipeline and its family adapter, the transformer on ``device`` in ``dtype``.
+
+    A folder is read by :func:`ppcl.arch.load_pipeline`'s lean path: the transformer goes from safetensors to
+    ``device`` in ``dtype`` tensor by tensor, never as a float32 copy on the host or the device. ``encoders``
+    False (the data is a latent cache, which holds the latents and text embeddings): only the transformer and
+    the scheduler (its config sets the timestep shift) are loaded; text encoders, tokenizers and VAE are never
+    read. True (the built-in synthetic set is computed from the pipeline's own encoders): every component, on
+    ``device`` in ``dtype``. A loaded pipeline given as ``model`` has its transformer moved and cast in place.
+    """
     from ppcl.arch import get_adapter, load_pipeline
 
-    pipe = load_pipeline(model) if isinstance(model, (str, Path)) else model
+    if isinstance(model, (str, Path)):
+        pipe = load_pipeline(model, device=None if device is None else str(device), dtype=dtype,
+                             components=None if encoders else ("transformer", "scheduler"))
+    else:
+        pipe = model
+        pipe.transformer.to(device)
+        if dtype != torch.float32:
+            pipe.transformer.to(dtype)
     return pipe, get_adapter(pipe)
 
 
@@ -211,13 +227,10 @@ def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings) -> 
     # 8-bit asked for where it cannot run (CUDA without bitsandbytes, or sharded): refused before the teacher loads
     uses_8bit_adam(settings, device, procs.num_processes)
 
-    pipe, adapter = load_teacher(model)
+    teacher_dtype = torch.bfloat16 if mp == "bf16" else torch.float32
+    pipe, adapter = load_teacher(model, device, teacher_dtype, encoders=data is None)
     check_plan_family(plan_obj, adapter, "distill")
     freeze(adapter.transformer)
-    teacher_dtype = torch.bfloat16 if mp == "bf16" else torch.float32
-    adapter.transformer.to(device)
-    if teacher_dtype != torch.float32:
-        adapter.transformer.to(teacher_dtype)
 
     units = build_units(adapter, plan_obj, settings.init)
     if not units:
