@@ -176,7 +176,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.device = device
         self.round_to = round_to
-        self.phase = "setup"
+        self.phase = "other"
         self.events: list[tuple[int, int, str]] = []
         self.sizes: dict[int, int] = {}
         self.born: dict[int, str] = {}
@@ -222,6 +222,20 @@ class LiveBytes(TorchDispatchMode):
         if role is not None:
             self.role[serial] = role
 
+    def resized(self, t: torch.Tensor) -> None:
+        """``t``'s storage was resized in place (FSDP2 frees and re-allocates its unsharded parameters with
+        ``storage.resize_``, which no dispatch mode sees): record the difference as one event."""
+        st = t.untyped_storage()
+        serial = self._serial.get(id(st))
+        if serial is None:
+            self.track(t)
+            return
+        n = st.nbytes()
+        n = -(-n // self.round_to) * self.round_to if n else 0
+        if n != self.sizes[serial]:
+            self.events.append((serial, n - self.sizes[serial], self.phase))
+            self.sizes[serial] = n
+
     def _free(self, key: int, serial: int) -> None:
         self._serial.pop(key, None)
         self.events.append((serial, -self.sizes[serial], self.phase))
@@ -253,10 +267,9 @@ class LiveBytes(TorchDispatchMode):
         """Bytes per row of :data:`ROWS` live after the first ``upto`` events."""
         live: dict[int, int] = {}
         for serial, n, _ in self.events[:upto]:
-            if n >= 0:
-                live[serial] = n
-            else:
-                live.pop(serial, None)
+            live[serial] = live.get(serial, 0) + n
+            if not live[serial]:
+                del live[serial]
         rows = dict.fromkeys(ROWS, 0)
         for serial, n in live.items():
             role = self.role.get(serial)
@@ -436,6 +449,31 @@ def _fsdp_on_meta():
         group.FSDPParamGroup._validate_no_meta_params, group._get_device_handle, coll._get_device_handle = saved
 
 
+@contextlib.contextmanager
+def _fsdp_counted(meter: LiveBytes):
+    """FSDP2's in-place storage frees / re-allocations (``free_storage`` / ``alloc_storage``: ``storage.resize_``,
+    invisible to a dispatch mode) reported to ``meter``; restored on exit."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param as fparam
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+
+    saved = (fparam.alloc_storage, fparam.free_storage, group.alloc_storage)
+
+    def alloc(tensor):
+        saved[0](tensor)
+        meter.resized(tensor)
+
+    def free(tensor):
+        saved[1](tensor)
+        meter.resized(tensor)
+
+    fparam.alloc_storage = group.alloc_storage = alloc
+    fparam.free_storage = free
+    try:
+        yield
+    finally:
+        fparam.alloc_storage, fparam.free_storage, group.alloc_storage = saved
+
+
 def _meta_device(modules) -> None:
     meta = torch.device("meta")
     for m in modules:
@@ -524,14 +562,14 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
     grads0 = {id(p): p.requires_grad for p in transformer.parameters()}
     full = settings.output_loss_weight > 0
     try:
-        with fake_mesh(knobs.world, modelled) as mesh, meter:
+        with fake_mesh(knobs.world, modelled) as mesh, _fsdp_counted(meter), meter:
             # the teacher straight to the device in its compute dtype (no fp32 copy), frozen
             with meter.during("load"):
                 freeze(transformer)
                 if transformer.dtype != teacher_dtype:
                     transformer.to(teacher_dtype)
                 meter.name([*transformer.parameters(), *transformer.buffers()], "teacher weights")
-            with meter.during("setup"):
+            with meter.during("units"):
                 units = build_units(adapter, plan, settings.init)
                 if not units:
                     raise PPCLError("the plan has no intervals and no width ops: nothing to distill")
@@ -637,7 +675,7 @@ def distill_memory(adapter, plan, knobs: DistillKnobs | None = None, *, constant
     meter = LiveBytes(device.type, round_to or (ALLOC_ROUND if device.type == "meta" else 1))
     trainable = _distill_steps(adapter, plan, knobs, meter)
     seen = {ph for _, _, ph in meter.events}
-    groups = {"load": {"load"}, "setup": {"setup"}, "training": seen - {"load", "setup"}}
+    groups = {"load": {"load"}, "setup": {"units"}, "training": seen - {"load", "units"}}
     est = MemoryEstimate("distill", knobs, _phases(meter, PHASES, groups.get), trainable,
                          counted="real code on meta: the loss path, FSDP2 and AdamW run on meta tensors")
     if knobs.world > 1:
