@@ -974,7 +974,7 @@ def plan_resources(adapter, plan, *, gpus: int = 1, nodes: int = 1, gpu_memory_g
                                  lambda k: evaluate_memory(adapter, k, model))
         else:
             est = export_memory(adapter, plan, export)
-            sizes = [dataclasses.replace(est.knobs, max_shard_bytes=n) for n in (2 * 10**9, 10**9, 5 * 10**8)
+            sizes = [dataclasses.replace(est.knobs, max_shard_bytes=n) for n in (5 * 10**9, 2 * 10**9, 10**9, 5 * 10**8)
                      if n < est.knobs.max_shard_bytes]
             fit, tried = _search(est, host, sizes if search else [], lambda k: export_memory(adapter, plan, k))
         report["stages"][stage] = _stage_json(est, host if est.memory == "host" else limit, fit, tried)
