@@ -107,7 +107,8 @@ class DistillKnobs:
     text_tokens: int = 512
     gradient_checkpointing: bool = False
     adam_8bit: bool = False
-    #: ``bf16`` (distill's ``mixed_precision auto`` on CUDA) or ``no`` (fp32 everywhere, CPU)
+    #: ``bf16`` (distill's ``mixed_precision auto`` on CUDA: autocast, foreach AdamW) or ``no`` (fp32 everywhere and
+    #: the per-tensor AdamW loop: a CPU run)
     mixed_precision: str = "bf16"
     #: GPUs per node and nodes: the FSDP2 mesh has ``gpus * nodes`` ranks
     gpus: int = 1
@@ -149,6 +150,8 @@ class MemoryEstimate:
     notes: list[str] = field(default_factory=list)
     #: where the peak lives: "gpu" or "host"
     memory: str = "gpu"
+    #: per row, the most it held at any moment of the stage (:meth:`LiveBytes.row_peaks`)
+    row_peaks: dict[str, int] = field(default_factory=dict)
 
     @property
     def tensor_peak(self) -> int:
@@ -262,6 +265,20 @@ class LiveBytes(TorchDispatchMode):
             if live > best and (phases is None or ph in phases):
                 best, at = live, i + 1
         return best, at
+
+    def row_peaks(self) -> dict[str, int]:
+        """The largest number of bytes each row of :data:`ROWS` held at any moment (not only at the peak)."""
+        row_of: dict[int, str] = {}
+        now = dict.fromkeys(ROWS, 0)
+        best = dict.fromkeys(ROWS, 0)
+        for serial, n, _ in self.events:
+            if serial not in row_of:
+                role = self.role.get(serial)
+                row_of[serial] = role if role is not None else _BORN_ROLE.get(self.born[serial], "transient")
+            row = row_of[serial]
+            now[row] += n
+            best[row] = max(best[row], now[row])
+        return best
 
     def breakdown(self, upto: int) -> dict[str, int]:
         """Bytes per row of :data:`ROWS` live after the first ``upto`` events."""
@@ -584,7 +601,8 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
                     optimizer = Adam8bitMemory(params, lr=settings.lr, weight_decay=settings.weight_decay)
                 else:
                     optimizer = make_optimizer(params, settings, device)
-                    if modelled:  # torch picks the foreach AdamW for CUDA tensors; meta would get the loop
+                    if modelled and bf16:  # torch picks the foreach AdamW for CUDA tensors; meta would get the
+                        # loop (which CPU tensors get too: an fp32 plan is a CPU run, mixed_precision "no")
                         for g in optimizer.param_groups:
                             g["foreach"] = True
                 scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -677,7 +695,8 @@ def distill_memory(adapter, plan, knobs: DistillKnobs | None = None, *, constant
     seen = {ph for _, _, ph in meter.events}
     groups = {"load": {"load"}, "setup": {"units"}, "training": seen - {"load", "units"}}
     est = MemoryEstimate("distill", knobs, _phases(meter, PHASES, groups.get), trainable,
-                         counted="real code on meta: the loss path, FSDP2 and AdamW run on meta tensors")
+                         counted="real code on meta: the loss path, FSDP2 and AdamW run on meta tensors",
+                         row_peaks=meter.row_peaks())
     if knobs.world > 1:
         est.notes.append(f"plug weights, gradients and optimiser states are FSDP2 shards (1/{knobs.world}, rank 0); "
                          "the bf16 teacher is replicated on every GPU")

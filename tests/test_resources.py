@@ -41,10 +41,17 @@ def _knobs(**kw):
     return DistillKnobs(**{"batch_size": 2, "resolution": 128, "text_tokens": 8, **kw})
 
 
-def test_breakdown_adds_up_to_the_peak(tiny):
-    from ppcl.resources import DISTILL_ROWS, ROWS, distill_memory
+@pytest.fixture(scope="module")
+def one_gpu(tiny):
+    from ppcl.resources import distill_memory
 
-    est = distill_memory(*tiny, _knobs())
+    return distill_memory(*tiny, _knobs())
+
+
+def test_breakdown_adds_up_to_the_peak(tiny, one_gpu):
+    from ppcl.resources import DISTILL_ROWS, ROWS
+
+    est = one_gpu
     for phase in est.phases.values():
         assert list(phase["breakdown"]) == list(ROWS)
         assert sum(phase["breakdown"].values()) == phase["tensor_peak"]
@@ -60,13 +67,13 @@ def test_breakdown_adds_up_to_the_peak(tiny):
     assert est.peak_bytes == est.tensor_peak + sum(est.constants.values())
 
 
-def test_sharding_divides_the_trainable_state_not_the_teacher(tiny):
+def test_sharding_divides_the_trainable_state_not_the_teacher(tiny, one_gpu):
     """FSDP2 over N ranks: each GPU holds about 1/N of the fp32 plug weights, gradients and AdamW states (padded
     shards of rank 0), the whole bf16 teacher, and the plugs' bf16 weights only while one unit runs."""
     from ppcl.resources import distill_memory
 
     adapter, plan = tiny
-    one, four = (distill_memory(adapter, plan, _knobs(gpus=g)) for g in (1, 4))
+    one, four = one_gpu, distill_memory(adapter, plan, _knobs(gpus=4))
     assert four.trainable == one.trainable
     a, b = (e.phases["training"]["breakdown"] for e in (one, four))
     assert b["teacher weights"] == a["teacher weights"]
@@ -74,40 +81,39 @@ def test_sharding_divides_the_trainable_state_not_the_teacher(tiny):
     assert full / 4 <= b["plug weights"] < full / 4 * 1.1
     assert 2 * full / 4 <= b["optimizer states"] < 2 * full / 4 * 1.1
     assert b["plug gradients"] < full / 4 * 1.1
-    # the gathered bf16 weights of one unit, never every unit's at once
+    # the gathered bf16 weights of one unit (FSDP2's all-gather buffer and the parameters copied out of it: two
+    # bf16 copies at most), never every unit's at once
     largest = max(adapter.blocks()[s].params for s in plan.plug_sources)
-    assert 0 < b["gathered plug weights"] <= 2 * largest * 1.1
+    assert 0 < b["gathered plug weights"] <= 2 * 2 * largest * 1.1
     assert four.tensor_peak < one.tensor_peak
 
 
-def test_each_unit_is_backpropagated_alone(tiny):
-    """Per-unit backward: the activations kept for backward at the peak are one unit's, so adding a smaller plug to
-    the plan does not add its activations to the peak (today's single backward kept every unit's at once)."""
+def test_each_unit_is_backpropagated_alone(tiny, one_gpu):
+    """Per-unit backward: the activations kept for backward are one unit's at a time, so a plan with a second
+    (smaller) plug keeps no more than the plan of its largest plug alone (one backward over the summed loss, as
+    before the sharded design, kept every unit's at once)."""
     from ppcl.plan import make_plan
     from ppcl.resources import distill_memory
 
     adapter = tiny[0]
-    kept = lambda iv: max(ph["breakdown"]["activations kept for backward"]  # noqa: E731
-                          for ph in distill_memory(adapter, make_plan(adapter, iv, allow_ends=True),
-                                                   _knobs()).phases.values())
-    both, first = kept([[0, 1], [3, 5]]), kept([[0, 1]])
-    assert both == first > 0
+    alone = distill_memory(adapter, make_plan(adapter, [[0, 1]], allow_ends=True), _knobs())
+    kept = "activations kept for backward"
+    assert one_gpu.row_peaks[kept] == alone.row_peaks[kept] > 0
 
 
-def test_knobs_move_the_terms_they_should_and_the_search_takes_the_cheapest_that_fits(tiny):
+def test_knobs_move_the_terms_they_should_and_the_search_takes_the_cheapest_that_fits(tiny, one_gpu):
     from ppcl.resources import GIB, candidate_knobs, distill_memory, plan_resources
 
     adapter, plan = tiny
-    base = distill_memory(adapter, plan, _knobs())
+    base = one_gpu
     cands = candidate_knobs(_knobs())  # the two switches, then more GPUs (both on), then batch 1
     assert [(k.gradient_checkpointing, k.adam_8bit, k.gpus, k.batch_size) for k in cands] == [
         (True, False, 1, 2), (False, True, 1, 2), (True, True, 1, 2), (True, True, 2, 2), (True, True, 4, 2),
         (True, True, 8, 2), (True, True, 8, 1)]
     est = [distill_memory(adapter, plan, k) for k in cands[:2]]
     rows = lambda e: e.phases["training"]["breakdown"]  # noqa: E731
-    peak_rows = lambda e, r: max(ph["breakdown"][r] for ph in e.phases.values())  # noqa: E731
-    assert (peak_rows(est[0], "activations kept for backward")
-            < peak_rows(base, "activations kept for backward") / 2)
+    kept = "activations kept for backward"
+    assert est[0].row_peaks[kept] < 0.6 * base.row_peaks[kept]  # the plug inputs and outputs stay
     assert rows(est[1])["optimizer states"] < rows(base)["optimizer states"] / 2
     assert rows(est[0])["teacher weights"] == rows(base)["teacher weights"]
     assert est[1].tensor_peak < base.tensor_peak
