@@ -107,9 +107,11 @@ class DistillKnobs:
     text_tokens: int = 512
     gradient_checkpointing: bool = False
     adam_8bit: bool = False
-    #: ``bf16`` (distill's ``mixed_precision auto`` on CUDA: autocast, foreach AdamW) or ``no`` (fp32 everywhere and
-    #: the per-tensor AdamW loop: a CPU run)
+    #: ``bf16`` (distill's ``mixed_precision auto`` on CUDA) or ``no`` (fp32 everywhere, CPU)
     mixed_precision: str = "bf16"
+    #: AdamW's ``foreach`` implementation (what CUDA tensors get; its step temporaries are the size of the local
+    #: shards); False: the per-tensor loop a CPU run of distill gets
+    foreach_adamw: bool = True
     #: GPUs per node and nodes: the FSDP2 mesh has ``gpus * nodes`` ranks
     gpus: int = 1
     nodes: int = 1
@@ -601,10 +603,9 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
                     optimizer = Adam8bitMemory(params, lr=settings.lr, weight_decay=settings.weight_decay)
                 else:
                     optimizer = make_optimizer(params, settings, device)
-                    if modelled and bf16:  # torch picks the foreach AdamW for CUDA tensors; meta would get the
-                        # loop (which CPU tensors get too: an fp32 plan is a CPU run, mixed_precision "no")
-                        for g in optimizer.param_groups:
-                            g["foreach"] = True
+                    # torch picks the foreach AdamW for CUDA tensors; meta (and CPU) tensors would get the loop
+                    for g in optimizer.param_groups:
+                        g["foreach"] = knobs.foreach_adamw
                 scheduler = torch.optim.lr_scheduler.LambdaLR(
                     optimizer, lambda s: lr_factor(s, settings.warmup_steps, settings.steps))
                 trainable = sum(p.numel() for p in params)
