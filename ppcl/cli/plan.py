@@ -1,4 +1,4 @@
-"""``ppcl plan show|make|resources``: inspect a plan, write one from explicit intervals, plan a run's GPU memory.
+"""``ppcl plan show|make|resources``: inspect a plan, write one from explicit intervals, plan a run's memory per stage.
 
 ``make`` and ``resources`` need no weights: the transformer is built on the meta device from its config
 (``--model`` is a pipeline folder, a transformer folder or a bare ``config.json``).
