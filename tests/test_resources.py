@@ -1,9 +1,11 @@
-"""``ppcl plan resources``: the distill stage's per-GPU memory counted on meta tensors, checked against a real CPU run
-of the same loss path measured by torch's own allocator profiler."""
+"""``ppcl plan resources``: per-stage memory (distill as the sharded design runs it, probe, export, evaluate) counted on
+meta tensors, the distill count checked against a real CPU run of the same code (FSDP2 included) measured by torch's
+own allocator profiler."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import warnings
 from pathlib import Path
@@ -39,51 +41,97 @@ def _knobs(**kw):
     return DistillKnobs(**{"batch_size": 2, "resolution": 128, "text_tokens": 8, **kw})
 
 
-def test_breakdown_adds_up_to_the_peak(tiny):
-    from ppcl.resources import ROWS, distill_memory
+@pytest.fixture(scope="module")
+def one_gpu(tiny):
+    from ppcl.resources import distill_memory
 
-    est = distill_memory(*tiny, _knobs())
+    return distill_memory(*tiny, _knobs())
+
+
+def test_breakdown_adds_up_to_the_peak(tiny, one_gpu):
+    from ppcl.resources import DISTILL_ROWS, ROWS
+
+    est = one_gpu
     for phase in est.phases.values():
         assert list(phase["breakdown"]) == list(ROWS)
         assert sum(phase["breakdown"].values()) == phase["tensor_peak"]
+        assert not any(phase["breakdown"][r] for r in ROWS if r not in DISTILL_ROWS)
     train = est.phases["training"]["breakdown"]
+    params = tiny[0].total_parameters()
     assert est.trainable == sum(tiny[0].blocks()[s].params for s in tiny[1].plug_sources)
-    assert train["plug weights"] >= 4 * est.trainable  # fp32 master weights
+    assert train["plug weights"] >= 4 * est.trainable  # fp32 master weights (one rank: the whole of them)
     assert train["optimizer states"] >= 8 * est.trainable  # two fp32 AdamW moments
-    assert train["teacher weights"] >= 2 * tiny[0].total_parameters()  # bf16 teacher
-    assert est.phases["load"]["tensor_peak"] >= 4 * tiny[0].total_parameters()  # fp32 on the device before the cast
+    assert train["teacher weights"] >= 2 * params  # bf16 teacher
+    # the teacher goes to the device in bf16: no fp32 copy at load
+    assert 2 * params <= est.phases["load"]["tensor_peak"] < 2.1 * params
     assert est.peak_bytes == est.tensor_peak + sum(est.constants.values())
 
 
-def test_knobs_move_the_terms_they_should_and_the_search_takes_the_cheapest_that_fits(tiny):
+def test_sharding_divides_the_trainable_state_not_the_teacher(tiny, one_gpu):
+    """FSDP2 over N ranks: each GPU holds about 1/N of the fp32 plug weights, gradients and AdamW states (padded
+    shards of rank 0), the whole bf16 teacher, and the plugs' bf16 weights only while one unit runs."""
+    from ppcl.resources import distill_memory
+
+    adapter, plan = tiny
+    one, four = one_gpu, distill_memory(adapter, plan, _knobs(gpus=4))
+    assert four.trainable == one.trainable
+    a, b = (e.phases["training"]["breakdown"] for e in (one, four))
+    assert b["teacher weights"] == a["teacher weights"]
+    full = 4 * one.trainable
+    assert full / 4 <= b["plug weights"] < full / 4 * 1.1
+    assert 2 * full / 4 <= b["optimizer states"] < 2 * full / 4 * 1.1
+    assert b["plug gradients"] < full / 4 * 1.1
+    # the gathered bf16 weights of one unit (FSDP2's all-gather buffer and the parameters copied out of it: two
+    # bf16 copies at most), never every unit's at once
+    largest = max(adapter.blocks()[s].params for s in plan.plug_sources)
+    assert 0 < b["gathered plug weights"] <= 2 * 2 * largest * 1.1
+    assert four.tensor_peak < one.tensor_peak
+
+
+def test_each_unit_is_backpropagated_alone(tiny, one_gpu):
+    """Per-unit backward: the activations kept for backward are one unit's at a time, so a plan with a second
+    (smaller) plug keeps no more than the plan of its largest plug alone (one backward over the summed loss, as
+    before the sharded design, kept every unit's at once)."""
+    from ppcl.plan import make_plan
+    from ppcl.resources import distill_memory
+
+    adapter = tiny[0]
+    alone = distill_memory(adapter, make_plan(adapter, [[0, 1]], allow_ends=True), _knobs())
+    kept = "activations kept for backward"
+    assert one_gpu.row_peaks[kept] == alone.row_peaks[kept] > 0
+
+
+def test_knobs_move_the_terms_they_should_and_the_search_takes_the_cheapest_that_fits(tiny, one_gpu):
     from ppcl.resources import GIB, candidate_knobs, distill_memory, plan_resources
 
     adapter, plan = tiny
-    base = distill_memory(adapter, plan, _knobs())
-    cands = candidate_knobs(_knobs())  # the two switches, then batch 1 with both on
-    assert [(k.gradient_checkpointing, k.adam_8bit, k.batch_size) for k in cands] == [
-        (True, False, 2), (False, True, 2), (True, True, 2), (True, True, 1)]
+    base = one_gpu
+    cands = candidate_knobs(_knobs())  # the two switches, then more GPUs (both on), then batch 1
+    assert [(k.gradient_checkpointing, k.adam_8bit, k.gpus, k.batch_size) for k in cands] == [
+        (True, False, 1, 2), (False, True, 1, 2), (True, True, 1, 2), (True, True, 2, 2), (True, True, 4, 2),
+        (True, True, 8, 2), (True, True, 8, 1)]
     est = [distill_memory(adapter, plan, k) for k in cands[:2]]
     rows = lambda e: e.phases["training"]["breakdown"]  # noqa: E731
-    assert rows(est[0])["activations kept for backward"] < rows(base)["activations kept for backward"] / 2
+    kept = "activations kept for backward"
+    assert est[0].row_peaks[kept] < 0.6 * base.row_peaks[kept]  # the plug inputs and outputs stay
     assert rows(est[1])["optimizer states"] < rows(base)["optimizer states"] / 2
     assert rows(est[0])["teacher weights"] == rows(base)["teacher weights"]
-    assert max(e.tensor_peak for e in est) < base.tensor_peak
+    assert est[1].tensor_peak < base.tensor_peak
 
     # a GPU just too small for the asked settings: the first candidate (in cost order) that fits is the answer
     limit = (base.peak_bytes + min(e.peak_bytes for e in est)) // 2
     first = next(i for i, e in enumerate(est) if e.peak_bytes <= limit)
-    report = plan_resources(adapter, plan, gpu_memory_gib=limit / GIB, knobs=_knobs())
+    report = plan_resources(adapter, plan, gpu_memory_gib=limit / GIB, knobs=_knobs(), stages=("distill",))
     stage = report["stages"]["distill"]
-    assert stage["fits"] is False
+    assert stage["fits"] is False and stage["peak_bytes"] == base.peak_bytes
     assert stage["cheapest_fit"] == {"settings": dataclasses.asdict(cands[first]), "peak_bytes": est[first].peak_bytes}
     assert [t["fits"] for t in stage["fit_search"]] == [False] * first + [True]
 
 
 def test_meta_prediction_matches_a_measured_cpu_run(tiny, tmp_path):
-    """The same loss path on real CPU tensors (fp32, as distill runs on CPU), its peak read from torch's profiler
-    (the CPU allocator's own running total, independent of the planner's dispatch-mode counting), against the meta
-    prediction of the same settings."""
+    """The same loss path on real CPU tensors (fp32, as distill runs on CPU; FSDP2 over a fake process group of one
+    rank), its peak read from torch's profiler (the CPU allocator's own running total, independent of the planner's
+    dispatch-mode counting), against the meta prediction of the same settings."""
     import diffusers
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -92,7 +140,7 @@ def test_meta_prediction_matches_a_measured_cpu_run(tiny, tmp_path):
     from ppcl.resources import LiveBytes, _distill_steps, distill_memory
 
     adapter, plan = tiny
-    knobs = _knobs(mixed_precision="no")
+    knobs = _knobs(mixed_precision="no", resolution=64)
     predicted = distill_memory(adapter, plan, knobs, constants=False, round_to=1).tensor_peak
 
     torch.manual_seed(0)
@@ -111,36 +159,44 @@ def test_meta_prediction_matches_a_measured_cpu_run(tiny, tmp_path):
     before = totals[0] - events[0]["args"]["Bytes"]
     measured = teacher_bytes + max(totals) - before  # the teacher was allocated before the profiler started
     assert measured > 0
-    assert abs(predicted - measured) <= 0.03 * measured, (predicted, measured)
+    assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)
 
 
 def test_cli_json_shape_and_fit(plan_file, capsys):
-    args = ["plan", "resources", "--model", str(TINY), "--plan", str(plan_file), "--resolution", "128",
-            "--text-tokens", "8", "--gpus", "4", "--nodes", "2", "--batch-size", "2", "--json"]
+    args = ["plan", "resources", "--model", str(TINY), "--plan", str(plan_file), "--resolution", "64",
+            "--text-tokens", "8", "--gpus", "4", "--nodes", "2", "--batch-size", "2", "--probe-batch-size", "1",
+            "--eval-batch-size", "1", "--json"]
     assert main([*args, "--gpu-memory", "80"]) == 0
     report = json.loads(capsys.readouterr().out)
-    stage = report["stages"]["distill"]
-    assert isinstance(stage["peak_bytes"], int) and stage["fits"] is True
-    assert stage["peak_bytes"] <= report["gpu_memory_bytes"] == 80 * 2**30
+    assert list(report["stages"]) == ["distill", "probe", "export", "evaluate"]
+    for name, stage in report["stages"].items():
+        assert isinstance(stage["peak_bytes"], int) and stage["fits"] is True, name
+        assert stage["peak_bytes"] <= stage["limit_bytes"]
+        assert stage["counted"] and stage["cheapest_fit"] is None and stage["fit_search"] == []
+    assert report["stages"]["export"]["memory"] == "host" and report["host_memory_bytes"] == 8 * 2**30
+    distill = report["stages"]["distill"]
+    assert distill["limit_bytes"] == report["gpu_memory_bytes"] == 80 * 2**30
     assert report["global_batch_size"] == 2 * 4 * 2
-    assert "does not depend on the number of GPUs" in report["sharding"]
-    assert set(stage["phases"]) == {"load", "training"}
-    assert stage["cheapest_fit"] is None and stage["fit_search"] == []
+    assert "1/8 shards" in report["sharding"]
+    assert set(distill["phases"]) == {"load", "setup", "training"}
 
-    # a GPU smaller than the CUDA context alone: no fit (and no search asked for)
-    assert main([*args, "--gpu-memory", "0.25", "--no-search"]) == 0
-    small = json.loads(capsys.readouterr().out)["stages"]["distill"]
-    assert small["fits"] is False and small["fit_search"] == [] and small["peak_bytes"] == stage["peak_bytes"]
+    # host RAM smaller than the process alone: no fit (and no search asked for); one stage only
+    assert main([*args, "--host-memory", "0.25", "--no-search", "--stages", "export"]) == 0
+    small = json.loads(capsys.readouterr().out)["stages"]
+    assert list(small) == ["export"]
+    assert small["export"]["fits"] is False and small["export"]["fit_search"] == []
+    assert small["export"]["peak_bytes"] == report["stages"]["export"]["peak_bytes"]
 
 
-def test_table_names_every_term_and_the_copies(plan_file, capsys):
+def test_table_names_every_term(plan_file, capsys):
     assert main(["plan", "resources", "--model", str(TINY), "--plan", str(plan_file), "--resolution", "64",
-                 "--text-tokens", "8", "--gpus", "8", "--no-search"]) == 0
+                 "--text-tokens", "8", "--gpus", "8", "--no-search", "--stages", "distill,export"]) == 0
     out = capsys.readouterr().out
-    for row in ("teacher weights", "plug weights", "plug gradients", "optimizer states",
-                "activations kept for backward", "transient", "cuda context", "allocator slack", "fits in 80.0 GiB",
-                "replicates"):
-        assert row in out
+    for row in ("teacher weights", "plug weights", "gathered plug weights", "plug gradients", "optimizer states",
+                "captured teacher states", "activations kept for backward", "transient", "cuda context",
+                "allocator slack", "fits in 80.0 GiB", "FSDP2 over 8 rank(s)", "replicated", "export host RAM",
+                "output shard being filled", "real code on meta", "modelled"):
+        assert row in out, row
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -154,6 +210,10 @@ def test_table_names_every_term_and_the_copies(plan_file, capsys):
     ("--text-tokens", "0", "--text-tokens: must be >= 1"),
     ("--plan", "missing.json", "plan file not found: missing.json"),
     ("--model", "nowhere", "model config not found"),
+    ("--host-memory", "-1", "--host-memory: must be a positive number of GiB"),
+    ("--max-shard-size", "0", "--max-shard-size: must be a positive number of GB"),
+    ("--probe-batch-size", "0", "--probe-batch-size: must be >= 1"),
+    ("--stages", "distill,train", "--stages: unknown stage(s) train"),
 ])
 def test_resources_bad_flags_are_one_line_errors(plan_file, capsys, flag, value, message):
     args = {"--model": str(TINY), "--plan": str(plan_file), "--resolution": "64", "--text-tokens": "8"}
@@ -190,3 +250,96 @@ def test_width_ops_are_trained_units_too(tiny):
     train = est.phases["training"]["breakdown"]
     assert train["optimizer states"] >= 8 * est.trainable
     assert sum(train.values()) == est.phases["training"]["tensor_peak"]
+
+
+def test_probe_counts_the_real_accumulator(tiny):
+    """The probe stage runs ppcl.probe's accumulator on meta: its float64 moment banks (fixed by the projection
+    width, not the batch) and one bf16 forward whose working set grows with the batch."""
+    from ppcl.probe import moment_bytes
+    from ppcl.resources import StageKnobs, probe_memory
+
+    adapter = tiny[0]
+    one, four = (probe_memory(adapter, StageKnobs(batch_size=b, resolution=64, text_tokens=8)) for b in (1, 4))
+    a, b = (e.phases["probe"]["breakdown"] for e in (one, four))
+    kinds = [blk.kind for blk in adapter.blocks()]
+    width = adapter.transformer.inner_dim  # tiny: exact moments fit
+    assert a["probe statistics"] == b["probe statistics"] >= moment_bytes(len(kinds), kinds, width, 12)
+    assert a["teacher weights"] >= 2 * adapter.total_parameters()
+    assert b["transient"] > a["transient"] > 0
+    assert sum(b.values()) == four.phases["probe"]["tensor_peak"]
+
+
+def test_export_of_the_released_qwen_plan_fits_8_gb_and_10_gb_shards_do_not(tmp_path):
+    """Issue 16's target on the committed real config: the streaming export needs <= 8 GB of host RAM with the
+    default 5 GB shards; diffusers' own 10 GB default would not fit, and the search offers 5 GB."""
+    from ppcl.plan import make_plan, meta_adapter
+    from ppcl.resources import GIB, ExportKnobs, export_memory, plan_resources
+
+    qwen = meta_adapter(Path(__file__).parent / "data" / "configs" / "qwen-image")
+    plan = make_plan(qwen, [[3, 4], [5, 7], [8, 10], [11, 12], [15, 24], [25, 27], [29, 30], [42, 43], [45, 47],
+                            [48, 49], [52, 53], [54, 55], [56, 57]])
+    est = export_memory(qwen, plan)
+    rows = est.phases["export"]["breakdown"]
+    assert rows["output shard being filled"] == 5 * 10**9
+    assert rows["unit being read"] == qwen.blocks()[0].params * (4 + 2)  # a plug read in fp32 + its bf16 copy
+    assert est.peak_bytes <= 8 * 10**9
+    report = plan_resources(qwen, plan, stages=("export",), export=ExportKnobs(max_shard_bytes=10 * 10**9),
+                            host_memory_gib=8)
+    stage = report["stages"]["export"]
+    assert stage["fits"] is False and stage["peak_bytes"] > 8 * GIB
+    assert stage["cheapest_fit"]["settings"]["max_shard_bytes"] == 5 * 10**9
+
+
+def test_evaluate_counts_the_pipeline_components_from_their_headers(tiny_pipe_dir):
+    import safetensors
+
+    from ppcl.plan import meta_adapter
+    from ppcl.resources import StageKnobs, component_bytes, evaluate_memory
+
+    folder = tiny_pipe_dir["flux"]
+    adapter = meta_adapter(folder)
+    comps = component_bytes(folder)
+    assert "transformer" not in comps and {"text_encoder", "vae"} <= set(comps)
+    numel = 0
+    for f in (folder / "vae").glob("*.safetensors"):
+        with safetensors.safe_open(str(f), "pt") as fh:
+            numel += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    assert comps["vae"] == 2 * numel  # loaded in bf16
+    est = evaluate_memory(adapter, StageKnobs(batch_size=1, resolution=64, text_tokens=8), folder)
+    assert est.constants["vae (bf16)"] == comps["vae"]
+    assert est.peak_bytes >= est.tensor_peak + sum(comps.values())
+    bare = evaluate_memory(adapter, StageKnobs(batch_size=1, resolution=64, text_tokens=8), TINY)
+    assert any("NOT counted" in n for n in bare.notes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, intervals, gpus, limit_gib", [
+    ("qwen-image", [[3, 4], [5, 7], [8, 10], [11, 12], [15, 24], [25, 27], [29, 30], [42, 43], [45, 47], [48, 49],
+                    [52, 53], [54, 55], [56, 57]], 8, 64),
+    ("flux1-dev", [[3, 10], [22, 31], [34, 43], [46, 54]], 1, 40),
+    ("sd35-large", [[3, 8], [10, 15], [18, 23], [26, 30]], 1, 40),
+])
+def test_issue_15_targets_on_the_real_configs(config, intervals, gpus, limit_gib):
+    """Issue 15's targets at 1024 x 1024, batch 1 per GPU, fp32 AdamW, no checkpointing: the released Qwen-Image
+    plan on 8 x 80 GB <= 64 GiB per GPU; FLUX.1-dev and SD3.5-large at keep ~0.5 (4 plugs) on one GPU <= 40 GiB."""
+    from ppcl.plan import make_plan, meta_adapter
+    from ppcl.resources import GIB, DistillKnobs, distill_memory
+
+    adapter = meta_adapter(Path(__file__).parent / "data" / "configs" / config)
+    plan = make_plan(adapter, intervals)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = distill_memory(adapter, plan, DistillKnobs(gpus=gpus))
+    assert est.peak_bytes <= limit_gib * GIB, est.peak_bytes / GIB
+
+
+@pytest.mark.slow
+def test_issue_16_probe_target_on_the_real_qwen_config():
+    from ppcl.plan import meta_adapter
+    from ppcl.resources import GIB, StageKnobs, probe_memory
+
+    adapter = meta_adapter(Path(__file__).parent / "data" / "configs" / "qwen-image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = probe_memory(adapter, StageKnobs(batch_size=4))
+    assert est.peak_bytes <= 60 * GIB, est.peak_bytes / GIB

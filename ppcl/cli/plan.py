@@ -1,4 +1,4 @@
-"""``ppcl plan show|make|resources``: inspect a plan, write one from explicit intervals, plan a run's GPU memory.
+"""``ppcl plan show|make|resources``: inspect a plan, write one from explicit intervals, plan a run's memory per stage.
 
 ``make`` and ``resources`` need no weights: the transformer is built on the meta device from its config
 (``--model`` is a pipeline folder, a transformer folder or a bare ``config.json``).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "inspect a plan (show), write one from explicit intervals (make), plan a run's GPU memory (resources)"
+HELP = "inspect a plan (show), write one from explicit intervals (make), plan a run's memory (resources)"
 
 INTERVALS_HELP = ("teacher block ranges replaced by one plug each, 0-based inclusive, in execution order: "
                   "'3-4,5-7,12' ([12, 12] re-trains block 12 in place), or the JSON list '[[3,4],[5,7]]'")
@@ -47,26 +47,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--allow-ends", action="store_true", help="allow removing the first/last block")
     make.add_argument("--out", required=True, help="plan.json to write")
 
-    res = sub.add_parser("resources", help="per-GPU memory of a distill run, counted on the meta device",
-                         description="Per-GPU peak memory of `ppcl distill` as today's code runs it, counted tensor "
-                                     "by tensor while its real loss path runs on meta tensors (no weights, no GPU): "
-                                     "teacher weights, plug weights, gradients, optimizer states, activations, "
-                                     "transients; fit / no fit against --gpu-memory and, when it does not fit, the "
-                                     "cheapest settings that do. Today's distill does not shard: N GPUs hold N "
-                                     "copies, so the per-GPU peak does not depend on --gpus.")
+    res = sub.add_parser("resources", help="peak memory of every stage (distill, probe, export, evaluate), no weights",
+                         description="Peak memory of each stage of a run, per GPU (export: host RAM), counted tensor "
+                                     "by tensor while the stage's real code runs on meta tensors (no weights, no GPU) "
+                                     "where it can: distill (the loss path, FSDP2 sharding over --gpus x --nodes "
+                                     "ranks, AdamW), probe (the real accumulator) and evaluate's denoising forward; "
+                                     "export is modelled from the plan's exact sizes. Per stage: the breakdown, fit / "
+                                     "no fit and, when it does not fit, the cheapest settings that do.")
     res.add_argument("--model", required=True, help="pipeline folder, transformer folder or config.json")
     res.add_argument("--plan", required=True, help="plan.json")
     res.add_argument("--gpus", default="1", help="GPUs per node (default 1)")
     res.add_argument("--nodes", default="1", help="nodes (default 1)")
     res.add_argument("--gpu-memory", default="80", help="memory of one GPU in GiB (default 80)")
-    res.add_argument("--batch-size", default="1", help="samples per GPU per step (default 1)")
+    res.add_argument("--host-memory", default="8", help="host RAM for the export in GiB (default 8)")
+    res.add_argument("--batch-size", default="1", help="distill: samples per GPU per step (default 1)")
+    res.add_argument("--probe-batch-size", default="4", help="probe: samples per forward (default 4)")
+    res.add_argument("--eval-batch-size", default="4", help="evaluate: images per pipeline call (default 4)")
     res.add_argument("--resolution", default="1024", help="image side in pixels, a multiple of 16 (default 1024)")
     res.add_argument("--text-tokens", default="512", help="text tokens per sample (default 512)")
     res.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint every plug block")
     res.add_argument("--8bit-adam", dest="adam_8bit", action="store_true",
                      help="bitsandbytes AdamW8bit (2 bytes of state per parameter instead of 8)")
+    res.add_argument("--output-loss-weight", default="0", help="distill's output-level term (default 0: off)")
+    res.add_argument("--max-shard-size", default="5", help="export: output shard size in GB (default 5)")
+    res.add_argument("--stages", default="distill,probe,export,evaluate",
+                     help="stages to plan, comma-separated (default all: distill,probe,export,evaluate)")
     res.add_argument("--no-search", action="store_true", help="do not search for settings that fit")
-    res.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    res.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
 
 
 def parse_intervals(text: str) -> list[list[int]]:
@@ -242,20 +249,30 @@ def _resources(args: argparse.Namespace) -> int:
     import json
     import warnings
 
+    from ppcl.errors import PPCLError
     from ppcl.plan import load_plan, meta_adapter
-    from ppcl.resources import DistillKnobs, format_resources, plan_resources
+    from ppcl.resources import DistillKnobs, ExportKnobs, StageKnobs, format_resources, plan_resources
 
     gpus = _number(args.gpus, "--gpus", int, 1)
     nodes = _number(args.nodes, "--nodes", int, 1)
     memory = _number(args.gpu_memory, "--gpu-memory", float)
     if not memory > 0:
-        from ppcl.errors import PPCLError
-
         raise PPCLError(f"--gpu-memory: must be a positive number of GiB (got {args.gpu_memory})")
-    knobs = DistillKnobs(batch_size=_number(args.batch_size, "--batch-size", int, 1),
-                         resolution=_number(args.resolution, "--resolution", int, 16),
-                         text_tokens=_number(args.text_tokens, "--text-tokens", int, 1),
-                         gradient_checkpointing=args.gradient_checkpointing, adam_8bit=args.adam_8bit)
+    host = _number(args.host_memory, "--host-memory", float)
+    if not host > 0:
+        raise PPCLError(f"--host-memory: must be a positive number of GiB (got {args.host_memory})")
+    shard = _number(args.max_shard_size, "--max-shard-size", float)
+    if not shard > 0:
+        raise PPCLError(f"--max-shard-size: must be a positive number of GB (got {args.max_shard_size})")
+    resolution = _number(args.resolution, "--resolution", int, 16)
+    tokens = _number(args.text_tokens, "--text-tokens", int, 1)
+    knobs = DistillKnobs(batch_size=_number(args.batch_size, "--batch-size", int, 1), resolution=resolution,
+                         text_tokens=tokens, gradient_checkpointing=args.gradient_checkpointing,
+                         adam_8bit=args.adam_8bit,
+                         output_loss_weight=_number(args.output_loss_weight, "--output-loss-weight", float, 0))
+    probe = StageKnobs(_number(args.probe_batch_size, "--probe-batch-size", int, 1), resolution, tokens)
+    evaluate = StageKnobs(_number(args.eval_batch_size, "--eval-batch-size", int, 1), resolution, tokens)
+    stages = tuple(x.strip() for x in args.stages.split(",") if x.strip())
     plan = load_plan(args.plan)
     import diffusers
 
@@ -265,6 +282,8 @@ def _resources(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         adapter = meta_adapter(args.model)
         report = plan_resources(adapter, plan, gpus=gpus, nodes=nodes, gpu_memory_gib=memory, knobs=knobs,
-                                search=not args.no_search)
+                                search=not args.no_search, stages=stages, probe=probe, evaluate=evaluate,
+                                export=ExportKnobs(max_shard_bytes=int(shard * 1e9)), host_memory_gib=host,
+                                model=args.model)
     print(json.dumps(report, indent=2) if args.json else format_resources(report))
     return 0
