@@ -340,26 +340,31 @@ def test_full_released_qwen_plan_distills_exports_and_generates(qwen60_dir, tmp_
 
 
 # ------------------------------------------------------------------------------------------- dtype and shards
-def _bf16_teacher(pipe_dir, run, tmp_path):
-    """A copy of the pipeline whose transformer is stored in bf16, and a copy of ``run`` whose run.json records it as
-    the teacher (the fingerprint recomputed; the plugs are the same file, so plugs_sha256 still holds)."""
+def _teacher_copy(pipe_dir, run, where, change):
+    """A copy of the pipeline whose transformer weights are ``change(state dict)``, and a copy of ``run`` whose run.json
+    records it as the teacher (the fingerprint recomputed; the plugs are the same file, so plugs_sha256 still holds)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     from ppcl.integrity import teacher_fingerprint
 
-    teacher = tmp_path / "teacher16"
+    teacher = where / "teacher"
     shutil.copytree(pipe_dir, teacher)
     f = teacher / "transformer" / "diffusion_pytorch_model.safetensors"
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
-    run16 = tmp_path / "run16"
-    run16.mkdir()
-    shutil.copy2(run / "plugs.safetensors", run16 / "plugs.safetensors")
+    save_file(change(load_file(str(f))), str(f), metadata={"format": "pt"})
+    new_run = where / "run"
+    new_run.mkdir()
+    shutil.copy2(run / "plugs.safetensors", new_run / "plugs.safetensors")
     meta = json.loads((run / "run.json").read_text())
     meta["teacher"]["fingerprint"] = teacher_fingerprint(teacher)
-    (run16 / "run.json").write_text(json.dumps(meta))
-    return teacher, run16
+    (new_run / "run.json").write_text(json.dumps(meta))
+    return teacher, new_run
+
+
+def _bf16_teacher(pipe_dir, run, tmp_path):
+    (tmp_path / "t16").mkdir()
+    return _teacher_copy(pipe_dir, run, tmp_path / "t16", lambda sd: {k: v.to(torch.bfloat16) for k, v in sd.items()})
 
 
 def test_bf16_teacher_exports_bf16_in_diffusers_shards(runs, tmp_path, capsys):
@@ -397,3 +402,28 @@ def test_bf16_teacher_exports_bf16_in_diffusers_shards(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ppcl export: error:") and "--max-shard-size" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_teacher_weights_that_do_not_fit_fail_in_one_line(runs, tmp_path, capsys):
+    """Every tensor is checked by name and shape before anything is written (nanoGPT's rule: nothing copied by
+    luck): a missing, misshapen or extra teacher tensor is one line naming it."""
+    pipe_dir, plan_path, run = runs("flux")
+    key = "transformer_blocks.0.attn.to_q.weight"
+    cases = {
+        "missing": (lambda sd: {k: v for k, v in sd.items() if k != key}, f"cannot fill {key}"),
+        "shape": (lambda sd: {**sd, key: sd[key][:-1]}, f"shape mismatch for {key}"),
+        "extra": (lambda sd: {**sd, "context_embedder.extra": torch.zeros(2)}, "context_embedder.extra"),
+        "extra in a block": (lambda sd: {**sd, "transformer_blocks.0.extra": torch.zeros(2)},
+                             "transformer_blocks.0.extra"),
+    }
+    capsys.readouterr()  # the fixture's loading messages
+    for name, (change, fragment) in cases.items():
+        where = tmp_path / name.replace(" ", "_")
+        where.mkdir()
+        teacher, new_run = _teacher_copy(pipe_dir, run, where, change)
+        rc = main(["export", "--model", str(teacher), "--plan", str(plan_path), "--plugs", str(new_run), "--all",
+                   "--out", str(where / "out")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("ppcl export: error:") and len(err.strip().splitlines()) == 1, (name, err)
+        assert fragment in err, (name, err)
+        assert not (where / "out").exists()
