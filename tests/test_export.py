@@ -340,11 +340,13 @@ def test_full_released_qwen_plan_distills_exports_and_generates(qwen60_dir, tmp_
 
 
 # ------------------------------------------------------------------------------------------- dtype and shards
-def _teacher_copy(pipe_dir, run, where, change):
-    """A copy of the pipeline whose transformer weights are ``change(state dict)``, and a copy of ``run`` whose run.json
-    records it as the teacher (the fingerprint recomputed; the plugs are the same file, so plugs_sha256 still holds)."""
+def _teacher_copy(pipe_dir, run, where, change, shard_size=None):
+    """A copy of the pipeline whose transformer weights are ``change(state dict)`` (in diffusers' shards of
+    ``shard_size`` bytes with their index, if given), and a copy of ``run`` whose run.json records it as the teacher
+    (the fingerprint recomputed; the plugs are the same file, so plugs_sha256 still holds)."""
     import shutil
 
+    from huggingface_hub import save_torch_state_dict
     from safetensors.torch import load_file, save_file
 
     from ppcl.integrity import teacher_fingerprint
@@ -352,7 +354,14 @@ def _teacher_copy(pipe_dir, run, where, change):
     teacher = where / "teacher"
     shutil.copytree(pipe_dir, teacher)
     f = teacher / "transformer" / "diffusion_pytorch_model.safetensors"
-    save_file(change(load_file(str(f))), str(f), metadata={"format": "pt"})
+    sd = change(load_file(str(f)))
+    if shard_size is None:
+        save_file(sd, str(f), metadata={"format": "pt"})
+    else:
+        f.unlink()
+        save_torch_state_dict(sd, f.parent, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                              max_shard_size=shard_size)
+        assert len(list(f.parent.glob("*.safetensors"))) > 2
     new_run = where / "run"
     new_run.mkdir()
     shutil.copy2(run / "plugs.safetensors", new_run / "plugs.safetensors")
@@ -363,8 +372,10 @@ def _teacher_copy(pipe_dir, run, where, change):
 
 
 def _bf16_teacher(pipe_dir, run, tmp_path):
+    """Stored in bf16 and sharded, as a real teacher is."""
     (tmp_path / "t16").mkdir()
-    return _teacher_copy(pipe_dir, run, tmp_path / "t16", lambda sd: {k: v.to(torch.bfloat16) for k, v in sd.items()})
+    return _teacher_copy(pipe_dir, run, tmp_path / "t16", lambda sd: {k: v.to(torch.bfloat16) for k, v in sd.items()},
+                         shard_size=20_000)
 
 
 def test_bf16_teacher_exports_bf16_in_diffusers_shards(runs, tmp_path, capsys):
@@ -372,7 +383,7 @@ def test_bf16_teacher_exports_bf16_in_diffusers_shards(runs, tmp_path, capsys):
     from ppcl.export_stream import INDEX_NAME, WEIGHTS_NAME
 
     pipe_dir, plan_path, run = runs("qwenimage", width=True)
-    teacher, run16 = _bf16_teacher(pipe_dir, run, tmp_path)
+    teacher, run16 = _bf16_teacher(pipe_dir, run, tmp_path)  # read through its index
     # default: the teacher's dtype (the fp32 plugs cast to it), everything in one file like save_pretrained
     res = export(teacher, plan_path, run16, tmp_path / "bf16", intervals=[0, 2])
     ref = assert_same_as_in_memory(teacher, plan_path, run16, tmp_path / "bf16", res.intervals, dtype=torch.bfloat16)

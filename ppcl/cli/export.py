@@ -15,7 +15,9 @@ def _indices(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ppcl.settings import ExportSettings
+    from typing import get_args
+
+    from ppcl.settings import DType, ExportSettings
 
     about = {n: f.description for n, f in ExportSettings.model_fields.items()}
     parser.add_argument("--model", required=True, help="teacher pipeline folder")
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--keep-params", type=float, help=about["keep_params"])
     which.add_argument("--intervals", type=_indices, help=about["intervals"])
     which.add_argument("--all", action="store_true", help=about["all_intervals"])
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help=about["dtype"])
+    parser.add_argument("--dtype", choices=get_args(DType), default=None, help=about["dtype"])
     parser.add_argument("--max-shard-size", default=ExportSettings.model_fields["max_shard_size"].default,
                         help=about["max_shard_size"])
     parser.add_argument("--out", required=True, help="pruned pipeline folder to write")
