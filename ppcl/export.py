@@ -1,10 +1,14 @@
 """Export: materialise a real, smaller transformer from a plan and its trained plugs (method.md section 4).
 
-The pruned transformer is built from ``adapter.pruned_config(keep)`` on the meta device (no memory, no random
-init), then a state dict is assembled key by key (nanoGPT style): every key of the new model is taken from the
-module that now sits at that position (a kept teacher block, a plug, or a teacher non-block module), and its name
-and shape are checked; nothing is copied by luck. Removed blocks are gone from the module lists, the config's
-layer counts are updated, weights are safetensors.
+Nothing is materialised in full (issue 16): the teacher and the student exist only on the meta device (shapes,
+config, exact counts), and the student's weights are streamed tensor by tensor from the teacher's safetensors and
+the run's ``plugs.safetensors`` into diffusers' sharded layout (:mod:`ppcl.export_stream`: peak memory about one
+block, whatever the model size; the teacher's dtype by default, ``dtype`` to cast; ``max_shard_size`` as in
+``save_pretrained``). Every key of the new model is taken from what now sits at that position (a kept teacher block,
+a plug, or a teacher non-block module, as the block map of :mod:`ppcl.lineage` says), and its name and shape are
+checked; nothing is copied by luck. Removed blocks are gone from the module lists, the config's layer counts are
+updated, weights are safetensors. :func:`build_pruned_transformer` is the in-memory construction of the same model
+from loaded modules (quality benchmarks; the test oracle of the streamed export, bit for bit).
 
 - Depth-only exports use the stock class (``FluxTransformer2DModel`` ...): the folder loads with stock diffusers,
   no ppcl import. Exports with width ops use the family's config-registered ``PPCL<Class>`` (extra config field
@@ -47,6 +51,7 @@ from torch import nn
 from ppcl.arch.common import Adapter, count_parameters
 from ppcl.atomic import atomic_path
 from ppcl.errors import PPCLError
+from ppcl.export_stream import DEFAULT_MAX_SHARD_SIZE
 
 #: above this many intervals, --keep-params uses a greedy choice instead of trying every subset
 EXHAUSTIVE_MAX = 16
@@ -133,8 +138,27 @@ def _width_class(adapter: Adapter) -> type:
     return getattr(module, name)
 
 
-def build_pruned_transformer(adapter: Adapter, units, width_ops_new: list[dict[str, Any]], lists, keep) -> nn.Module:
-    """The pruned transformer: config from ``adapter.pruned_config(keep)``, built empty, loaded key by key."""
+def student_width_ops(units, position: dict[int, int]) -> list[dict[str, Any]]:
+    """The plan's width ops with block indices of the PRUNED model (module doc: a chosen plug may hold a or b);
+    ``units`` the chosen ones, ``position`` from ``student_layout``."""
+    cover = covering_positions(units, position)
+    out = []
+    for u in units:
+        if u.kind not in ("width", "text_freeze"):
+            continue
+        for op in u.ops:
+            if op.get("op") == "text_freeze":
+                a, b = op["interval"]
+                out.append({**op, "interval": [cover[a], cover[b]]})
+            else:  # ffn_linear blocks are never inside an interval: always kept
+                out.append({**op, "block": position[int(op["block"])]})
+    return out
+
+
+def pruned_skeleton(adapter: Adapter, width_ops_new: list[dict[str, Any]], keep) -> nn.Module:
+    """The pruned transformer with empty (meta) weights: config from ``adapter.pruned_config(keep)`` (+ ``width_ops``
+    and the family's ``PPCL<Class>`` when there are width ops). Its config is the export's ``config.json``, its state
+    dict names every tensor the export must fill."""
     from accelerate import init_empty_weights
 
     cfg = {k: v for k, v in adapter.pruned_config(keep).items() if not k.startswith("_")}
@@ -142,7 +166,26 @@ def build_pruned_transformer(adapter: Adapter, units, width_ops_new: list[dict[s
     if width_ops_new:
         cfg["width_ops"] = width_ops_new
     with init_empty_weights():
-        model = cls.from_config(cfg)
+        return cls.from_config(cfg)
+
+
+def _teacher_skeleton(model: Path) -> Adapter:
+    """The teacher's adapter over its transformer built on the meta device from ``transformer/config.json``; the
+    folder's weight files are checked for truncation (one line naming the file), none is loaded."""
+    from ppcl.integrity import check_pipeline_weights
+    from ppcl.plan import meta_adapter
+
+    if not model.exists():
+        raise PPCLError(f"model path not found: {model}")
+    if not (model / "model_index.json").is_file():
+        raise PPCLError(f"not a diffusers pipeline directory (no model_index.json): {model}")
+    check_pipeline_weights(model)
+    return meta_adapter(model)
+
+
+def build_pruned_transformer(adapter: Adapter, units, width_ops_new: list[dict[str, Any]], lists, keep) -> nn.Module:
+    """The pruned transformer in memory, from loaded modules: :func:`pruned_skeleton`, loaded key by key."""
+    model = pruned_skeleton(adapter, width_ops_new, keep)
     teacher_sd = adapter.transformer.state_dict()
     block_prefixes = {name for name in lists}
     sources: dict[str, dict[str, torch.Tensor]] = {}
@@ -221,25 +264,33 @@ def export(
     keep_params: float | None = None,
     intervals: list[int] | None = None,
     all_intervals: bool = False,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> ExportResult:
     """Write a pruned pipeline folder ``out`` (the teacher's other components + the pruned transformer).
 
     Args:
-        model: the teacher pipeline folder.
+        model: the teacher pipeline folder (local; the pipeline's export step downloads an s3:// teacher first).
         plan: plan.json path / Plan / dict the plugs were trained for.
         plugs: the distill RUN folder (run.json + plugs.safetensors).
         keep_params / intervals / all_intervals: exactly one: a parameter fraction (see the module rule), plan
             indices of the intervals to replace, or every interval.
+        dtype: ``float32`` / ``bfloat16`` / ``float16``: cast every floating-point tensor; None: the teacher's
+            (:mod:`ppcl.export_stream`).
+        max_shard_size: the largest weight file, bytes or ``"10GB"``-style (diffusers' ``save_pretrained`` rule).
     """
-    from ppcl.arch import load_pipeline
-    from ppcl.distill import build_units, check_plan_family, load_unit_weights, plan_dict, plan_hash, student_layout
+    from ppcl.distill import build_units, check_plan_family, plan_dict, plan_hash, student_layout
+    from ppcl.export_stream import (DTYPES, check_plug_tensors, parse_shard_size, plan_copies, teacher_tensors,
+                                    write_transformer_weights)
     from ppcl.lineage import LINEAGE_FILE, PLAN_FILE, build_lineage
     from ppcl.plan import as_plan
-    from ppcl.plugs import freeze
 
     chosen_modes = sum([keep_params is not None, intervals is not None, bool(all_intervals)])
     if chosen_modes != 1:
         raise PPCLError("choose exactly one of --keep-params, --intervals, --all")
+    if dtype is not None and dtype not in DTYPES:
+        raise PPCLError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)} (or none: the teacher's)")
+    shard_bytes = parse_shard_size(max_shard_size)
     model_path, plugs, out = Path(model), Path(plugs), Path(out)
     plan_obj = as_plan(plan)
     # the plan copied into the export unchanged: the file's own bytes, or the object as save_plan writes it
@@ -251,18 +302,14 @@ def export(
     from ppcl.integrity import check_run_inputs
 
     check_run_inputs(plugs, run, model_path)  # plugs intact and trained on THIS teacher (issue 13)
-    pipe = load_pipeline(model_path)
-    from ppcl.arch import get_adapter
-
-    adapter = get_adapter(pipe)
+    adapter = _teacher_skeleton(model_path)
     teacher = run.get("teacher", {})
     if teacher.get("family") not in (None, adapter.family) or teacher.get("num_blocks") not in (None, adapter.num_blocks):
         raise PPCLError(f"plugs {plugs} were trained on a {teacher.get('family')} model with "
                         f"{teacher.get('num_blocks')} blocks, not this {adapter.family} model with {adapter.num_blocks}")
     check_plan_family(plan_obj, adapter, "export")
-    freeze(adapter.transformer)
-    units = build_units(adapter, plan_obj, run.get("settings", {}).get("init"))
-    load_unit_weights(units, plugs / "plugs.safetensors")
+    units = build_units(adapter, plan_obj, run.get("settings", {}).get("init"))  # on the meta device: shapes only
+    plug_tensors = check_plug_tensors(units, plugs / "plugs.safetensors")
 
     n_iv = len(plan_obj.intervals)
     teacher_params = adapter.total_parameters()
@@ -286,17 +333,11 @@ def export(
         chosen = choose_intervals(float(keep_params), teacher_params, width_saving, savings, losses)
 
     selected = [u for u in units if u.kind != "interval" or u.index in chosen]
-    lists, keep, position = student_layout(adapter, selected)
-    cover = covering_positions(selected, position)
-    width_new = []
-    for u in width_units:  # indices of the pruned model (module doc: a chosen plug may hold a or b)
-        for op in u.ops:
-            if op.get("op") == "text_freeze":
-                a, b = op["interval"]
-                width_new.append({**op, "interval": [cover[a], cover[b]]})
-            else:  # ffn_linear blocks are never inside an interval: always kept
-                width_new.append({**op, "block": position[int(op["block"])]})
-    pruned = build_pruned_transformer(adapter, selected, width_new, lists, keep)
+    _, keep, position = student_layout(adapter, selected)
+    width_new = student_width_ops(selected, position)
+    pruned = pruned_skeleton(adapter, width_new, keep)
+    copies = plan_copies(adapter, selected, pruned.state_dict(), teacher_tensors(model_path), plug_tensors,
+                         DTYPES[dtype] if dtype else None)  # every tensor's source checked before a byte is written
     params = count_parameters(pruned)
     predicted = teacher_params - width_saving - sum(savings[k] for k in chosen)
     if params != predicted:  # a bug, not bad input: the structure differs from the accounting
@@ -313,7 +354,9 @@ def export(
                 shutil.copytree(item, tmp / item.name)
             else:
                 shutil.copy2(item, tmp / item.name)
-        pruned.save_pretrained(tmp / "transformer", safe_serialization=True)
+        (tmp / "transformer").mkdir()
+        pruned.save_config(tmp / "transformer")  # the config.json save_pretrained writes
+        write_transformer_weights(copies, tmp / "transformer", shard_bytes)
         index = json.loads((tmp / "model_index.json").read_text())
         library = "diffusers" if not width_new else type(pruned).__module__
         index["transformer"] = [library, type(pruned).__name__]

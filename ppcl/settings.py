@@ -227,6 +227,10 @@ class ExportSettings(StageSettings):
                                       "subset of plugs with the most parameters not above it")
     intervals: list[int] | None = Field(None, description="plan indices of the intervals to replace, e.g. 0,2,5")
     all_intervals: bool = Field(False, description="replace every interval of the plan")
+    dtype: DType | None = Field(None, description="dtype of the exported weights (none: the teacher's, e.g. "
+                                "bfloat16 for a bf16 teacher; the fp32 plugs are cast to it)")
+    max_shard_size: str = Field("10GB", description="largest weight file of the exported transformer: bytes or "
+                                "a size such as 10GB or 500MB (diffusers' save_pretrained default)")
 
     # one budget: each later field refuses itself when an earlier one is given (the error names the field)
     @field_validator("intervals")
@@ -242,6 +246,20 @@ class ExportSettings(StageSettings):
         if v and any(info.data.get(n) is not None for n in ("keep_params", "intervals")):
             raise ValueError("cannot be given with keep_params or intervals: give one of the three")
         return v
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v: str) -> str:
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        text = v.strip()
+        try:
+            n = int(text) if text.isdigit() else parse_size_to_int(text.upper())
+        except ValueError:
+            raise ValueError(f"{v!r} is not a size: expected bytes or a number with KB, MB, GB or TB") from None
+        if n < 1:
+            raise ValueError("must be at least 1 byte")
+        return text
 
 
 class EvaluateSettings(StageSettings, EvalSettings):

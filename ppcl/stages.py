@@ -339,7 +339,8 @@ def export(teacher: str, plan_dir: str, plugs: str, keep_params: float, out: str
     model = local_model(teacher, Path(out).parent / "teacher")
     check_family(model, (settings or {}).get("family"))
     result = run_export(model, Path(plan_dir) / "plan.json", plugs, out, keep_params=cfg.keep_params,
-                        intervals=cfg.intervals, all_intervals=cfg.all_intervals)  # fmt: skip
+                        intervals=cfg.intervals, all_intervals=cfg.all_intervals, dtype=cfg.dtype,
+                        max_shard_size=cfg.max_shard_size)  # fmt: skip
     metrics = {"keep_params": keep_params, "parameters": result.parameters,
                "parameters_ratio": result.parameters / result.teacher_parameters,
                "intervals": len(result.intervals)}  # fmt: skip

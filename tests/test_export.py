@@ -52,10 +52,52 @@ def _latents(pipe, seed=0):
                 output_type="latent").images
 
 
+def _in_memory_export(pipe_dir, plan_path, run, chosen):
+    """The oracle: today's in-memory export (the fp32 teacher and every plug loaded as modules, the pruned model
+    assembled from the modules placed by ``student_layout``, :func:`ppcl.export.build_pruned_transformer`)."""
+    from ppcl.distill import build_units, load_unit_weights, student_layout
+    from ppcl.export import build_pruned_transformer, student_width_ops
+
+    adapter = get_adapter(load_pipeline(pipe_dir, dtype=torch.float32))
+    init = json.loads((run / "run.json").read_text()).get("settings", {}).get("init")
+    units = build_units(adapter, load_plan(plan_path), init)
+    load_unit_weights(units, run / "plugs.safetensors")
+    selected = [u for u in units if u.kind != "interval" or u.index in chosen]
+    lists, keep, position = student_layout(adapter, selected)
+    return build_pruned_transformer(adapter, selected, student_width_ops(selected, position), lists, keep)
+
+
+def _stored(folder):
+    """Every tensor of a transformer folder's safetensors files, as stored."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def assert_same_as_in_memory(pipe_dir, plan_path, run, out, chosen, dtype=None):
+    """The streamed export ``out`` holds the in-memory export's tensors bit for bit (cast with ``.to(dtype)``: what
+    the streamed export does to the fp32 plugs), and the config.json ``save_pretrained`` would write."""
+    ref = _in_memory_export(pipe_dir, plan_path, run, chosen)
+    got = _stored(out / "transformer")
+    want = ref.state_dict()
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        v = v if dtype is None else v.to(dtype)
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    ref.save_config(out / "ref_config")
+    assert (out / "transformer" / "config.json").read_text() == (out / "ref_config" / "config.json").read_text()
+    return ref
+
+
 def test_export_all_matches_plan_and_beats_dropping_blocks(family, runs, tmp_path):
     pipe_dir, plan_path, run = runs(family)
     res = export(pipe_dir, plan_path, run, tmp_path / "pruned", all_intervals=True)
     plan = load_plan(plan_path)
+    assert_same_as_in_memory(pipe_dir, plan_path, run, tmp_path / "pruned", res.intervals)
     teacher = load_pipeline(pipe_dir)
     assert res.parameters == plan.params.student == predict_params(plan, get_adapter(teacher))["student"]
     pruned = load_pipeline(tmp_path / "pruned")
@@ -107,6 +149,7 @@ def test_subsets_from_one_run_are_monotone_and_generate(runs, tmp_path):
     for name, kw in [("a", dict(intervals=[0])), ("b", dict(intervals=[0, 1])), ("c", dict(all_intervals=True))]:
         res = export(pipe_dir, plan_path, run, tmp_path / name, **kw)
         assert res.transformer_class == "PPCLQwenImageTransformer2DModel"
+        assert_same_as_in_memory(pipe_dir, plan_path, run, tmp_path / name, res.intervals)
         pipe = load_pipeline(tmp_path / name)
         assert torch.isfinite(_latents(pipe)).all()
         counts.append(res.parameters)
@@ -234,6 +277,7 @@ def test_depth_plugs_inside_frozen_text_export_exactly(family, tiny_pipe_dir, tm
     counts = {}
     for chosen in ([0, 1], [0], [1], []):
         res = export(pipe_dir, plan_path, tmp_path / "run", tmp_path / f"p{len(counts)}", intervals=chosen)
+        assert_same_as_in_memory(pipe_dir, plan_path, tmp_path / "run", tmp_path / f"p{len(counts)}", chosen)
         sub = make_plan(adapter, [intervals[k] for k in chosen], width=width)
         assert res.parameters == sub.params.student == predict_params(sub, adapter)["student"], chosen
         counts[tuple(chosen)] = res.parameters
@@ -283,6 +327,7 @@ def test_full_released_qwen_plan_distills_exports_and_generates(qwen60_dir, tmp_
         assert any(not torch.equal(trained[f"{u.name}.{k}"], v.float()) for k, v in init.items()), u.name
     res = export(qwen60_dir, plan_path, run, tmp_path / "pruned", all_intervals=True)
     assert res.parameters == plan.params.student == predict_params(plan, adapter)["student"]
+    assert_same_as_in_memory(qwen60_dir, plan_path, run, tmp_path / "pruned", res.intervals)
     pruned = load_pipeline(tmp_path / "pruned")
     assert sum(p.numel() for p in pruned.transformer.parameters()) == res.parameters
     assert pruned.transformer.config.num_layers == 35
@@ -292,3 +337,104 @@ def test_full_released_qwen_plan_distills_exports_and_generates(qwen60_dir, tmp_
     g = torch.Generator().manual_seed(0)
     out = pruned("a red circle", num_inference_steps=2, height=32, width=32, generator=g, output_type="latent")
     assert torch.isfinite(out.images).all()
+
+
+# ------------------------------------------------------------------------------------------- dtype and shards
+def _teacher_copy(pipe_dir, run, where, change, shard_size=None):
+    """A copy of the pipeline whose transformer weights are ``change(state dict)`` (in diffusers' shards of
+    ``shard_size`` bytes with their index, if given), and a copy of ``run`` whose run.json records it as the teacher
+    (the fingerprint recomputed; the plugs are the same file, so plugs_sha256 still holds)."""
+    import shutil
+
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from ppcl.integrity import teacher_fingerprint
+
+    teacher = where / "teacher"
+    shutil.copytree(pipe_dir, teacher)
+    f = teacher / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = change(load_file(str(f)))
+    if shard_size is None:
+        save_file(sd, str(f), metadata={"format": "pt"})
+    else:
+        f.unlink()
+        save_torch_state_dict(sd, f.parent, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                              max_shard_size=shard_size)
+        assert len(list(f.parent.glob("*.safetensors"))) > 2
+    new_run = where / "run"
+    new_run.mkdir()
+    shutil.copy2(run / "plugs.safetensors", new_run / "plugs.safetensors")
+    meta = json.loads((run / "run.json").read_text())
+    meta["teacher"]["fingerprint"] = teacher_fingerprint(teacher)
+    (new_run / "run.json").write_text(json.dumps(meta))
+    return teacher, new_run
+
+
+def _bf16_teacher(pipe_dir, run, tmp_path):
+    """Stored in bf16 and sharded, as a real teacher is."""
+    (tmp_path / "t16").mkdir()
+    return _teacher_copy(pipe_dir, run, tmp_path / "t16", lambda sd: {k: v.to(torch.bfloat16) for k, v in sd.items()},
+                         shard_size=20_000)
+
+
+def test_bf16_teacher_exports_bf16_in_diffusers_shards(runs, tmp_path, capsys):
+    from ppcl.arch.qwenimage import PPCLQwenImageTransformer2DModel
+    from ppcl.export_stream import INDEX_NAME, WEIGHTS_NAME
+
+    pipe_dir, plan_path, run = runs("qwenimage", width=True)
+    teacher, run16 = _bf16_teacher(pipe_dir, run, tmp_path)  # read through its index
+    # default: the teacher's dtype (the fp32 plugs cast to it), everything in one file like save_pretrained
+    res = export(teacher, plan_path, run16, tmp_path / "bf16", intervals=[0, 2])
+    ref = assert_same_as_in_memory(teacher, plan_path, run16, tmp_path / "bf16", res.intervals, dtype=torch.bfloat16)
+    assert sorted(p.name for p in (tmp_path / "bf16" / "transformer").iterdir()) == ["config.json", WEIGHTS_NAME]
+    # --max-shard-size: the files, names and index diffusers' save_pretrained writes for the same model and size
+    ref = ref.to(torch.bfloat16)
+    size = sum(v.numel() * v.element_size() for v in ref.state_dict().values()) // 3
+    common = ["export", "--model", str(teacher), "--plan", str(plan_path), "--plugs", str(run16), "--intervals", "0,2"]
+    assert main([*common, "--max-shard-size", str(size), "--out", str(tmp_path / "sharded")]) == 0
+    ref.save_pretrained(tmp_path / "ref", max_shard_size=size)
+    got_dir = tmp_path / "sharded" / "transformer"
+    names = sorted(p.name for p in got_dir.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ref").iterdir()) and len(names) >= 5, names
+    assert "diffusion_pytorch_model-00001-of-0000" in names[1] and INDEX_NAME in names
+    assert (got_dir / INDEX_NAME).read_text() == (tmp_path / "ref" / INDEX_NAME).read_text()
+    # ppcl's width class loads the sharded folder; the pipeline generates with it
+    loaded = PPCLQwenImageTransformer2DModel.from_pretrained(got_dir, torch_dtype=torch.bfloat16)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert torch.isfinite(_latents(load_pipeline(tmp_path / "sharded", dtype=torch.float32))).all()
+    # --dtype float32: today's in-memory export exactly
+    assert main([*common, "--dtype", "float32", "--out", str(tmp_path / "fp32")]) == 0
+    assert_same_as_in_memory(teacher, plan_path, run16, tmp_path / "fp32", [0, 2])
+    capsys.readouterr()
+    # a size that is not one: one line naming the flag, nothing written
+    assert main([*common, "--max-shard-size", "10XB", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ppcl export: error:") and "--max-shard-size" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_teacher_weights_that_do_not_fit_fail_in_one_line(runs, tmp_path, capsys):
+    """Every tensor is checked by name and shape before anything is written (nanoGPT's rule: nothing copied by
+    luck): a missing, misshapen or extra teacher tensor is one line naming it."""
+    pipe_dir, plan_path, run = runs("flux")
+    key = "transformer_blocks.0.attn.to_q.weight"
+    cases = {
+        "missing": (lambda sd: {k: v for k, v in sd.items() if k != key}, f"cannot fill {key}"),
+        "shape": (lambda sd: {**sd, key: sd[key][:-1]}, f"shape mismatch for {key}"),
+        "extra": (lambda sd: {**sd, "context_embedder.extra": torch.zeros(2)}, "context_embedder.extra"),
+        "extra in a block": (lambda sd: {**sd, "transformer_blocks.0.extra": torch.zeros(2)},
+                             "transformer_blocks.0.extra"),
+    }
+    capsys.readouterr()  # the fixture's loading messages
+    for name, (change, fragment) in cases.items():
+        where = tmp_path / name.replace(" ", "_")
+        where.mkdir()
+        teacher, new_run = _teacher_copy(pipe_dir, run, where, change)
+        rc = main(["export", "--model", str(teacher), "--plan", str(plan_path), "--plugs", str(new_run), "--all",
+                   "--out", str(where / "out")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("ppcl export: error:") and len(err.strip().splitlines()) == 1, (name, err)
+        assert fragment in err, (name, err)
+        assert not (where / "out").exists()

@@ -15,7 +15,9 @@ def _indices(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ppcl.settings import ExportSettings
+    from typing import get_args
+
+    from ppcl.settings import DType, ExportSettings
 
     about = {n: f.description for n, f in ExportSettings.model_fields.items()}
     parser.add_argument("--model", required=True, help="teacher pipeline folder")
@@ -25,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--keep-params", type=float, help=about["keep_params"])
     which.add_argument("--intervals", type=_indices, help=about["intervals"])
     which.add_argument("--all", action="store_true", help=about["all_intervals"])
+    parser.add_argument("--dtype", choices=get_args(DType), default=None, help=about["dtype"])
+    parser.add_argument("--max-shard-size", default=ExportSettings.model_fields["max_shard_size"].default,
+                        help=about["max_shard_size"])
     parser.add_argument("--out", required=True, help="pruned pipeline folder to write")
 
 
@@ -34,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
 
     # --all is the flag of the all_intervals setting; the group above makes exactly one of the three required
     cfg = validate_settings(ExportSettings, {"keep_params": args.keep_params, "intervals": args.intervals,
-                                             "all_intervals": args.all}, cli=True)  # fmt: skip
+                                             "all_intervals": args.all, "dtype": args.dtype,
+                                             "max_shard_size": args.max_shard_size}, cli=True)  # fmt: skip
     r = export(args.model, args.plan, args.plugs, args.out, keep_params=cfg.keep_params,
-               intervals=cfg.intervals, all_intervals=cfg.all_intervals)
+               intervals=cfg.intervals, all_intervals=cfg.all_intervals, dtype=cfg.dtype,
+               max_shard_size=cfg.max_shard_size)
     print(f"{r.out}: {r.transformer_class}, {r.parameters:,} of {r.teacher_parameters:,} parameters "
           f"({r.parameters / r.teacher_parameters:.2%}), intervals {r.intervals}")
     print(f"block map in {r.lineage} (ppcl plan show --model {r.out}), plan.json copied in")
