@@ -18,8 +18,8 @@ Distill (real code on meta, the sharded design; :func:`_distill_steps`). What ru
   every rank; text encoders are not loaded (the latent cache holds the embeddings);
 - setup: :func:`ppcl.distill.build_units` (fp32 copies of teacher blocks), then every unit sharded with PyTorch FSDP2
   over a 1-D mesh of all ``gpus x nodes`` ranks: ``fully_shard(unit.module, mesh, mp_policy=MixedPrecisionPolicy(
-  param_dtype=bf16, reduce_dtype=fp32))``, reshard after forward (``ppcl.distill.sharding.shard_units`` when that
-  module exists, else :func:`shard_units_as_specified`, the same call). fp32 master weights, gradients and AdamW
+  param_dtype=bf16, reduce_dtype=fp32))``, reshard after forward (the training loop's own
+  ``ppcl.distill.sharding.shard_units``). fp32 master weights, gradients and AdamW
   states live as 1/N shards (dim 0 padded to a multiple of N, as FSDP2 pads; rank 0, whose shard is never the
   smaller one, is the rank counted);
 - one training step from the state any step after the first starts in (AdamW's states in place): noise, one
@@ -41,11 +41,13 @@ Probe (real code on meta; :func:`probe_memory`): the bf16 teacher on the GPU and
 (the real accumulator: projected float64 moment banks, the per-forward window of states, the HSIC Grams) over one
 cache-shaped batch; the text encoders are not loaded (the pipeline's probe step reads the latent cache).
 
-Export (modelled, host RAM, no GPU; :func:`export_memory`): the streaming export reads teacher tensors from the
-safetensors shards and the plugs one unit at a time and writes output shards of at most ``max_shard_size``: its
-peak is one output shard being filled, plus the largest unit read (a plug read in fp32 and its cast copy), plus the
-process itself (:data:`HOST_PROCESS_BYTES`). Modelled because nothing of it runs on the device and its buffers are
-plain host copies whose sizes the plan gives exactly.
+Export (modelled, host RAM, no GPU; :func:`export_memory`): the streaming export (:mod:`ppcl.export_stream`) maps,
+copies and writes ONE tensor at a time (each output shard's header first, then its tensors in order), so the output
+shard size does not enter its memory: its peak is the largest tensor copied (a plug tensor read in fp32 plus its
+cast copy, or a teacher tensor read and written in the teacher's dtype), plus the process itself
+(:data:`HOST_PROCESS_BYTES`). Modelled because nothing of it runs on the device and its buffers are plain host
+copies whose sizes the plan gives exactly (measured: 339 MiB peak RSS growth on a 6-block Qwen-Image-width teacher
+against 324 MiB modelled for its largest tensor; docs/export.md).
 
 Evaluate (real transformer forward on meta + modelled components; :func:`evaluate_memory`): the teacher (the
 largest pipeline evaluated) in bf16 and one no-grad denoising forward at ``2 x batch`` (classifier-free guidance
@@ -84,9 +86,6 @@ ALLOCATOR_SLACK = 0.05
 #: A CPU process with torch, diffusers and ppcl imported, before any tensor (0.32 GB maxrss measured with
 #: ``python -c "import torch, diffusers, ppcl.export"``; rounded up for the allocator's arenas).
 HOST_PROCESS_BYTES = 512 * 2**20
-#: The streaming export's default output shard size (bytes): 5 GB. diffusers' ``save_pretrained`` defaults to
-#: "10GB", which alone is more than the 8 GB a Qwen-Image export may use (issue 16).
-EXPORT_MAX_SHARD_BYTES = 5 * 10**9
 #: Rows of the breakdown, in print order (a stage prints those it can have).
 ROWS = ("teacher weights", "plug weights", "gathered plug weights", "plug gradients", "optimizer states",
         "captured teacher states", "activations kept for backward", "probe statistics", "transient")
@@ -506,26 +505,6 @@ def _meta_device(modules) -> None:
                 fp.device = meta
 
 
-def shard_units_as_specified(units, table, mesh, param_dtype: torch.dtype | None) -> None:
-    """The sharding of the distill design (helper ``shard``'s ``ppcl.distill.sharding.shard_units``, used instead
-    when it exists): every unit's module (each frozen block of a text_freeze unit, which runs block by block)
-    ``fully_shard``-ed over ``mesh`` with bf16 compute and fp32 gradient reduction, resharded after forward."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for u in units:
-        for m in (list(u.module) if u.members else [u.module]):
-            fully_shard(m, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-
-
-def _shard_units(units, table, mesh, param_dtype) -> None:
-    try:
-        from ppcl.distill.sharding import shard_units
-    except ImportError:
-        shard_units = shard_units_as_specified
-    shard_units(units, table, mesh, param_dtype)
-
-
 # --------------------------------------------------------------------------------------------- distill
 def example_batch(adapter, knobs, device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A cache-shaped batch (what ``ppcl encode`` writes) of zeros for ``knobs``: latents ``(B, C, h, w)`` at the
@@ -560,7 +539,7 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
     requires_grad) so one model serves several calls."""
     from ppcl.calibration import noise_batch
     from ppcl.distill import DistillSettings, build_units, check_plan_family, lr_factor, make_optimizer, \
-        output_loss_units, teacher_pass, unit_step_losses, unit_table
+        output_loss_units, shard_units, teacher_pass, unit_step_losses, unit_table
     from ppcl.distill.losses import output_loss, student_forward
     from ppcl.plugs import LOSS_EPS, freeze
 
@@ -594,7 +573,7 @@ def _distill_steps(adapter, plan, knobs: DistillKnobs, meter: LiveBytes, steps: 
                     raise PPCLError("the plan has no intervals and no width ops: nothing to distill")
                 table = unit_table(units).to(device)
                 meter.name(table.parameters(), "plug weights")
-                _shard_units(units, table, mesh, torch.bfloat16 if bf16 else None)
+                shard_units(units, table, mesh, torch.bfloat16 if bf16 else None)
                 if modelled:
                     _meta_device(table.modules())
                 params = [p for p in table.parameters() if p.requires_grad]
@@ -815,30 +794,31 @@ def probe_memory(adapter, knobs: StageKnobs | None = None) -> MemoryEstimate:
 # --------------------------------------------------------------------------------------------- export
 @dataclass
 class ExportKnobs:
-    max_shard_bytes: int = EXPORT_MAX_SHARD_BYTES
     #: bytes per element of the written student (the teacher's dtype, bf16 for the released teachers)
     out_bytes: int = 2
 
     def label(self) -> str:
-        return f"output shards of at most {self.max_shard_bytes / 1e9:g} GB, {8 * self.out_bytes}-bit weights"
+        return f"{8 * self.out_bytes}-bit weights, one tensor copied at a time"
 
 
 def export_memory(adapter, plan, knobs: ExportKnobs | None = None) -> MemoryEstimate:
-    """Host RAM of the streaming ``ppcl export`` (modelled, see the module doc; exact sizes from the plan): one
-    output shard being filled (at most ``max_shard_bytes``, or the student if smaller, or its largest tensor if
-    larger), the largest unit being read (a trained unit from plugs.safetensors in fp32 plus its cast copy; a kept
-    teacher block in the output dtype), and the process."""
+    """Host RAM of the streaming ``ppcl export`` (modelled, see the module doc; exact sizes from the plan): the
+    largest tensor copied (a tensor of a trained unit read from plugs.safetensors in fp32 plus its cast copy; a
+    teacher tensor read and written in the output dtype), and the process."""
     knobs = knobs or ExportKnobs()
-    blocks = adapter.blocks()
     student = plan.params.student
-    largest_tensor = max(p.numel() for p in adapter.transformer.parameters())
-    shard = max(min(knobs.max_shard_bytes, student * knobs.out_bytes), largest_tensor * knobs.out_bytes)
-    trained = [blocks[s].params for s in plan.plug_sources]
+    trained_lists = {}
+    for s in plan.plug_sources:
+        trained_lists.setdefault(adapter.locate(s)[0], set()).add(adapter.locate(s)[1])
     for op in _width_dicts(plan):  # width units are exported block by block too
         members = [op["block"]] if "block" in op else range(op["interval"][0] + 1, op["interval"][1] + 1)
-        trained += [blocks[int(k)].params for k in members]
-    read = max([p * (4 + knobs.out_bytes) for p in trained] + [b.params * knobs.out_bytes for b in blocks])
-    rows = {"output shard being filled": shard, "unit being read": read, "process": HOST_PROCESS_BYTES}
+        for k in members:
+            trained_lists.setdefault(adapter.locate(int(k))[0], set()).add(adapter.locate(int(k))[1])
+    trained = [p.numel() for name, idx in trained_lists.items() for i in idx
+               for p in getattr(adapter.transformer, name)[i].parameters()]
+    teacher = [p.numel() for p in adapter.transformer.parameters()]
+    copied = max([n * (4 + knobs.out_bytes) for n in trained] + [n * 2 * knobs.out_bytes for n in teacher])
+    rows = {"tensor being copied": copied, "process": HOST_PROCESS_BYTES}
     est = MemoryEstimate("export", knobs, {"export": {"tensor_peak": sum(rows.values()), "breakdown": rows}},
                          rows=tuple(rows), memory="host",
                          counted="modelled from the plan's exact sizes (streaming export: host RAM, no GPU)")
@@ -993,10 +973,8 @@ def plan_resources(adapter, plan, *, gpus: int = 1, nodes: int = 1, gpu_memory_g
             fit, tried = _search(est, limit, _halved(est.knobs) if search else [],
                                  lambda k: evaluate_memory(adapter, k, model))
         else:
-            est = export_memory(adapter, plan, export)
-            sizes = [dataclasses.replace(est.knobs, max_shard_bytes=n) for n in (5 * 10**9, 2 * 10**9, 10**9, 5 * 10**8)
-                     if n < est.knobs.max_shard_bytes]
-            fit, tried = _search(est, host, sizes if search else [], lambda k: export_memory(adapter, plan, k))
+            est = export_memory(adapter, plan, export)  # no setting changes it: one tensor at a time
+            fit, tried = _search(est, host, [], lambda k: export_memory(adapter, plan, k))
         report["stages"][stage] = _stage_json(est, host if est.memory == "host" else limit, fit, tried)
     return report
 

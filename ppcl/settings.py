@@ -193,9 +193,12 @@ class DistillSettings(StageSettings):
     ridge: float = Field(1e-4, ge=0, description="relative ridge of that least-squares fit")
     guidance: float | None = Field(None, description="guidance value for guidance-distilled teachers (none: the "
                                    "teacher's default)")
-    use_8bit_adam: bool = Field(True, description="bitsandbytes' 8-bit AdamW on CUDA (needs ppcl[cuda]; "
-                               "missing there is an error, never a silent fallback); on CPU plain AdamW runs. "
-                               "run.json's optimizer records what ran")
+    # Off by default: AdamW8bit steps plain tensors, not FSDP2's sharded DTensor parameters, so it exists for ONE
+    # process per run only; every multi-GPU run shards fp32 AdamW instead (1/N of 8 bytes per parameter, less than
+    # 8-bit's 2 bytes from 4 GPUs on). The planner (ppcl plan resources) says when one GPU needs it to fit.
+    use_8bit_adam: bool = Field(False, description="bitsandbytes' 8-bit AdamW on CUDA, one process only (needs "
+                               "ppcl[cuda]; missing there, or asked with several processes, is an error, never a "
+                               "silent fallback); on CPU plain AdamW runs. run.json's optimizer records what ran")
 
     @field_validator("max_grad_norm", mode="before")
     @classmethod

@@ -36,7 +36,7 @@ def fake_bitsandbytes(monkeypatch):
 def test_8bit_on_cuda_without_bitsandbytes_is_one_line_naming_setting_and_fix(no_bitsandbytes):
     params = [torch.nn.Parameter(torch.zeros(4))]
     with pytest.raises(PPCLError) as e:
-        make_optimizer(params, DistillSettings(), torch.device("cuda"))  # the default asks for 8-bit
+        make_optimizer(params, DistillSettings(use_8bit_adam=True), torch.device("cuda"))
     msg = str(e.value)
     assert "\n" not in msg and "use_8bit_adam" in msg and "ppcl[cuda]" in msg and "use_8bit_adam false" in msg
     # asked for fp32 AdamW, CUDA needs nothing more
@@ -45,24 +45,29 @@ def test_8bit_on_cuda_without_bitsandbytes_is_one_line_naming_setting_and_fix(no
 
 
 def test_8bit_on_cuda_with_bitsandbytes_runs_it_and_names_its_version(fake_bitsandbytes):
-    opt = make_optimizer([torch.nn.Parameter(torch.zeros(4))], DistillSettings(), torch.device("cuda"))
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(4))], DistillSettings(use_8bit_adam=True),
+                         torch.device("cuda"))
     assert optimizer_name(opt) == "AdamW8bit (bitsandbytes 0.45.1)"
+    # off by default (it cannot step FSDP2's shards): the default is fp32 AdamW even with bitsandbytes installed
+    assert optimizer_name(make_optimizer([torch.nn.Parameter(torch.zeros(4))], DistillSettings(),
+                                         torch.device("cuda"))) == "AdamW"
 
 
 def test_cpu_runs_plain_adamw_whatever_is_installed(fake_bitsandbytes):
     assert not uses_8bit_adam(DistillSettings(use_8bit_adam=True), "cpu")
-    opt = make_optimizer([torch.nn.Parameter(torch.zeros(4))], DistillSettings(), torch.device("cpu"))
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(4))], DistillSettings(use_8bit_adam=True),
+                         torch.device("cpu"))
     assert type(opt) is torch.optim.AdamW and optimizer_name(opt) == "AdamW"
 
 
-def test_cpu_run_with_default_settings_records_adamw_in_run_json(tiny_pipe_dir, tmp_path, no_bitsandbytes):
+def test_cpu_run_asking_for_8bit_records_adamw_in_run_json(tiny_pipe_dir, tmp_path, no_bitsandbytes):
     from ppcl.arch import get_adapter, load_pipeline
 
     pipe_dir = tiny_pipe_dir["flux"]
     plan = tmp_path / "plan.json"
     save_plan(make_plan(get_adapter(load_pipeline(pipe_dir)), [[1, 2]], allow_ends=True), plan)
     distill(str(pipe_dir), plan, tmp_path / "run", steps=2, warmup_steps=1, n_samples=2, batch_size=1,
-            progress=False)
+            progress=False, use_8bit_adam=True)
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert meta["settings"]["use_8bit_adam"] is True  # the default, asked for ...
+    assert meta["settings"]["use_8bit_adam"] is True  # asked for ...
     assert meta["optimizer"] == "AdamW"  # ... and what ran on CPU

@@ -69,7 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     res.add_argument("--8bit-adam", dest="adam_8bit", action="store_true",
                      help="bitsandbytes AdamW8bit (2 bytes of state per parameter instead of 8)")
     res.add_argument("--output-loss-weight", default="0", help="distill's output-level term (default 0: off)")
-    res.add_argument("--max-shard-size", default="5", help="export: output shard size in GB (default 5)")
     res.add_argument("--stages", default="distill,probe,export,evaluate",
                      help="stages to plan, comma-separated (default all: distill,probe,export,evaluate)")
     res.add_argument("--no-search", action="store_true", help="do not search for settings that fit")
@@ -261,9 +260,6 @@ def _resources(args: argparse.Namespace) -> int:
     host = _number(args.host_memory, "--host-memory", float)
     if not host > 0:
         raise PPCLError(f"--host-memory: must be a positive number of GiB (got {args.host_memory})")
-    shard = _number(args.max_shard_size, "--max-shard-size", float)
-    if not shard > 0:
-        raise PPCLError(f"--max-shard-size: must be a positive number of GB (got {args.max_shard_size})")
     resolution = _number(args.resolution, "--resolution", int, 16)
     tokens = _number(args.text_tokens, "--text-tokens", int, 1)
     knobs = DistillKnobs(batch_size=_number(args.batch_size, "--batch-size", int, 1), resolution=resolution,
@@ -283,7 +279,7 @@ def _resources(args: argparse.Namespace) -> int:
         adapter = meta_adapter(args.model)
         report = plan_resources(adapter, plan, gpus=gpus, nodes=nodes, gpu_memory_gib=memory, knobs=knobs,
                                 search=not args.no_search, stages=stages, probe=probe, evaluate=evaluate,
-                                export=ExportKnobs(max_shard_bytes=int(shard * 1e9)), host_memory_gib=host,
+                                export=ExportKnobs(), host_memory_gib=host,
                                 model=args.model)
     print(json.dumps(report, indent=2) if args.json else format_resources(report))
     return 0
