@@ -232,6 +232,7 @@ def export(
             indices of the intervals to replace, or every interval.
     """
     from ppcl.arch import load_pipeline
+    from ppcl.custom_code import write_custom_code
     from ppcl.distill import build_units, check_plan_family, load_unit_weights, plan_dict, plan_hash, student_layout
     from ppcl.lineage import LINEAGE_FILE, PLAN_FILE, build_lineage
     from ppcl.plan import as_plan
@@ -315,8 +316,8 @@ def export(
                 shutil.copy2(item, tmp / item.name)
         pruned.save_pretrained(tmp / "transformer", safe_serialization=True)
         index = json.loads((tmp / "model_index.json").read_text())
-        library = "diffusers" if not width_new else type(pruned).__module__
-        index["transformer"] = [library, type(pruned).__name__]
+        index["transformer"] = (write_custom_code(type(adapter), pruned, tmp / "transformer") if width_new
+                                else ["diffusers", type(pruned).__name__])
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         card = _model_card(plan_dict(plan_obj), run, chosen, result, str(model_path), lineage)
         (tmp / "README.md").write_text(card)

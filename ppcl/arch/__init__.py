@@ -142,11 +142,21 @@ def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None):
     if dtype is not None:
         kwargs["dtype"] = dtype
     library, cls_name = (spec.get("transformer") or [None, None])[:2]
-    if library and library.startswith("ppcl"):
+    from ppcl.custom_code import ppcl_width_class
+
+    # a width export in custom-code layout: ppcl's own class, the folder's code is not run; passed after loading
+    # (diffusers would import the library model_index.json names to type-check a component passed in)
+    own = ppcl_width_class(path, spec.get("transformer"))
+    if own is not None:
+        kwargs["transformer"] = None
+    elif library and library.startswith("ppcl"):
         cls = _resolve_class(library, cls_name)
         kwargs["transformer"] = cls.from_pretrained(path / "transformer", **({"dtype": dtype} if dtype else {}))
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+        if own is not None:
+            pipe.register_modules(transformer=own.from_pretrained(path / "transformer",
+                                                                  **({"dtype": dtype} if dtype else {})))
     except (OSError, ValueError) as e:
         raise PPCLError(f"cannot load pipeline {path}: {str(e).splitlines()[0]}") from None
     if device is not None:
