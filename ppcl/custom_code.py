@@ -136,19 +136,17 @@ def write_custom_code(adapter_cls: type, model: nn.Module, folder: str | Path) -
     return [name, width_class_name(adapter_cls)]
 
 
-def ppcl_width_class(path: str | Path, entry) -> type | None:
+def ppcl_width_class(path: str | Path, entry, adapters) -> type | None:
     """ppcl's own class for the transformer of a ppcl width export in custom-code layout (``entry``: its
-    model_index.json ``transformer`` entry); None for anything else. Only the names are read, no code is run."""
-    from ppcl.arch import FAMILIES, adapter_for
+    model_index.json ``transformer`` entry; ``adapters``: the family adapter classes); None for anything else.
+    Only the names are read, no code of the folder is run."""
+    import importlib
 
     if not isinstance(entry, (list, tuple)) or len(entry) < 2:
         return None
-    for family in FAMILIES:
-        cls = adapter_for(family)
-        if list(entry[:2]) == [module_name(family), width_class_name(cls)]:
+    for cls in adapters:
+        if list(entry[:2]) == [module_name(cls.family), width_class_name(cls)]:
             if not (Path(path) / "transformer" / f"{entry[0]}.py").is_file():
                 return None
-            import importlib
-
             return getattr(importlib.import_module(cls.__module__), width_class_name(cls))
     return None

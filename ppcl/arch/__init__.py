@@ -146,7 +146,7 @@ def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None):
 
     # a width export in custom-code layout: ppcl's own class, the folder's code is not run; passed after loading
     # (diffusers would import the library model_index.json names to type-check a component passed in)
-    own = ppcl_width_class(path, spec.get("transformer"))
+    own = ppcl_width_class(path, spec.get("transformer"), [adapter_for(f) for f in FAMILIES])
     if own is not None:
         kwargs["transformer"] = None
     elif library and library.startswith("ppcl"):
