@@ -210,8 +210,8 @@ def model_card(plan_d: dict, run: dict, chosen: list[int], result: Any, teacher:
     if width:
         load = ["This transformer is width-pruned: its class is not in diffusers, its code ships in `transformer/` "
                 "(it imports only torch and diffusers). Load it with `trust_remote_code=True`; the stock "
-                f"`{result.transformer_class.removeprefix('PPCL')}` refuses this folder (its removed FFN weights "
-                "are stored as empty tensors).", "",
+                f"`{result.transformer_class.removeprefix('PPCL')}` refuses this folder (the weights width pruning "
+                "removed are stored as empty tensors).", "",
                 "```python", "from diffusers import DiffusionPipeline", "",
                 'pipe = DiffusionPipeline.from_pretrained("<this folder or repo>", trust_remote_code=True)', "```"]
     else:

@@ -21,9 +21,9 @@ arrive as a plain ``spec`` dict that each adapter in ``ppcl/arch/<family>.py`` d
   Qwen-Image's ``txt_mod``).
 
 Removed weights. A width export also stores, for every weight of the stock model that width pruning removed, an
-EMPTY tensor under the stock name (``ppcl_removed.safetensors``): loading the folder with the stock class then fails
-with diffusers' size-mismatch error instead of silently leaving those weights random. The width classes ignore
-exactly those names on load (:func:`removed_weight_patterns`).
+EMPTY tensor under the stock name (:data:`REMOVED_WEIGHTS_FILE`, listed in the safetensors index): loading the
+folder with the stock class then fails with diffusers' size-mismatch error instead of silently leaving those
+weights random. The width classes ignore exactly those names on load (:func:`removed_weight_patterns`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-#: the file with the empty stand-ins of the removed stock weights, next to the model's own weights
+#: the file with the empty stand-ins of the removed stock weights, beside the model's weights and listed in the
+#: safetensors index (diffusers accepts only plain file names there). Not weights of the model: a reader that takes
+#: every ``transformer/*.safetensors`` as the model's weights must skip it.
 REMOVED_WEIGHTS_FILE = "ppcl_removed.safetensors"
 
 
