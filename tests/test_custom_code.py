@@ -168,3 +168,17 @@ def test_removed_weight_stand_ins_are_empty_and_only_removed_weights(exports):
 
     _, info = PPCLFluxTransformer2DModel.from_pretrained(folder, output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+
+
+def test_ppcl_readers_resolve_the_custom_code_entry(exports):
+    """ppcl's own readers of model_index.json take the custom-code entry as ppcl's class (no folder code run)."""
+    from ppcl.errors import PPCLError
+    from ppcl.plan import meta_adapter
+    from ppcl.stages import check_family
+
+    for family, folder in exports.items():
+        check_family(str(folder), family)
+        assert meta_adapter(folder).family == family
+        other = next(f for f in WIDTH_OPS if f != family)
+        with pytest.raises(PPCLError, match=f"family '{other}' does not match"):
+            check_family(str(folder), other)
