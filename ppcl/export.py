@@ -12,9 +12,9 @@ from loaded modules (quality benchmarks; the test oracle of the streamed export,
 
 - Depth-only exports use the stock class (``FluxTransformer2DModel`` ...): the folder loads with stock diffusers,
   no ppcl import. Exports with width ops use the family's config-registered ``PPCL<Class>`` (extra config field
-  ``width_ops`` whose ``block`` indices are positions in the PRUNED model); model_index.json records
-  ``["ppcl.arch.<family>", "PPCL<Class>"]`` and :func:`ppcl.arch.load_pipeline` loads it (or pass the
-  transformer to the stock pipeline with ``transformer=``).
+  ``width_ops`` whose ``block`` indices are positions in the PRUNED model), written in diffusers' custom-code
+  layout (:mod:`ppcl.custom_code`: ``trust_remote_code=True`` loads it without ppcl, the stock class refuses it);
+  :func:`ppcl.arch.load_pipeline` loads it with ppcl's own class.
 - Subsets. One training run serves every ratio: any subset of the trained interval plugs can be exported. Width
   ops of the plan (ffn_linear, text_freeze) are always applied (they are cheap and were trained together).
 - Width ops and depth plugs compose (``ppcl.plan.text_freeze_roles``): a text_freeze ``[a, b]`` of the teacher
@@ -225,36 +225,6 @@ def build_pruned_transformer(adapter: Adapter, units, width_ops_new: list[dict[s
     return model.eval()
 
 
-def _model_card(plan_d: dict, run: dict, chosen: list[int], result: ExportResult, teacher_path: str,
-                lineage: dict) -> str:
-    from ppcl.lineage import LINEAGE_FILE, PLAN_FILE, markdown_block_map
-
-    ivs = [plan_d["intervals"][k] for k in chosen]
-    lines = [
-        "---", "library_name: diffusers", "tags: [ppcl, pruning, distillation]", "---", "",
-        f"# PPCL-pruned {plan_d.get('family', '')} transformer", "",
-        f"Pruned from `{teacher_path}` with PPCL (pluggable pruning with contiguous layer distillation).", "",
-        "| | parameters |", "|---|---|",
-        f"| teacher transformer | {result.teacher_parameters:,} |",
-        f"| pruned transformer | {result.parameters:,} ({result.parameters / result.teacher_parameters:.2%}) |", "",
-        f"- Transformer class: `{result.transformer_class}`",
-        f"- Intervals replaced (0-based, inclusive; plan indices {chosen}): {ivs}",
-        f"- Width ops: {json.dumps(plan_d.get('width') or [])}",
-        f"- Plug init: {plan_d.get('init', 'middle')}",
-        f"- Plan hash: `{run.get('plan_hash')}`", "",
-        "## Block map", "",
-        f"What each block of this model is (0-based; machine-readable in `{LINEAGE_FILE}`, the plan in "
-        f"`{PLAN_FILE}`; `ppcl plan show --model <this folder>` prints it):", "",
-        *markdown_block_map(lineage), "",
-        "## Training", "",
-        "```json", json.dumps(run.get("settings", {}), indent=2), "```", "",
-        "Final losses (D per plug and stream, mean of the last steps):", "",
-        "```json", json.dumps(run.get("final_losses", {}), indent=2), "```", "",
-        "## Full plan", "", "```json", json.dumps(plan_d, indent=2), "```", "",
-    ]
-    return "\n".join(lines)
-
-
 def export(
     model: str | Path,
     plan: Any,
@@ -279,10 +249,12 @@ def export(
             (:mod:`ppcl.export_stream`).
         max_shard_size: the largest weight file, bytes or ``"10GB"``-style (diffusers' ``save_pretrained`` rule).
     """
+    from ppcl.custom_code import write_custom_code
     from ppcl.distill import build_units, check_plan_family, plan_dict, plan_hash, student_layout
     from ppcl.export_stream import (DTYPES, check_plug_tensors, parse_shard_size, plan_copies, teacher_tensors,
                                     write_transformer_weights)
     from ppcl.lineage import LINEAGE_FILE, PLAN_FILE, build_lineage
+    from ppcl.modelcard import TEACHER_ONLY_FILES, model_card
     from ppcl.plan import as_plan
 
     chosen_modes = sum([keep_params is not None, intervals is not None, bool(all_intervals)])
@@ -348,7 +320,7 @@ def export(
 
     with atomic_path(out, directory=True) as tmp:
         for item in model_path.iterdir():
-            if item.name in ("transformer", "README.md", PLAN_FILE, LINEAGE_FILE) or item.name.startswith("."):
+            if item.name in ("transformer", PLAN_FILE, LINEAGE_FILE, *TEACHER_ONLY_FILES) or item.name.startswith("."):
                 continue
             if item.is_dir():
                 shutil.copytree(item, tmp / item.name)
@@ -358,10 +330,10 @@ def export(
         pruned.save_config(tmp / "transformer")  # the config.json save_pretrained writes
         write_transformer_weights(copies, tmp / "transformer", shard_bytes)
         index = json.loads((tmp / "model_index.json").read_text())
-        library = "diffusers" if not width_new else type(pruned).__module__
-        index["transformer"] = [library, type(pruned).__name__]
+        index["transformer"] = (write_custom_code(type(adapter), pruned, tmp / "transformer") if width_new
+                                else ["diffusers", type(pruned).__name__])
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        card = _model_card(plan_dict(plan_obj), run, chosen, result, str(model_path), lineage)
+        card = model_card(plan_dict(plan_obj), run, chosen, result, model_path, lineage)
         (tmp / "README.md").write_text(card)
         (tmp / PLAN_FILE).write_bytes(plan_bytes)
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")

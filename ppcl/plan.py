@@ -543,8 +543,12 @@ def meta_adapter(model: str | Path):
     cls_name = cls_name or config.get("_class_name")
     if not cls_name:
         raise PPCLError(f"{path}: field '_class_name' is missing (which diffusers transformer is this?)")
-    try:
-        cls = getattr(importlib.import_module(library), cls_name)
+    from ppcl.arch import FAMILIES, adapter_for
+    from ppcl.custom_code import ppcl_width_class
+
+    try:  # a width export names its custom-code module: ppcl's own class (no code of the folder is run)
+        cls = (ppcl_width_class(Path(model), [library, cls_name], [adapter_for(f) for f in FAMILIES])
+               or getattr(importlib.import_module(library), cls_name))
     except (ImportError, AttributeError):
         raise PPCLError(f"{path}: unknown transformer class {library}.{cls_name}") from None
     try:

@@ -93,12 +93,14 @@ def check_family(model_dir: str, family: str | None) -> None:
         return  # a hub id: the adapter checks the loaded transformer
     import importlib
 
-    from ppcl.arch import adapter_for
+    from ppcl.arch import FAMILIES, adapter_for
+    from ppcl.custom_code import ppcl_width_class
 
     expected = adapter_for(family).transformer_class
     library, cls_name = (json.loads(index.read_text()).get("transformer") or [None, None])[:2]
-    try:
-        actual = getattr(importlib.import_module(library), cls_name)
+    try:  # a width export names its custom-code module: ppcl's own class (no code of the folder is run)
+        actual = (ppcl_width_class(model_dir, [library, cls_name], [adapter_for(f) for f in FAMILIES])
+                  or getattr(importlib.import_module(library), cls_name))
     except (ImportError, AttributeError, TypeError, ValueError):
         raise PPCLError(f"teacher {model_dir}: cannot import its transformer class {library}.{cls_name}") from None
     if not (isinstance(actual, type) and issubclass(actual, expected)):

@@ -161,7 +161,7 @@ def test_subsets_from_one_run_are_monotone_and_generate(runs, tmp_path):
     res = export(pipe_dir, plan_path, run, tmp_path / "k", keep_params=(counts[1] + 1) / teacher)
     assert res.parameters == counts[1]
     idx = json.loads((tmp_path / "k" / "model_index.json").read_text())["transformer"]
-    assert idx == ["ppcl.arch.qwenimage", "PPCLQwenImageTransformer2DModel"]
+    assert idx == ["modeling_ppcl_qwenimage", "PPCLQwenImageTransformer2DModel"]  # custom-code layout
 
 
 def test_bad_export_inputs_fail_cleanly(runs, tiny_pipe_dir, tmp_path, capsys):

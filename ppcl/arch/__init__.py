@@ -151,8 +151,9 @@ def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None,
     cache, which holds the text embeddings and latents already); every other component is not read at all and
     is None on the returned pipeline. None loads every component. A name the folder does not have is an error.
 
-    A width-pruned export records its transformer as ``["ppcl.<module>", "<Class>"]`` in model_index.json; the
-    class is imported from ppcl, like a stock class from diffusers, and the stock pipeline class runs it.
+    A width-pruned export carries its model code in diffusers' custom-code layout (``["modeling_ppcl_<family>",
+    "<Class>"]`` in model_index.json, :mod:`ppcl.custom_code`); ppcl never runs that file: it loads the folder with
+    its own width class (:func:`ppcl.custom_code.ppcl_width_class`) and the stock pipeline class runs it.
     """
     import diffusers
     import transformers
@@ -175,12 +176,22 @@ def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None,
     kwargs: dict[str, Any] = {name: None for name in names if name not in wanted}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    own = None
     if "transformer" in wanted:
+        from ppcl.custom_code import ppcl_width_class
+
         library, cls_name = spec["transformer"][:2]
-        kwargs["transformer"] = _load_transformer(path / "transformer", library, cls_name, device=device,
-                                                  dtype=dtype)
+        # a width export in custom-code layout: ppcl's own class, the folder's code is not run; registered after
+        # the pipeline loads (diffusers would import the library model_index.json names to type-check a
+        # component passed in)
+        own = ppcl_width_class(path, spec.get("transformer"), [adapter_for(f) for f in FAMILIES])
+        transformer = _load_transformer(path / "transformer", library, cls_name, device=device, dtype=dtype,
+                                        cls=own)
+        kwargs["transformer"] = None if own is not None else transformer
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+        if own is not None:
+            pipe.register_modules(transformer=transformer)
     except (OSError, ValueError) as e:
         raise PPCLError(f"cannot load pipeline {path}: {str(e).splitlines()[0]}") from None
     if device is not None:
@@ -189,12 +200,14 @@ def load_pipeline(path: str | Path, *, device: str | None = None, dtype=None,
     return pipe
 
 
-def _load_transformer(folder: Path, library: str, cls_name: str, *, device: str | None, dtype):
+def _load_transformer(folder: Path, library: str, cls_name: str, *, device: str | None, dtype, cls=None):
     """The transformer of a pipeline folder in ``dtype``, read straight onto ``device`` (see
-    :func:`load_pipeline`). On the CPU (or with no device) diffusers' plain ``low_cpu_mem_usage`` load."""
+    :func:`load_pipeline`). On the CPU (or with no device) diffusers' plain ``low_cpu_mem_usage`` load. ``cls``:
+    the class to load with (ppcl's own for a custom-code width export), else the one model_index.json names."""
     import torch
 
-    cls = _resolve_class(library if library.startswith("ppcl") else "diffusers", cls_name)
+    if cls is None:
+        cls = _resolve_class(library if library.startswith("ppcl") else "diffusers", cls_name)
     kw: dict[str, Any] = {"low_cpu_mem_usage": True}
     if dtype is not None:
         kw["dtype"] = dtype

@@ -687,5 +687,10 @@ def width_transformer_class(adapter: type[Adapter], name: str, module: str) -> t
         adapter(self).apply_width_ops(ops)
 
     __init__.__signature__ = base_sig.replace(parameters=params)
-    cls = type(name, (base,), {"__init__": __init__, "__module__": module, "__qualname__": name})
+    from ppcl.width_runtime import removed_weight_patterns
+
+    # an export also stores empty stand-ins of the stock weights width ops removed (ppcl.custom_code): not ours
+    ignore = removed_weight_patterns(adapter.width_code)
+    cls = type(name, (base,), {"__init__": __init__, "__module__": module, "__qualname__": name,
+                               "_keys_to_ignore_on_load_unexpected": ignore})
     return cls

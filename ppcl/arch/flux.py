@@ -51,6 +51,12 @@ class FluxAdapter(Adapter):
     family = "flux"
     block_lists = (("transformer_blocks", "dual"), ("single_transformer_blocks", "single"))
     transformer_class = FluxTransformer2DModel
+    #: the structure of the width ops for the exported, ppcl-free model code (:mod:`ppcl.width_runtime`); must agree
+    #: with :meth:`ffn_module_name`, :meth:`text_stream_parts` and :meth:`frozen_text_modulation` below
+    width_code = {"block_lists": ["transformer_blocks", "single_transformer_blocks"],
+                  "ffn": {"image": "ff", "text": "ff_context"},
+                  "text_stream": {"modulation": "norm1_context", "ffn": "ff_context", "out": "attn.to_add_out"},
+                  "frozen_modulation": "adaln_zero"}
     #: FLUX.1-dev's default embedded guidance when the model is guidance-distilled and none is given.
     default_guidance = 3.5
 

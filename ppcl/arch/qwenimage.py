@@ -58,6 +58,12 @@ class QwenImageAdapter(Adapter):
     family = "qwenimage"
     block_lists = (("transformer_blocks", "dual"),)
     transformer_class = QwenImageTransformer2DModel
+    #: the structure of the width ops for the exported, ppcl-free model code (:mod:`ppcl.width_runtime`); must agree
+    #: with :meth:`ffn_module_name`, :meth:`text_stream_parts` and :meth:`frozen_text_modulation` below
+    width_code = {"block_lists": ["transformer_blocks"],
+                  "ffn": {"image": "img_mlp", "text": "txt_mlp"},
+                  "text_stream": {"modulation": "txt_mod", "ffn": "txt_mlp", "out": "attn.to_add_out"},
+                  "frozen_modulation": "silu_linear_6d"}
     default_guidance = 1.0
 
     def head(self, output: dict[str, torch.Tensor], call: BlockCall, model_inputs: dict[str, Any]) -> torch.Tensor:

@@ -32,6 +32,12 @@ class SD3Adapter(Adapter):
     family = "sd3"
     block_lists = (("transformer_blocks", "dual"),)
     transformer_class = SD3Transformer2DModel
+    #: the structure of the width ops for the exported, ppcl-free model code (:mod:`ppcl.width_runtime`); must agree
+    #: with :meth:`ffn_module_name`, :meth:`text_stream_parts` and :meth:`frozen_text_modulation` below
+    width_code = {"block_lists": ["transformer_blocks"],
+                  "ffn": {"image": "ff", "text": "ff_context"},
+                  "text_stream": {"modulation": "norm1_context", "ffn": "ff_context", "out": "attn.to_add_out"},
+                  "frozen_modulation": "adaln_zero"}
 
     def block_streams(self, block):
         return ("image",) if getattr(block, "context_pre_only", False) else ("image", "text")

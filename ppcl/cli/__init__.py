@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "export": "ppcl.cli.export",
     "evaluate": "ppcl.cli.evaluate",
     "report": "ppcl.cli.report",
+    "card": "ppcl.cli.card",
     "pipeline": "ppcl_kfp.cli.pipeline",
     "demo": "ppcl_kfp.cli.demo",
     "compare": "ppcl.cli.compare",
