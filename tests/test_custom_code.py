@@ -42,7 +42,8 @@ class NoPPCL(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, NoPPCL())
-sys.path = [p for p in sys.path if not p.startswith(sys.argv[1])]
+# the checkout off sys.path, but not the venv's site-packages, which may live inside it (.venv)
+sys.path = [p for p in sys.path if not p.startswith(sys.argv[1]) or p.startswith(sys.prefix)]
 try:
     import ppcl  # noqa: F401
     raise SystemExit("ppcl is importable")

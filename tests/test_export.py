@@ -68,11 +68,14 @@ def _in_memory_export(pipe_dir, plan_path, run, chosen):
 
 
 def _stored(folder):
-    """Every tensor of a transformer folder's safetensors files, as stored."""
+    """Every tensor of a transformer folder's weight files, as stored (not the empty stand-ins of removed stock
+    weights that a width export carries, ppcl.custom_code)."""
     from safetensors import safe_open
 
+    from ppcl.width_runtime import REMOVED_WEIGHTS_FILE
+
     out = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(p for p in folder.glob("*.safetensors") if p.name != REMOVED_WEIGHTS_FILE):
         with safe_open(str(f), framework="pt") as h:
             out.update({k: h.get_tensor(k) for k in h.keys()})
     return out
@@ -381,13 +384,17 @@ def _bf16_teacher(pipe_dir, run, tmp_path):
 def test_bf16_teacher_exports_bf16_in_diffusers_shards(runs, tmp_path, capsys):
     from ppcl.arch.qwenimage import PPCLQwenImageTransformer2DModel
     from ppcl.export_stream import INDEX_NAME, WEIGHTS_NAME
+    from ppcl.width_runtime import REMOVED_WEIGHTS_FILE
 
     pipe_dir, plan_path, run = runs("qwenimage", width=True)
     teacher, run16 = _bf16_teacher(pipe_dir, run, tmp_path)  # read through its index
     # default: the teacher's dtype (the fp32 plugs cast to it), everything in one file like save_pretrained
     res = export(teacher, plan_path, run16, tmp_path / "bf16", intervals=[0, 2])
     ref = assert_same_as_in_memory(teacher, plan_path, run16, tmp_path / "bf16", res.intervals, dtype=torch.bfloat16)
-    assert sorted(p.name for p in (tmp_path / "bf16" / "transformer").iterdir()) == ["config.json", WEIGHTS_NAME]
+    # (a width export also carries its model code, the removed weights' stand-ins and the index listing them)
+    extra = {"modeling_ppcl_qwenimage.py", REMOVED_WEIGHTS_FILE, INDEX_NAME}
+    assert sorted(p.name for p in (tmp_path / "bf16" / "transformer").iterdir()
+                  if p.name not in extra) == ["config.json", WEIGHTS_NAME]
     # --max-shard-size: the files, names and index diffusers' save_pretrained writes for the same model and size
     ref = ref.to(torch.bfloat16)
     size = sum(v.numel() * v.element_size() for v in ref.state_dict().values()) // 3
@@ -395,10 +402,12 @@ def test_bf16_teacher_exports_bf16_in_diffusers_shards(runs, tmp_path, capsys):
     assert main([*common, "--max-shard-size", str(size), "--out", str(tmp_path / "sharded")]) == 0
     ref.save_pretrained(tmp_path / "ref", max_shard_size=size)
     got_dir = tmp_path / "sharded" / "transformer"
-    names = sorted(p.name for p in got_dir.iterdir())
+    names = sorted(p.name for p in got_dir.iterdir() if p.name not in extra - {INDEX_NAME})
     assert names == sorted(p.name for p in (tmp_path / "ref").iterdir()) and len(names) >= 5, names
     assert "diffusion_pytorch_model-00001-of-0000" in names[1] and INDEX_NAME in names
-    assert (got_dir / INDEX_NAME).read_text() == (tmp_path / "ref" / INDEX_NAME).read_text()
+    got_index = json.loads((got_dir / INDEX_NAME).read_text())
+    got_index["weight_map"] = {k: v for k, v in got_index["weight_map"].items() if v != REMOVED_WEIGHTS_FILE}
+    assert got_index == json.loads((tmp_path / "ref" / INDEX_NAME).read_text())
     # ppcl's width class loads the sharded folder; the pipeline generates with it
     loaded = PPCLQwenImageTransformer2DModel.from_pretrained(got_dir, torch_dtype=torch.bfloat16)
     for k, v in ref.state_dict().items():
