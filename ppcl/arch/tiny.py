@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -543,6 +544,9 @@ def build_tiny_pipeline(
     pipe = _build_pipeline(arch, seed, overrides)
     with atomic_path(out, directory=True) as tmp, _quiet_transformers_progress():
         pipe.save_pretrained(tmp)
+        # the size it is built to draw (ppcl.arch.generation_defaults): encode and evaluate default to it instead
+        # of the family's 1024 px, which a random 2 MB model only makes slower
+        (tmp / "ppcl.json").write_text(json.dumps({"version": 1, "generation": {"height": 64, "width": 64}}) + "\n")
     return out
 
 

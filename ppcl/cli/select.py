@@ -43,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
 
         folder = Path(args.plot) if args.plot else Path(args.out).parent
         plot_trend(probe, folder / f"{Path(args.out).stem}_trend.png", intervals=[list(iv) for iv in plan.intervals])
+    from ppcl.tracking import log_command
+
+    log_command("select", {"keep_params": cfg.keep_params, "predicted_keep": plan.params.student / plan.params.teacher,
+                           "intervals": len(plan.intervals), "blocks_removed": sum(e - s for s, e in plan.intervals),
+                           "teacher_params": plan.params.teacher, "student_params": plan.params.student},
+                args.out, cfg.model_dump(mode="json"))  # fmt: skip
     print(format_plan(plan))
     print(f"wrote {args.out}")
     return 0
