@@ -89,9 +89,9 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
         ran.append(cmd.split()[1] if cmd.startswith("ppcl ") else cmd.split()[0])
 
     assert "evaluate" in ran and "compare" in ran
-    # evaluate drove both pipelines at the tiny teacher's own 64 px (its ppcl.json), not FLUX's 1024 or 512
+    # evaluate drove both pipelines at the tiny teacher's own 64 px and 4 steps (its ppcl.json), not 512 px x 20
     metrics = json.loads((tmp_path / "runs/eval/metrics.json").read_text())
-    assert (metrics["settings"]["height"], metrics["settings"]["width"]) == (64, 64)
+    assert (metrics["settings"]["height"], metrics["settings"]["width"], metrics["settings"]["steps"]) == (64, 64, 4)
     cache = json.loads((tmp_path / "runs/cache/manifest.json").read_text())
     assert cache["resolution"] == 64
     # the standalone stages logged to the local store, and compare found the evaluated model there

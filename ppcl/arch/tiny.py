@@ -544,9 +544,11 @@ def build_tiny_pipeline(
     pipe = _build_pipeline(arch, seed, overrides)
     with atomic_path(out, directory=True) as tmp, _quiet_transformers_progress():
         pipe.save_pretrained(tmp)
-        # the size it is built to draw (ppcl.arch.generation_defaults): encode and evaluate default to it instead
-        # of the family's 1024 px, which a random 2 MB model only makes slower
-        (tmp / "ppcl.json").write_text(json.dumps({"version": 1, "generation": {"height": 64, "width": 64}}) + "\n")
+        # generation defaults that fit a random 2 MB model (ppcl.arch.generation_defaults): the 64 px it is built
+        # to draw instead of the family's 1024 px, and 4 steps (its images are noise at any step count; more
+        # steps only cost time). encode and evaluate use them unless told otherwise.
+        (tmp / "ppcl.json").write_text(json.dumps({"version": 1, "generation": {"height": 64, "width": 64,
+                                                                                "steps": 4}}) + "\n")
     return out
 
 

@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser, SelectSettings, exclude=("keep_params",))
     parser.add_argument("--out", required=True, help="plan.json to write")
     parser.add_argument("--plot", default=None,
-                        help="folder for trend.png with the intervals marked (default: beside plan.json)")
-    parser.add_argument("--no-plot", action="store_true", help="do not draw trend.png")
+                        help="folder for <plan>_trend.png (the probe's trend with the chosen intervals shaded; "
+                             "--out runs/plan.json writes plan_trend.png) (default: the folder of --out)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw <plan>_trend.png")
 
 
 def run(args: argparse.Namespace) -> int:
