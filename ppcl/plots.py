@@ -98,7 +98,7 @@ def plot_trend(probe: "ProbeResult", path: str | Path, intervals: list[list[int]
     fig.text(0.01, 0.01, TREND_CAPTION, fontsize=7, wrap=True, va="bottom")
     title = f"{probe.family}: similarity along depth"
     if intervals:
-        title += f" ({len(intervals)} intervals shaded)"
+        title += f" ({len(intervals)} interval{'s' * (len(intervals) != 1)} shaded)"
     ax.set_title(title)
     fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the caption
     return _save(fig, plt, path)
