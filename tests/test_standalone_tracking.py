@@ -23,9 +23,9 @@ def probe_json(tmp_path_factory):
     acc, sig = probe_transformer(get_adapter(tiny_transformer("flux")), {"shift": 3.0}, batches, timesteps=2)
     probe = acc.result(family="flux", model="tiny", calibration=dict(
         source="synthetic", samples=2, batch_size=2, timesteps=2, sigmas=sig, seed=0))
-    path = tmp_path_factory.mktemp("probe") / "probe.json"
-    write_probe(probe, path)
-    return path
+    folder = tmp_path_factory.mktemp("probe") / "probe"
+    write_probe(probe, folder, plots=False)
+    return folder / "probe.json"
 
 
 @pytest.fixture
