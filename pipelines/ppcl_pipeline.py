@@ -25,47 +25,19 @@ Cluster settings, every name from :mod:`ppcl.cluster` (the manifests use the sam
 
 from typing import List
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
-from ppcl import cluster
 from ppcl.config import RunConfig
 from ppcl_kfp.dag import load_component
+from ppcl_kfp.tasks import CACHED_STAGES, DISTILL_SHM, GPU_STAGES, RETRIED_STAGES, configure_task  # noqa: F401
 
 PIPELINE_NAME = "ppcl"
-GPU_STAGES = ("probe", "distill", "evaluate")
-CACHED_STAGES = ("encode", "probe", "select", "distill", "export", "evaluate")
-RETRIED_STAGES = {"shard": 2, "encode": 2, "distill": 1, "export": 2, "evaluate": 2}
-#: /dev/shm of a multi-GPU distill pod (the TrainingRuntime of manifests/multinode gives its nodes the same)
-DISTILL_SHM = "32Gi"
 
 
-def _configure(task: dsl.PipelineTask, stage: str, config: RunConfig) -> dsl.PipelineTask:  # noqa: D401
-    """Resources, scheduling, credentials, caching and retries of one step (see the module docstring)."""
-    res = config.resources.stages[stage]
-    task.set_cpu_request(res.cpu).set_memory_request(res.memory)
-    task.set_caching_options(stage in CACHED_STAGES)
-    if stage in RETRIED_STAGES:
-        task.set_retry(num_retries=RETRIED_STAGES[stage], backoff_duration="30s", backoff_factor=2.0)
-    # Multi-node distill trains in a TrainJob; its own pod only submits, waits and downloads: no GPU.
-    if stage in GPU_STAGES and not (stage == "distill" and config.distill.nodes > 1):
-        # the probe is one process on one device: more GPUs would sit idle; distill starts one process per GPU
-        # (distill.gpus_per_node, which defaults to resources.gpu.count: ppcl.launch)
-        count = {"probe": 1, "distill": config.distill.gpus_per_node}.get(stage, config.resources.gpu.count)
-        task.set_accelerator_type(config.resources.gpu.type).set_accelerator_limit(count)
-        if stage == "distill" and count > 1:
-            # NCCL between the processes of one pod goes through /dev/shm; a container's default is 64 MiB
-            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                       size_limit=DISTILL_SHM)
-        for key, value in cluster.GPU_POOL.node_selector.items():
-            kubernetes.add_node_selector(task, label_key=key, label_value=value)
-        for t in cluster.GPU_POOL.tolerations:
-            kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-    # optional: a local Kubeflow without the Secret/ConfigMap still runs (stages then use local defaults)
-    kubernetes.use_secret_as_env(task, cluster.S3_SECRET.name, cluster.S3_SECRET.key_to_env, optional=True)
-    kubernetes.use_config_map_as_env(task, cluster.CONFIG_MAP.name, cluster.CONFIG_MAP.key_to_env, optional=True)
-    # The tracking layer groups every step of a run under this experiment (cluster runs have no local env).
-    task.set_env_variable("MLFLOW_EXPERIMENT_NAME", config.tracking.experiment)
-    return task.set_display_name(stage)
+def _configure(task: dsl.PipelineTask, stage: str, config: RunConfig) -> dsl.PipelineTask:
+    """Resources, scheduling, credentials, caching and retries of one step: :func:`ppcl_kfp.tasks.configure_task`,
+    the helper a reused component gets too (one definition of the cluster settings)."""
+    return configure_task(task, stage, config)
 
 
 def _defaults(config: RunConfig | None) -> RunConfig:

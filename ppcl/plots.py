@@ -22,6 +22,14 @@ def _pyplot():
     return plt
 
 
+#: Estimator identifiers of probe.json, as the heat-map's title says them.
+ESTIMATORS = {"minibatch_unbiased_hsic_linear": "unbiased minibatch HSIC estimate"}
+
+#: What the trend panel shows (also the figure's caption).
+TREND_CAPTION = ("trend d_l = CKA(h_l+1, h_l+2) - CKA(h_l, h_l+1): negative where similarity starts to fall. "
+                 "Dashed red: where the blocks change kind (dual-stream -> single-stream); intervals never cross it.")
+
+
 def _nan(rows):
     return [[float("nan") if v is None else v for v in row] for row in rows]
 
@@ -43,7 +51,9 @@ def plot_cka_heatmap(probe: "ProbeResult", path: str | Path) -> Path:
         ax.set_xlabel("block")
         ax.set_ylabel("block")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(f"{probe.family}: {probe.cka_matrix.estimator}", fontsize=9)
+    # the estimator's name in words (probe.json keeps the identifier)
+    fig.suptitle(f"{probe.family} teacher: linear CKA between every pair of block outputs "
+                 f"({ESTIMATORS.get(probe.cka_matrix.estimator, probe.cka_matrix.estimator)})", fontsize=9)
     fig.tight_layout()
     return _save(fig, plt, path)
 
@@ -61,9 +71,11 @@ def plot_trend(probe: "ProbeResult", path: str | Path, intervals: list[list[int]
             label="CKA (mean)")
     axd.bar(idx, [0 if b.trend is None else b.trend for b in probe.blocks], color="tab:gray")
     axd.axhline(0, color="k", lw=0.5)
+    boundary = False
     for a in (ax, axd):
         for b0, b1 in zip(probe.blocks, probe.blocks[1:]):
             if b0.kind != b1.kind:
+                boundary = True
                 a.axvline(b1.index - 0.5, color="tab:red", ls="--", lw=1)
         # Alternate colours and draw edges so adjacent intervals stay distinguishable.
         for k, (s, e) in enumerate(intervals or []):
@@ -73,12 +85,22 @@ def plot_trend(probe: "ProbeResult", path: str | Path, intervals: list[list[int]
     ax.set_ylabel("CKA(h_l, h_l+1)")
     axd.set_ylabel("trend d_l")
     axd.set_xlabel("block")
-    ax.legend(fontsize=8, loc="lower left")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles, _ = ax.get_legend_handles_labels()
+    if boundary:
+        handles.append(Line2D([], [], color="tab:red", ls="--", lw=1, label="dual -> single-stream blocks"))
+    if intervals:
+        handles.append(Patch(color="tab:orange", alpha=0.4, label="interval to replace"))
+    # outside the axes: inside, the legend covered the lowest (most interesting) points
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.text(0.01, 0.01, TREND_CAPTION, fontsize=7, wrap=True, va="bottom")
     title = f"{probe.family}: similarity along depth"
     if intervals:
-        title += f" ({len(intervals)} intervals shaded)"
+        title += f" ({len(intervals)} interval{'s' * (len(intervals) != 1)} shaded)"
     ax.set_title(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the caption
     return _save(fig, plt, path)
 
 
@@ -86,7 +108,7 @@ def _save(fig, plt, path) -> Path:
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # the legend outside the axes
     finally:
         plt.close(fig)
     return path

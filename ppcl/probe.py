@@ -528,9 +528,9 @@ def probe_transformer(
     first_sigmas: list[float] = []
     bar = None
     if progress:
-        from tqdm import tqdm
+        from ppcl.progress import progress as progress_bar
 
-        bar = tqdm(total=progress_total, desc="probe", unit="forward", leave=False)
+        bar = progress_bar(total=progress_total, desc="probe", unit="forward", leave=False)
     param = next(adapter.transformer.parameters())
     for batch in batches:
         batch = {k: (v.to(param.device, param.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()

@@ -98,6 +98,66 @@ def local_uri(run_root: str | os.PathLike = "ppcl-runs") -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+#: The local store standalone commands share with ``ppcl demo`` / ``ppcl pipeline run --local`` (``ppcl compare``'s
+#: default): ``./ppcl-runs/mlflow.db``.
+LOCAL_RUN_ROOT = "ppcl-runs"
+
+_STANDALONE: list[bool] = []  # inside command_tracking(): a command run by hand, not a pipeline step
+
+
+def _off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "off", "no")
+
+
+@contextlib.contextmanager
+def command_tracking(enabled: bool = True) -> Iterator[str | None]:
+    """Tracking for one command run by hand (``ppcl probe``, ``ppcl evaluate`` ...); yields the URI or None.
+
+    The command logs one top-level run per stage (tag ``ppcl.stage``; with ``PPCL_RUN_ID`` set, nested under that
+    pipeline run like a pipeline step) through :func:`log_stage`, into ``MLFLOW_TRACKING_URI`` when set, else the
+    local store ``./ppcl-runs/mlflow.db`` that the demo and ``ppcl compare`` use. Off with ``enabled=False`` (the
+    commands' ``--no-tracking``), ``PPCL_TRACKING=0``, on ranks other than 0 of a torchrun launch (rank 0 logs
+    for all), and ``PPCL_LOCAL_TRACKING=0`` turns off only the local default (the test suite sets it, so tests
+    never write a database into the checkout). The environment is restored on exit (commands also run
+    in-process: tests, the demo).
+
+    Design choice: an exported model is registered by its folder (``file://`` source) instead of being copied
+    into the local artifact store: a 12B teacher's export must not be written twice on a workstation. With
+    ``PPCL_ARTIFACT_ROOT`` set it is uploaded there, as in the pipeline.
+    """
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "PPCL_TRACKING")}
+    rank = os.environ.get("RANK", "0").strip() or "0"
+    if not enabled or rank != "0":
+        os.environ["PPCL_TRACKING"] = "0"
+    elif tracking_uri() is None and not _off("PPCL_TRACKING") and not _off("PPCL_LOCAL_TRACKING"):
+        os.environ["MLFLOW_TRACKING_URI"] = local_uri(LOCAL_RUN_ROOT)
+    _STANDALONE.append(True)
+    try:
+        yield tracking_uri()
+    finally:
+        _STANDALONE.pop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def log_command(stage: str, metrics: Mapping[str, Any], out: str | os.PathLike,
+                settings: Mapping[str, Any] | None = None) -> str | None:
+    """:func:`log_stage` for a command run by hand: non-finite and non-numeric metrics dropped, one line on
+    stderr saying where the run went (nothing when tracking is off). Returns the run id."""
+    clean = {k: float(v) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    run_id = log_stage(stage=stage, metrics=clean, artifacts=out, settings=settings)
+    if run_id:
+        import sys
+
+        print(f"[mlflow] {stage}: run {run_id} in {scrub('', tracking_uri() or '')} (ppcl compare, mlflow ui; "
+              "--no-tracking to skip)", file=sys.stderr)
+    return run_id
+
+
 def artifact_root() -> str | None:
     """Where large artifacts go (``s3://...`` or a local folder), or None."""
     root = os.environ.get("PPCL_ARTIFACT_ROOT")
@@ -587,14 +647,16 @@ def plan_params(plan: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _log_select(run: Run, out: Path) -> None:
-    path = out / "plan.json"
+    # the stage writes a folder; `ppcl select --out FILE` a plan file, its trend plot beside it
+    path = out if out.is_file() else out / "plan.json"
     if not path.is_file():
         return
     plan = json.loads(path.read_text())
     pp = plan_params(plan)
     run.log_params(pp)
     run.log_artifact(path)
-    for p in _pngs(out):
+    pngs = _pngs(out) if out.is_dir() else [p for p in [out.with_name(f"{out.stem}_trend.png")] if p.is_file()]
+    for p in pngs:
         run.log_artifact(p, "plots")
     if run.parent:  # the plan belongs to the whole pipeline run: compare reads it there
         parent = run.context.run(run.parent)
@@ -647,6 +709,8 @@ def _upload_large(run: Run, stage: str, out: Path, ratio: float | None) -> str |
 
 def _register(run: Run, out: Path, ratio: float | None, source: str | None) -> None:
     """Register the exported pipeline folder as a model version (source: its S3 copy or the run's artifacts)."""
+    if source is None and _STANDALONE and not run.context.pipeline_id:
+        source = out.resolve().as_uri()  # by hand: registered where it is, not copied (command_tracking)
     if source is None:
         run.log_artifacts(out, "model")
         source = f"{run._call('read the run', run.client.get_run, run.run_id).info.artifact_uri}/model"

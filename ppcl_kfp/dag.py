@@ -1,7 +1,8 @@
 """The DAG of the checkout: load components/ and pipelines/, compile them, run the DAG locally.
 
-``components/`` and ``pipelines/`` are folders of the source checkout, not Python packages (they are what a
-KFP user copies or loads by path), so they are imported by file path from :data:`REPO_ROOT`.
+``components/`` and ``pipelines/`` are folders of the source checkout (what a KFP user copies or loads by path),
+installed as ``ppcl_kfp.components`` and ``ppcl_kfp.pipelines`` (links in ``ppcl_kfp/``); a component's
+``component.py`` is not a module of a package, so it is imported by file path from :data:`COMPONENTS_DIR`.
 
 Local runs use ``kfp.local`` with ``SubprocessRunner(use_venv=False)``: every task runs as a subprocess of the
 current interpreter, in the current environment (ppcl installed, no pip, no container); kfp-kubernetes
@@ -30,14 +31,15 @@ from ppcl.config import STAGES, RunConfig
 from ppcl.errors import PPCLError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-COMPONENTS_DIR = REPO_ROOT / "components"
-PIPELINE_FILE = REPO_ROOT / "pipelines" / "ppcl_pipeline.py"
-PIPELINE_YAML = REPO_ROOT / "pipelines" / "ppcl_pipeline.yaml"
+# through this package's links: the checkout's folders, or their installed copies
+COMPONENTS_DIR = Path(__file__).resolve().parent / "components"
+PIPELINE_FILE = Path(__file__).resolve().parent / "pipelines" / "ppcl_pipeline.py"
+PIPELINE_YAML = Path(__file__).resolve().parent / "pipelines" / "ppcl_pipeline.yaml"
 
 
 def _import_file(name: str, path: Path) -> ModuleType:
     if not path.is_file():
-        raise PPCLError(f"{path} not found: `ppcl pipeline` needs the source checkout (components/, pipelines/)")
+        raise PPCLError(f"{path} not found: this ppcl_kfp install lacks its components/ or pipelines/")
     # executed afresh on every load: base_image=default_image() reads $PPCL_IMAGE when the module runs
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

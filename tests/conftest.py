@@ -21,6 +21,8 @@ OFFLINE_ENV: dict[str, str] = {
     "DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",
     "MPLBACKEND": "Agg",
+    # standalone commands run in-process by tests must not write ./ppcl-runs/mlflow.db into the checkout
+    "PPCL_LOCAL_TRACKING": "0",
 }
 os.environ.update(OFFLINE_ENV)
 

@@ -69,8 +69,8 @@ def test_pipeline_generation_defaults_set_text_length(tiny_pipe_dir, tmp_path):
     from ppcl.calibration import synthetic_batches
     from ppcl.errors import PPCLError
 
-    assert generation_defaults(REFERENCE_TEACHER) == {"height": 32, "width": 32, "max_sequence_length": 16,
-                                                      "guidance": 3.0}
+    assert generation_defaults(REFERENCE_TEACHER) == {"height": 32, "width": 32, "steps": 10,
+                                                      "max_sequence_length": 16, "guidance": 3.0}
     pipe_dir = tmp_path / "pipe"
     shutil.copytree(tiny_pipe_dir["flux"], pipe_dir)
     (pipe_dir / "ppcl.json").write_text(json.dumps({"version": 1, "generation": {"max_sequence_length": 7}}))

@@ -6,12 +6,13 @@ name to its adapter class; ``load_pipeline(path)`` loads a diffusers pipeline di
 whose transformer is one of ppcl's own config-registered classes.
 
 Generation defaults (:func:`generation_defaults`): a pipeline folder may carry ``ppcl.json`` beside
-``model_index.json``, ``{"version": 1, "generation": {"height", "width", "max_sequence_length", "guidance"}}``
+``model_index.json``, ``{"version": 1, "generation": {"height", "width", "steps", "max_sequence_length",
+"guidance"}}``
 (every key optional). It records how the MODEL must be driven, not how a run is configured: a text encoder
 trained at 16 tokens reads 500 unseen padding tokens at FLUX's default 512, which no run setting should have to
 know. ``ppcl export`` copies it with the other non-transformer files, so a pruned pipeline inherits it. Readers:
 the encode stage (``max_sequence_length``, ``height`` as the default resolution), the built-in calibration set
-(``max_sequence_length``) and evaluation (``max_sequence_length``, ``guidance``); an explicit setting in the
+(``max_sequence_length``) and evaluation (all five); an explicit setting in the
 config / on the command line always wins. A folder without the file behaves as before (diffusers' defaults).
 """
 
@@ -39,7 +40,7 @@ def __getattr__(name: str):
 
 #: The per-pipeline generation defaults file (see the module doc).
 PIPELINE_DEFAULTS_FILE = "ppcl.json"
-GENERATION_KEYS = ("height", "width", "max_sequence_length", "guidance")
+GENERATION_KEYS = ("height", "width", "steps", "max_sequence_length", "guidance")
 
 
 def generation_defaults(model: Any) -> dict[str, Any]:

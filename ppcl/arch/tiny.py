@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -543,6 +544,11 @@ def build_tiny_pipeline(
     pipe = _build_pipeline(arch, seed, overrides)
     with atomic_path(out, directory=True) as tmp, _quiet_transformers_progress():
         pipe.save_pretrained(tmp)
+        # generation defaults that fit a random 2 MB model (ppcl.arch.generation_defaults): the 64 px it is built
+        # to draw instead of the family's 1024 px, and 4 steps (its images are noise at any step count; more
+        # steps only cost time). encode and evaluate use them unless told otherwise.
+        (tmp / "ppcl.json").write_text(json.dumps({"version": 1, "generation": {"height": 64, "width": 64,
+                                                                                "steps": 4}}) + "\n")
     return out
 
 

@@ -248,9 +248,11 @@ def save_pipeline(pipe, out: Path, record: dict) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_json(tmp / "ppcl_reference.json", record)
         # generation defaults every ppcl stage reads (ppcl.arch.generation_defaults); guidance: the better
-        # setting of the recorded judge evaluation (true CFG 3 with the empty negative prompt)
+        # setting of the recorded judge evaluation (true CFG 3 with the empty negative prompt); steps: the
+        # benchmark's evaluation steps (ppcl.bench.quality.QualitySettings.eval_steps)
         write_json(tmp / "ppcl.json", {"version": 1, "generation": {
-            "height": RESOLUTION, "width": RESOLUTION, "max_sequence_length": MAX_SEQUENCE_LENGTH, "guidance": 3.0}})
+            "height": RESOLUTION, "width": RESOLUTION, "steps": 10, "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "guidance": 3.0}})
 
 
 EVAL_SEED = 2000

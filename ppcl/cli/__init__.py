@@ -46,6 +46,13 @@ COMMANDS: dict[str, str] = {
     "cluster": "ppcl.cli.cluster",
 }
 
+#: Commands with a long loop: each gets ``--no-progress`` here (bars on a terminal, periodic plain lines in a log:
+#: :mod:`ppcl.progress`); the command passes ``progress=not args.no_progress`` on.
+PROGRESS_COMMANDS = ("synth", "shard", "encode", "probe", "distill", "evaluate")
+#: Stages that log to MLflow when run by hand, as in the pipeline (:func:`ppcl.tracking.command_tracking`): each
+#: gets ``--no-tracking`` and calls :func:`ppcl.tracking.log_command` when it is done.
+TRACKED_COMMANDS = ("shard", "encode", "probe", "select", "distill", "export", "evaluate")
+
 
 def _load(name: str):
     """The module of command ``name``, or None when it (or its package) is not installed."""
@@ -77,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(_module=module)
         _add_overwrite(p, name)
+        if name in PROGRESS_COMMANDS and "--no-progress" not in p._option_string_actions:
+            p.add_argument("--no-progress", action="store_true",
+                           help="no progress output (default: a bar on a terminal, else a plain line every "
+                                "$PPCL_PROGRESS_INTERVAL s, default 30, with rate and ETA)")  # fmt: skip
+        if name in TRACKED_COMMANDS:
+            p.add_argument("--no-tracking", action="store_true",
+                           help="do not log this run to MLflow (default: $MLFLOW_TRACKING_URI, else the local "
+                                "store ./ppcl-runs/mlflow.db that ppcl compare and the demo use)")  # fmt: skip
     return parser
 
 
@@ -117,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                 refuse_uri_credentials(value, f"--{dest.replace('_', '-')}")
         with outputs.guard(getattr(args, "_out_command", args.command), getattr(args, "out", None),
                            overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False)):
-            return int(args._module.run(args) or 0)
+            if args.command not in TRACKED_COMMANDS:
+                return int(args._module.run(args) or 0)
+            from ppcl.tracking import command_tracking
+
+            with command_tracking(not args.no_tracking):
+                return int(args._module.run(args) or 0)
     except PPCLError as e:
         print(f"ppcl {args.command}: error: {e}", file=sys.stderr)
         return 2

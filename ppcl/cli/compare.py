@@ -138,7 +138,8 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     panels = [(k, label) for k, label in QUALITY if any(r.get(k) is not None for r in rows)] or [
         ("speedup", "speedup vs teacher")
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    # constrained layout: side by side, a panel's y label otherwise overlapped the tick labels of the one before
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False, layout="constrained")
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         for pid in dict.fromkeys(r["pipeline"] for r in rows):
             pts = sorted((r["parameters_ratio"], r[key]) for r in rows

@@ -39,11 +39,18 @@ def run(args: argparse.Namespace) -> int:
 
     # the defaults are the pipeline's (ppcl.settings): by hand and in the pipeline, the same run
     result = distill_uris(args.model, args.plan, args.out, data=args.data, resume=args.resume,
-                          stop_after=args.stop_after, scratch=args.scratch, settings=cfg)  # fmt: skip
+                          stop_after=args.stop_after, scratch=args.scratch, settings=cfg,
+                          progress=not args.no_progress)  # fmt: skip
     if result.steps < cfg.steps:
         where = f"{args.out}/checkpoints" if args.out.startswith("s3://") else result.run_dir / "checkpoints"
         print(f"stopped after step {result.steps} (checkpoint in {where})", file=sys.stderr)
     else:
         losses = ", ".join(f"{k}={v:.4f}" for k, v in result.final_losses.items())
+        from ppcl.tracking import log_command
+
+        done = {k: v for k, v in result.final_losses.items() if v is not None}
+        log_command("distill", {"steps": result.steps, "plugs": len(result.plugs),
+                                "loss": sum(done.values()) / len(done) if done else None},
+                    result.run_dir, cfg.model_dump(mode="json"))  # fmt: skip
         print(f"{args.out}: {len(result.plugs)} plugs, {result.steps} steps; final D: {losses}")
     return 0

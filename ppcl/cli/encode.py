@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, args.out, resolution=cfg.resolution, batch_size=cfg.batch_size, device=device,
         dtype=cfg.dtype, max_sequence_length=cfg.max_sequence_length, progress=not args.no_progress,
     )  # fmt: skip
+    from ppcl.tracking import log_command
+
+    log_command("encode", {"samples": manifest.samples, "shards": len(manifest.shards),
+                           "resolution": manifest.resolution}, args.out, cfg.model_dump(mode="json"))  # fmt: skip
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in manifest.tensors.items())
     print(f"{manifest.samples} samples in {len(manifest.shards)} shards at {manifest.resolution} px: {shapes} -> {args.out}")
     return 0

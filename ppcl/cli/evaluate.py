@@ -35,6 +35,33 @@ def eval_settings(args: argparse.Namespace):
     return settings_from_args(EvaluateSettings, args, exclude=("prompts",), **size).eval_settings()
 
 
+def model_metrics(m) -> dict:
+    """The numbers of one evaluated model that MLflow and ``ppcl compare`` show (the pipeline's evaluate step logs
+    the same names)."""
+    metrics = {"parameters": m.parameters, "parameters_ratio": m.parameters_ratio,
+               "ms_per_step": m.latency.per_step_s * 1e3, "speedup": m.speedup, "fid": m.fid,
+               "clip_score": m.clip_score}  # fmt: skip
+    if getattr(m, "memory", None) is not None and getattr(m.memory, "peak_bytes", None) is not None:
+        metrics["peak_memory_mb"] = m.memory.peak_bytes / 2**20
+    if m.fidelity is not None:
+        metrics.update(latent_psnr_db=m.fidelity.latent_psnr_db, latent_cosine=m.fidelity.latent_cosine)
+    return metrics
+
+
+def _track(result, settings) -> None:
+    """One MLflow run for this evaluation: the pruned model's metrics under their plain names (what ``ppcl compare``
+    reads); with several ``--model``, each model's under ``<name>/<metric>`` so no number is credited to the
+    wrong model."""
+    from ppcl.tracking import log_command
+
+    pruned = [m for m in result.metrics.models if m.role != "teacher"]
+    if len(pruned) == 1:
+        metrics = model_metrics(pruned[0])
+    else:
+        metrics = {f"{m.name}/{k}": v for m in pruned for k, v in model_metrics(m).items()}
+    log_command("evaluate", metrics, result.metrics_path.parent, settings.model_dump(mode="json"))
+
+
 def run(args: argparse.Namespace) -> int:
     settings = eval_settings(args)  # checked before torch is even imported
 
@@ -49,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Scoped, not global: the CLI also runs in-process (tests, `ppcl demo`), where later training needs grad.
     with torch.no_grad():
-        result = evaluate_models(args.model, args.teacher, prompts, args.out, settings, names=args.name)
+        result = evaluate_models(args.model, args.teacher, prompts, args.out, settings, names=args.name,
+                                 progress=not args.no_progress)
     for m in result.metrics.models:
         f = m.fidelity
         extra = ""
@@ -59,5 +87,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{m.name}: {m.parameters:,} params ({m.parameters_ratio:.3f})  "
               f"{m.latency.per_step_s * 1e3:.2f} ms/step  speedup {m.speedup:.2f}  FID {fmt(m.fid)}  "
               f"CLIP {fmt(m.clip_score)}{extra}")
+    _track(result, settings)
     print(f"wrote {result.metrics_path}, {result.grid_path}, {result.report_path}")
     return 0

@@ -44,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     r = export(args.model, args.plan, args.plugs, args.out, keep_params=cfg.keep_params,
                intervals=cfg.intervals, all_intervals=cfg.all_intervals, dtype=cfg.dtype,
                max_shard_size=cfg.max_shard_size)
+    from ppcl.tracking import log_command
+
+    log_command("export", {"keep_params": cfg.keep_params, "parameters": r.parameters,
+                           "parameters_ratio": r.parameters / r.teacher_parameters, "intervals": len(r.intervals)},
+                r.out, cfg.model_dump(mode="json"))  # fmt: skip
     print(f"{r.out}: {r.transformer_class}, {r.parameters:,} of {r.teacher_parameters:,} parameters "
           f"({r.parameters / r.teacher_parameters:.2%}), intervals {r.intervals}")
     print(f"block map in {r.lineage} (ppcl plan show --model {r.out}), plan.json copied in")

@@ -23,7 +23,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ppcl.probe import run_probe
 
-    result = run_probe(args.model, args.out, data=args.data, **cfg.model_dump())
+    result = run_probe(args.model, args.out, data=args.data, progress=not args.no_progress, **cfg.model_dump())
+    from ppcl.tracking import log_command
+
+    ckas = [b.cka for b in result.blocks if b.cka is not None]
+    log_command("probe", {"blocks": len(result.blocks), "intervals": len(result.intervals),
+                          "forwards": result.calibration.forwards,
+                          "mean_cka": sum(ckas) / len(ckas) if ckas else None, "min_cka": min(ckas) if ckas else None},
+                args.out, cfg.model_dump(mode="json"))  # fmt: skip
     exact = "exact" if result.projection.exact else f"projected to {result.projection.dim}"
     print(f"probed {len(result.blocks)} blocks of {result.family} over {result.calibration.forwards} forwards "
           f"({exact} moments); wrote {args.out}/probe.json, cka_heatmap.png, trend.png")

@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser, SelectSettings, exclude=("keep_params",))
     parser.add_argument("--out", required=True, help="plan.json to write")
     parser.add_argument("--plot", default=None,
-                        help="folder for trend.png with the intervals marked (default: beside plan.json)")
-    parser.add_argument("--no-plot", action="store_true", help="do not draw trend.png")
+                        help="folder for <plan>_trend.png (the probe's trend with the chosen intervals shaded; "
+                             "--out runs/plan.json writes plan_trend.png) (default: the folder of --out)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw <plan>_trend.png")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
 
         folder = Path(args.plot) if args.plot else Path(args.out).parent
         plot_trend(probe, folder / f"{Path(args.out).stem}_trend.png", intervals=[list(iv) for iv in plan.intervals])
+    from ppcl.tracking import log_command
+
+    log_command("select", {"keep_params": cfg.keep_params, "predicted_keep": plan.params.student / plan.params.teacher,
+                           "intervals": len(plan.intervals), "blocks_removed": sum(e - s for s, e in plan.intervals),
+                           "teacher_params": plan.params.teacher, "student_params": plan.params.student},
+                args.out, cfg.model_dump(mode="json"))  # fmt: skip
     print(format_plan(plan))
     print(f"wrote {args.out}")
     return 0

@@ -30,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
         image_column=cfg.image_column, key_column=cfg.key_column, min_size=cfg.min_size,
         progress=not args.no_progress,
     )  # fmt: skip
+    from ppcl.tracking import log_command
+
+    log_command("shard", {"samples": manifest.accepted, "rejected": len(manifest.rejected), "read": manifest.read,
+                          "shards": manifest.num_shards}, args.out, cfg.model_dump(mode="json"))  # fmt: skip
     print(
         f"{manifest.accepted} samples in {manifest.num_shards} shards ({written} written, "
         f"{manifest.num_shards - written} unchanged), {len(manifest.rejected)} rejected of {manifest.read} read "

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from ppcl.data.synth import write_synth
 
     t0 = time.perf_counter()
-    out = write_synth(args.out, args.n, size=args.size, seed=args.seed, progress=True)
+    out = write_synth(args.out, args.n, size=args.size, seed=args.seed, progress=not args.no_progress)
     dt = time.perf_counter() - t0
     print(f"wrote {args.n} images ({args.size}px) to {out} in {dt:.1f}s ({args.n / dt:.0f} images/s)")
     return 0

@@ -87,7 +87,7 @@ def encode_shards(
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-    from tqdm import tqdm
+    from ppcl.progress import progress as tqdm
 
     from ppcl.arch import get_adapter, load_pipeline
     from ppcl.data.shard import read_shard_manifest

@@ -279,7 +279,7 @@ def shard_source(
     Raises PPCLError for an unreadable source, a missing column, or a source without one valid sample;
     in that case nothing is written under ``out``.
     """
-    from tqdm import tqdm
+    from ppcl.progress import progress as tqdm
 
     if num_shards < 1:
         raise PPCLError(f"--shards must be at least 1 (got {num_shards})")

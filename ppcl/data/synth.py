@@ -218,7 +218,7 @@ def write_synth(out: str | os.PathLike, n: int, size: int = 64, seed: int = 0, p
             rows = []
             it = iter_synth(n, size, seed)
             if progress:
-                from tqdm import tqdm
+                from ppcl.progress import progress as tqdm
 
                 it = tqdm(it, total=n, desc="synth", unit="img")
             for i, (img, cap, attrs) in enumerate(it):

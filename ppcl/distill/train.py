@@ -361,9 +361,9 @@ class StepLog:
                  on_step: Callable[[int, dict[str, Any]], None] | None):
         self.main, self.on_step, self.bar = main, on_step, None
         if progress and main:
-            from tqdm.auto import tqdm
+            from ppcl.progress import progress as progress_bar
 
-            self.bar = tqdm(total=total, initial=initial, desc="distill", unit="step")
+            self.bar = progress_bar(total=total, initial=initial, desc="distill", unit="step")
         self.file = open(path, "a") if main else None
 
     def write(self, done: int, record: dict[str, Any]) -> None:

@@ -26,6 +26,10 @@ import torch
 from ppcl.errors import PPCLError
 from ppcl.evaluate.metrics import EvalMetrics, EvalSettings, ExtractorInfo, ModelMetrics, ReferenceInfo
 
+#: Generation settings when neither the caller nor the teacher's ppcl.json gives them (the values this evaluation
+#: used before ppcl.json carried them).
+FALLBACK_GENERATION = {"steps": 20, "height": 512, "width": 512}
+
 
 @dataclass
 class EvalResult:
@@ -88,7 +92,7 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
         PPCLError: bad input, before anything is written.
     """
     from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
+    from ppcl.progress import progress as tqdm
 
     from ppcl.arch import count_parameters, get_adapter, load_pipeline
     from ppcl.atomic import atomic_path, write_bytes, write_json
@@ -137,8 +141,11 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
     from ppcl.arch import generation_defaults
 
     defaults = generation_defaults(teacher)
-    settings = settings.model_copy(update={k: defaults[k] for k in ("guidance", "max_sequence_length")
+    settings = settings.model_copy(update={k: defaults[k] for k in ("steps", "height", "width", "guidance",
+                                                                    "max_sequence_length")
                                            if getattr(settings, k) is None and defaults.get(k) is not None})
+    # a folder without them: the sizes this evaluation always used (diffusers' own 1024 px is far too slow here)
+    settings = settings.model_copy(update={k: v for k, v in FALLBACK_GENERATION.items() if getattr(settings, k) is None})
 
     # ---- 2. measuring networks
     clip = clip_info = scorer = None

@@ -303,7 +303,7 @@ def reference_statistics(acc: FIDAccumulator, folder: str | Path, height: int, w
     Cache file ``<cache_dir>/<set sha256[:16]>-<extractor sha256[:16]>-<H>x<W>.npz`` holds the float64 sums and the
     full keys, which are checked on read (a mismatch or unreadable file is recomputed and overwritten).
     """
-    from tqdm import tqdm
+    from ppcl.progress import progress as tqdm
 
     from ppcl.atomic import atomic_path
 

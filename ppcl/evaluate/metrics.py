@@ -35,9 +35,12 @@ class EvalSettings(_Strict):
     across models and runs.
     """
 
-    steps: int = Field(20, ge=1, description="denoising steps per image")
-    height: int = Field(512, ge=8, description="generation height in pixels")
-    width: int = Field(512, ge=8, description="generation width in pixels")
+    steps: int | None = Field(None, ge=1, description="denoising steps per image (none: the teacher folder's "
+                              "ppcl.json default, else 20); metrics.json stores the value used")
+    height: int | None = Field(None, ge=8, description="generation height in pixels (none: the teacher folder's "
+                               "ppcl.json default, else 512)")
+    width: int | None = Field(None, ge=8, description="generation width in pixels (none: the teacher folder's "
+                              "ppcl.json default, else 512)")
     guidance: float | None = Field(None, description="guidance scale passed through the family adapter (none: the "
                                    "teacher folder's ppcl.json default, else the pipeline's); metrics.json stores "
                                    "the value used")
