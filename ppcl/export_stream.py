@@ -285,14 +285,14 @@ def write_transformer_weights(copies: list[Copy], folder: Path, max_shard_size: 
 def parse_shard_size(size: int | str) -> int:
     """``--max-shard-size``: bytes, or a number with a unit as diffusers takes it (``"10GB"``, ``"500MB"``; decimal
     units, KB..TB)."""
-    from huggingface_hub.serialization._base import parse_size_to_int
+    from ppcl.settings import parse_size
 
     if isinstance(size, int) and not isinstance(size, bool):
         n = size
     else:
         text = str(size).strip()
         try:
-            n = int(text) if text.isdigit() else parse_size_to_int(text.upper())
+            n = parse_size(text)
         except ValueError:
             raise PPCLError(f"--max-shard-size {size!r}: expected bytes or a size such as 10GB or 500MB") from None
     if n < 1:

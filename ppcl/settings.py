@@ -47,6 +47,22 @@ TIMESTEP_SAMPLERS: tuple[str, ...] = get_args(TimestepSampler)
 MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
 
 
+
+#: ``--max-shard-size`` units, as diffusers' ``save_pretrained`` takes them (decimal KB..TB; binary KiB..TiB too)
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of ``"10GB"`` / ``"500MB"`` / ``"1.5GiB"`` / ``"123"``; ValueError for anything else."""
+    t = str(text).strip().upper()
+    if t.isdigit():
+        return int(t)
+    for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)].strip()) * _SIZE_UNITS[unit])
+    raise ValueError(f"not a size: {text!r}")
+
 class StageSettings(BaseModel):
     """Base of every stage's settings: unknown names are refused (a typo never silently does nothing)."""
 
@@ -253,11 +269,9 @@ class ExportSettings(StageSettings):
     @field_validator("max_shard_size")
     @classmethod
     def _shard_size(cls, v: str) -> str:
-        from huggingface_hub.serialization._base import parse_size_to_int
-
         text = v.strip()
         try:
-            n = int(text) if text.isdigit() else parse_size_to_int(text.upper())
+            n = parse_size(text)
         except ValueError:
             raise ValueError(f"{v!r} is not a size: expected bytes or a number with KB, MB, GB or TB") from None
         if n < 1:

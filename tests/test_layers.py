@@ -36,6 +36,12 @@ THIRD_PARTY_PRIVATE = {
     ("ppcl.resources", "torch.utils._python_dispatch", "TorchDispatchMode"),
     # the flattening helper that goes with it (torch.utils.pytree does not exist in 2.13)
     ("ppcl.resources", "torch.utils._pytree", "tree_leaves"),
+    # FSDP2 run on meta tensors over torch's fake process group (the planner counts the real sharding engine's
+    # buffers): the fake store and the FSDP2 internals patched for a meta device have no public path in 2.13
+    ("ppcl.resources", "torch.testing._internal.distributed.fake_pg", "FakeStore"),
+    ("ppcl.resources", "torch.distributed.fsdp._fully_shard", "_fsdp_collectives"),
+    ("ppcl.resources", "torch.distributed.fsdp._fully_shard", "_fsdp_param_group"),
+    ("ppcl.resources", "torch.distributed.fsdp._fully_shard", "_fsdp_param"),
 }
 
 

@@ -168,7 +168,8 @@ def test_evaluate_resolution_fills_only_the_sides_not_given():
 
     s = eval_settings(_cli_namespace("evaluate", ["--resolution", "128", "--height", "64"]))
     assert (s.height, s.width) == (64, 128)
-    assert eval_settings(_cli_namespace("evaluate", ["--width", "96"])).height == 512
+    # a side not given stays open: evaluate fills it from the teacher's generation defaults (ppcl.json)
+    assert eval_settings(_cli_namespace("evaluate", ["--width", "96"])).height is None
 
 
 def test_docs_table_is_current():
