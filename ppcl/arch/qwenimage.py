@@ -58,6 +58,8 @@ class QwenImageAdapter(Adapter):
     family = "qwenimage"
     block_lists = (("transformer_blocks", "dual"),)
     transformer_class = QwenImageTransformer2DModel
+    # ``_convert_non_diffusers_qwen_lora_to_diffusers``: ``lora_unet_transformer_blocks_<i>_attn_to_q.lora_down...``
+    lora_kohya_blocks = {"lora_unet_transformer_blocks_": "transformer_blocks"}
     default_guidance = 1.0
 
     def head(self, output: dict[str, torch.Tensor], call: BlockCall, model_inputs: dict[str, Any]) -> torch.Tensor:
