@@ -243,9 +243,13 @@ class RemapReport:
         if moved:
             lines.append(f"  renamed, e.g. {moved[0][0]} -> {moved[0][1]}" + (f" (+{len(moved) - 1} more)"
                                                                               if len(moved) > 1 else ""))
+        by_block: dict[tuple[str, str], list[Dropped]] = {}
         for d in self.dropped:
-            share = d.norm2 / self.total_norm2 if self.total_norm2 > 0 else 0.0
-            lines.append(f"  dropped {d.module} ({share:.2%}): {d.reason}")
+            by_block.setdefault((d.teacher_block, d.reason), []).append(d)
+        for (block, reason), ds in by_block.items():
+            share = sum(d.norm2 for d in ds) / self.total_norm2 if self.total_norm2 > 0 else 0.0
+            names = ", ".join(d.module for d in ds)
+            lines.append(f"  dropped {block}: {len(ds)} module(s), {share:.2%} of the norm ({reason}): {names}")
         for p in self.plugs:
             lines.append(f"  no LoRA on {p} (a plug: `ppcl lora transfer` trains one)")
         return "\n".join(lines)
@@ -344,11 +348,22 @@ def remap_state_dict(tensors: dict[str, Any], metadata: dict[str, str], lineage,
         if entry is None:
             plug = plug_of[teacher_block]
             if ref.style == "dotted":
-                where = f"{plug.student_list}.{plug.student_index}.{ref.inner}"
-                if f"{where}.weight" not in shapes:
+                # the removed block is gone: its module must exist in SOME block of that list (blocks of one list
+                # may differ, e.g. SD3.5's dual-attention first blocks), with the LoRA's shapes
+                pat = re.compile(rf"{re.escape(ref.list_name)}\.\d+\.{re.escape(ref.inner)}\.weight")
+                same = [k for k in shapes if pat.fullmatch(k)]
+                if not same:
                     raise PPCLError(f"LoRA key {keys[0]}: a {lineage.family} block of this model has no module "
                                     f"{ref.inner!r}: a LoRA of another model family?")
-                _check_shapes(tensors, keys, shapes[f"{where}.weight"], f"module {where}")
+                errors = []
+                for k in same:
+                    try:
+                        _check_shapes(tensors, keys, shapes[k], f"module {k[:-len('.weight')]}")
+                        break
+                    except PPCLError as e:
+                        errors.append(e)
+                else:
+                    raise errors[0]
             report.dropped.append(Dropped(module, label, f"teacher block removed: inside interval "
                                           f"[{plug.interval[0]}, {plug.interval[1]}], replaced by the plug "
                                           f"{plug.student_list}.{plug.student_index}", norm2, keys))
