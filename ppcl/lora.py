@@ -516,9 +516,12 @@ class TransferResult:
 def canonical_lora(pipe, lora: str | Path) -> dict[str, tuple[Any, Any]]:
     """The transformer part of a LoRA as diffusers' own loader reads it for ``pipe``'s family (kohya converted),
     with every module's scale folded into ``B``: ``module path -> (A (r, in), s * B (out, r))``."""
-    loaded = type(pipe).lora_state_dict(str(lora), return_lora_metadata=True,
-                                        **({"return_alphas": True} if "return_alphas" in
-                                           type(pipe).lora_state_dict.__code__.co_varnames else {}))
+    import inspect
+
+    # FLUX's loader returns the network alphas separately (and only when asked); the others keep them inline
+    alphas_kw = ({"return_alphas": True}
+                 if "return_alphas" in inspect.signature(type(pipe).lora_state_dict).parameters else {})
+    loaded = type(pipe).lora_state_dict(str(lora), return_lora_metadata=True, **alphas_kw)
     state, metadata = loaded[0], loaded[-1] or {}
     alphas = loaded[1] if len(loaded) == 3 else None
     config = {k.removeprefix("transformer."): v for k, v in metadata.items() if k.startswith("transformer.")}

@@ -42,10 +42,6 @@ TARGETS = {
 }
 
 
-def _pipeline_class(pipe):
-    return type(pipe)
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """family or "reference" -> (teacher dir, pruned export dir), made on first use (2 distill steps: the plugs'
@@ -68,14 +64,15 @@ def exports(tmp_path_factory):
     return get
 
 
-def make_lora(teacher_dir, family, path, seed=0):
+def make_lora(teacher_dir, family, path, seed=0, alpha_pattern=None):
     """A random LoRA (rank 4, alpha 8: scale 2; A and B both random) on the teacher, saved by the family's
     pipeline class with its adapter config, as a user's training script does."""
     pipe = load_pipeline(teacher_dir)
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family], init_lora_weights=False)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family], init_lora_weights=False,
+                     alpha_pattern=alpha_pattern or {})
     pipe.transformer.add_adapter(cfg)
-    _pipeline_class(pipe).save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+    type(pipe).save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
                                             transformer_lora_adapter_metadata=cfg.to_dict())
     return path / "pytorch_lora_weights.safetensors"
 
@@ -119,7 +116,12 @@ def check_landing(teacher_dir, pruned, teacher_lora, student_lora, report=None):
 
 def test_remap_lands_on_the_same_teacher_weights(family, tiny_pipe_dir, exports, tmp_path, capsys):
     teacher_dir, pruned = exports(family, tiny_pipe_dir[family], INTERVALS[family])
-    lora = make_lora(teacher_dir, family, tmp_path / "teacher-lora")
+    # per-module alphas (metadata alpha_pattern) must move with their module: a kept block that moved from teacher
+    # index t to student index s gets alpha 16; teacher block s gets alpha 2, which must NOT reach student block s
+    moved = next(b for b in read_lineage(pruned).blocks if b.kind == "kept" and b.teacher_index != b.student_index)
+    pattern = {f"{moved.teacher_list}.{moved.teacher_index}.attn.to_q": 16,
+               f"{moved.teacher_list}.{moved.student_index}.attn.to_q": 2}
+    lora = make_lora(teacher_dir, family, tmp_path / "teacher-lora", alpha_pattern=pattern)
     # the CLI, as a user runs it (the report lists what was dropped)
     out = tmp_path / "student.safetensors"
     assert main(["lora", "remap", "--lora", str(lora), "--model", str(pruned), "--out", str(out),
@@ -128,6 +130,11 @@ def test_remap_lands_on_the_same_teacher_weights(family, tiny_pipe_dir, exports,
     report = remap(lora, pruned, tmp_path / "again.safetensors")
     assert load_file(str(out)).keys() == load_file(str(tmp_path / "again.safetensors")).keys()
     lin = check_landing(teacher_dir, pruned, lora, out, report)
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["transformer.alpha_pattern"] == {f"{moved.student_list}.{moved.student_index}.attn.to_q": 16}
     for b in lin.blocks:
         if b.kind == "plug":
             assert f"no LoRA on {b.student_list}.{b.student_index} (plug of teacher blocks" in printed
@@ -361,7 +368,7 @@ def test_remap_and_transfer_on_the_reference_teacher(exports, tmp_path):
     remap on both measures: the judged colour shift and the latent PSNR (the margins asserted are what a short run
     reliably shows; the slow benchmark below reports the full numbers)."""
     teacher_dir, pruned, lora, remapped, report, result, rows = remap_vs_transfer(
-        exports, tmp_path, distill_steps=2, lora_steps=60, transfer_steps=40, seeds=1, gen_steps=8)
+        exports, tmp_path, distill_steps=2, lora_steps=60, transfer_steps=30, seeds=1, gen_steps=8)
     check_landing(teacher_dir, pruned, lora, remapped, report)
     assert 0.2 < report.dropped_share < 0.6  # 8 of 16 blocks removed
     print(json.dumps(rows, indent=1))
@@ -377,10 +384,10 @@ def test_remap_and_transfer_on_the_reference_teacher(exports, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_remap_vs_transfer(exports, tmp_path):
-    """The measured comparison (numbers in the report / README): a better-trained pruned model and LoRA, 300
+    """The measured comparison (numbers in the report / README): a better-trained pruned model and LoRA, 200
     transfer steps, 48 prompts at 20 steps."""
     *_, report, result, rows = remap_vs_transfer(exports, tmp_path, distill_steps=200, lora_steps=200,
-                                                 transfer_steps=300, seeds=4, gen_steps=20)
+                                                 transfer_steps=200, seeds=4, gen_steps=20)
     print(json.dumps({"dropped_share": report.dropped_share, "transfer_loss": [result.first_loss, result.final_loss],
                       **rows}, indent=1))
     assert rows["pruned+transfer"]["latent_psnr_db"] > rows["pruned+remap"]["latent_psnr_db"]
