@@ -35,10 +35,11 @@ with LoRA adapters (diffusers' peft integration) on its plugs and kept blocks, t
 remapped teacher LoRA and the plugs' with ``B = 0`` (so step 0 is exactly the remap). Loss: the method's per-block
 D (:func:`ppcl.plugs.plug_loss`) of each trained student block, fed the teacher+LoRA's call entering the teacher
 block(s) it stands for and compared with the teacher+LoRA's streams leaving them (non-sequential, teacher-forced,
-as :func:`ppcl.distill.losses.nonsequential_losses`), plus optionally ``output_loss_weight`` x the MSE of the
+as :func:`ppcl.distill.losses.nonsequential_losses`), plus ``output_loss_weight`` (default 1) x the MSE of the
 model outputs (:func:`ppcl.distill.losses.output_loss`), which also trains every kept block's adapter and the
-non-block ones. Without the output term, a kept block with no width ops is the teacher block with the same LoRA:
-its D is 0 by construction, so it is not run (its adapter stays the remapped one). Data and noise are the distill
+non-block ones, so they can make up for what the plugs cannot. With weight 0 only the plugs (and width-modified
+blocks) train: a kept block with no width ops is the teacher block with the same LoRA, its D is 0 by
+construction, so it is not run (its adapter stays the remapped one). Data and noise are the distill
 stage's (:func:`ppcl.distill.streams.training_stream`, :func:`ppcl.distill.streams.step_inputs`): a latent cache
 from ``ppcl encode`` or the built-in synthetic set. Output: diffusers keys ``transformer.<module>.lora_A|B.weight``
 with the adapter config as ``lora_adapter_metadata``, which the stock ``load_lora_weights`` reads.
