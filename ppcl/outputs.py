@@ -45,7 +45,7 @@ from ppcl.errors import PPCLError
 MARKER = ".ppcl-output.json"
 
 #: Commands whose ``--out`` is one file (recognised by content, no marker); every other ``--out`` is a folder.
-FILE_COMMANDS = frozenset({"select", "pipeline compile"})
+FILE_COMMANDS = frozenset({"select", "pipeline compile", "lora remap", "lora transfer"})
 #: Commands whose own output legitimately holds other stages' outputs (the bench's OUT/work: cache, runs...).
 NESTING_COMMANDS = frozenset({"bench quality"})
 #: Files a command writes at the top of its own folder that read like another command's output: part of it
@@ -114,6 +114,8 @@ def identify(path: str | os.PathLike) -> str | None:
     if path.is_file():
         if path.suffix == ".json" and _is_plan(_json(path)):
             return "select"
+        if path.suffix == ".safetensors":
+            return _safetensors_command(path)
         if path.suffix in (".yaml", ".yml"):
             try:
                 with open(path, "rb") as f:
@@ -123,6 +125,19 @@ def identify(path: str | os.PathLike) -> str | None:
             if b"pipelineInfo:" in head and (b"deploymentSpec:" in head or b"components:" in head):
                 return "pipeline compile"
     return None
+
+
+def _safetensors_command(path: Path) -> str | None:
+    """A LoRA written by ``ppcl lora``: its header metadata ``ppcl`` = ``{"command": ...}`` (ppcl.lora)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= 1 << 24 else None
+        meta = json.loads(header["__metadata__"]["ppcl"])
+        command = meta["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return command if command in ("lora remap", "lora transfer") else None
 
 
 def nested_output(path: Path, max_depth: int | None = None,

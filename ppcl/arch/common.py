@@ -129,6 +129,9 @@ class Adapter(ABC):
     block_lists: ClassVar[tuple[tuple[str, str], ...]]
     #: the stock diffusers transformer class this adapter handles (subclasses are ours: width-pruned models).
     transformer_class: ClassVar[type]
+    #: kohya-style LoRA key prefixes that diffusers' LoRA loader of this family accepts, each naming a block list:
+    #: ``<prefix><i>_<module>...`` is a LoRA on block ``i`` of that list (``ppcl lora remap`` renames ``i``).
+    lora_kohya_blocks: ClassVar[dict[str, str]] = {}
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer

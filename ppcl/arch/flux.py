@@ -57,6 +57,11 @@ class FluxAdapter(Adapter):
                   "ffn": {"image": "ff", "text": "ff_context"},
                   "text_stream": {"modulation": "norm1_context", "ffn": "ff_context", "out": "attn.to_add_out"},
                   "frozen_modulation": "adaln_zero"}
+    # sd-scripts (``_convert_kohya_flux_lora_to_diffusers``) and its "mixture" variant with diffusers' own names
+    lora_kohya_blocks = {"lora_unet_double_blocks_": "transformer_blocks",
+                         "lora_unet_single_blocks_": "single_transformer_blocks",
+                         "lora_transformer_transformer_blocks_": "transformer_blocks",
+                         "lora_transformer_single_transformer_blocks_": "single_transformer_blocks"}
     #: FLUX.1-dev's default embedded guidance when the model is guidance-distilled and none is given.
     default_guidance = 3.5
 

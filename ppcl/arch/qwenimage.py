@@ -64,6 +64,8 @@ class QwenImageAdapter(Adapter):
                   "ffn": {"image": "img_mlp", "text": "txt_mlp"},
                   "text_stream": {"modulation": "txt_mod", "ffn": "txt_mlp", "out": "attn.to_add_out"},
                   "frozen_modulation": "silu_linear_6d"}
+    # ``_convert_non_diffusers_qwen_lora_to_diffusers``: ``lora_unet_transformer_blocks_<i>_attn_to_q.lora_down...``
+    lora_kohya_blocks = {"lora_unet_transformer_blocks_": "transformer_blocks"}
     default_guidance = 1.0
 
     def head(self, output: dict[str, torch.Tensor], call: BlockCall, model_inputs: dict[str, Any]) -> torch.Tensor:

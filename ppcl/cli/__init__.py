@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "plan": "ppcl.cli.plan",
     "distill": "ppcl.cli.distill",
     "export": "ppcl.cli.export",
+    "lora": "ppcl.cli.lora",
     "evaluate": "ppcl.cli.evaluate",
     "report": "ppcl.cli.report",
     "card": "ppcl.cli.card",
