@@ -232,7 +232,8 @@ def model_card(plan_d: dict, run: dict, chosen: list[int], result: Any, teacher:
         "> **Teacher LoRAs do not fit this model as they are.** diffusers matches LoRA weights to blocks by their "
         "position, and blocks have moved: a LoRA trained on the teacher loads onto the wrong blocks (or fails) "
         "without saying so. Remap it first: `ppcl lora remap --lora teacher_lora.safetensors --model <this folder> "
-        "--out student_lora.safetensors` (it reports the LoRA weights of removed blocks it had to drop).", "",
+        "--out student_lora.safetensors` (it reports the LoRA weights of removed blocks it had to drop), or "
+        "`ppcl lora transfer` to re-train what sat on removed blocks; then `pipe.load_lora_weights(...)`.", "",
         "| | parameters |", "|---|---|",
         f"| teacher transformer | {result.teacher_parameters:,} |",
         f"| pruned transformer | {result.parameters:,} ({result.parameters / result.teacher_parameters:.2%}) |", "",
