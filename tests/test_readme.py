@@ -33,6 +33,8 @@ SKIPPED: dict[str, str] = {
     "kubectl ": "Kubeflow section: needs a cluster",
     "ppcl pipeline compile": "Kubeflow section: rewrites the checkout's pipelines/ (tests/test_pipeline.py compiles it)",
     "ppcl pipeline submit": "Kubeflow section: needs a Kubeflow Pipelines server",
+    "ppcl lora ": "LoRA section: needs the user's own LoRA trained on the teacher (tests/test_lora.py runs remap and "
+                  "transfer on LoRAs it trains)",
 }
 #: Plain shell commands the README may use to prepare inputs; run in bash.
 SHELL = ("printf ", "echo ", "mkdir ", "cat ")
