@@ -76,5 +76,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"[demo] pruned:  {model}")
     if "report" in outputs:
         print(f"[demo] report:  {outputs['report'] / 'report.html'}")
+        from ppcl.report import SUMMARY_FILE
+
+        summary = outputs["report"] / SUMMARY_FILE
+        for line in summary.read_text().splitlines() if summary.is_file() else []:
+            print(f"[demo] {line}")
     print(f"[demo] MLflow:  mlflow ui --backend-store-uri {uri}")
     return 0
