@@ -695,8 +695,8 @@ def _annotate_model(run: Run, metrics: Mapping[str, float]) -> None:
     if not ref:
         return
     name, version = ref.rsplit("/", 1)
-    headline = {k: metrics[k] for k in ("fid", "clip_score", "judge_accuracy", "judge_fid", "speedup", "ms_per_step",
-                                        "parameters_ratio", "latent_psnr_db") if k in metrics}  # fmt: skip
+    headline = {k: metrics[k] for k in ("fid", "clip_score", "speedup", "ms_per_step", "parameters_ratio",
+                                        "latent_psnr_db", "judge_accuracy", "judge_fid") if k in metrics}  # fmt: skip
     for k, v in headline.items():
         run._call("tag the model version", run.client.set_model_version_tag, name, version, f"metric.{k}", f"{v:.6g}")
     mv = run._call("read the model version", run.client.get_model_version, name, version)
