@@ -41,6 +41,7 @@ import importlib
 import itertools
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,34 @@ class ExportResult:
     transformer_class: str
     #: ``out/ppcl_lineage.json``: the block map (:mod:`ppcl.lineage`); ``out/plan.json`` is the plan copied in
     lineage: Path | None = None
+    #: with keep_params: every exportable subset of the trained plugs and its kept fraction (exhaustive sizes only)
+    subsets: list[tuple[list[int], float]] | None = None
+    #: with keep_params: a line saying the fraction achieved is far from the one asked, and which subsets exist
+    far_from_asked: str | None = None
+
+#: an export whose kept fraction is further than this below the ratio asked says so (``ExportResult.far_from_asked``)
+FAR_FROM_ASKED = 0.05
+
+
+def subset_fractions(teacher: int, width_saving: int, savings: dict[int, int]) -> list[tuple[list[int], float]]:
+    """Every subset of the trained interval plugs (plan indices) with the parameter fraction its export keeps,
+    most kept first; empty above :data:`EXHAUSTIVE_MAX` intervals (too many to list)."""
+    ids = sorted(savings)
+    if len(ids) > EXHAUSTIVE_MAX:
+        return []
+    out = [(list(c), (teacher - width_saving - sum(savings[k] for k in c)) / teacher)
+           for r in range(len(ids) + 1) for c in itertools.combinations(ids, r)]
+    return sorted(out, key=lambda x: (-x[1], x[0]))
+
+
+def far_from_asked_note(keep_params: float, achieved: float, subsets: list[tuple[list[int], float]]) -> str | None:
+    """The line an export prints when its kept fraction is more than :data:`FAR_FROM_ASKED` below ``keep_params``."""
+    if keep_params - achieved <= FAR_FROM_ASKED:
+        return None
+    shown = ", ".join(f"{c or 'none'} {f:.3f}" for c, f in subsets[:12]) + (" ..." if len(subsets) > 12 else "")
+    return (f"--keep-params {keep_params:g} asked, {achieved:.3f} achieved: no subset of the trained plugs keeps "
+            f"between the two (an export replaces whole intervals). Plug subsets (plan interval indices -> kept "
+            f"fraction): {shown}. Ask for one of these, or select a plan at this ratio.")
 
 
 def _read_run(plugs: Path) -> dict[str, Any]:
@@ -315,6 +344,11 @@ def export(
     if params != predicted:  # a bug, not bad input: the structure differs from the accounting
         raise AssertionError(f"exported {params} parameters, accounting predicts {predicted}")
     result = ExportResult(out, chosen, params, teacher_params, type(pruned).__name__, out / LINEAGE_FILE)
+    if keep_params is not None:
+        result.subsets = subset_fractions(teacher_params, width_saving, savings)
+        result.far_from_asked = far_from_asked_note(float(keep_params), params / teacher_params, result.subsets)
+        if result.far_from_asked:
+            print(f"export: warning: {result.far_from_asked}", file=sys.stderr, flush=True)
     lineage = build_lineage(adapter, selected, plan_bytes=plan_bytes, plan_hash=plan_hash(plan_obj), chosen=chosen,
                             teacher_path=str(model_path))
 

@@ -332,7 +332,9 @@ def export(teacher: str, plan_dir: str, plugs: str, keep_params: float, out: str
     """Materialise the pruned pipeline at ``keep_params`` from the trained plugs -> pipeline folder ``out``
     (:func:`ppcl.export.export`; the subset of the plan's intervals is chosen by the export rule).
 
-    Metrics: keep_params (requested), parameters (exported transformer, exact), parameters_ratio, intervals.
+    Metrics: keep_params (requested), parameters (exported transformer, exact), parameters_ratio (achieved),
+    intervals, far_from_asked (1 when the achieved fraction is far below the one requested: the export printed
+    which plug subsets exist, see :func:`ppcl.export.far_from_asked_note`).
     """
     from ppcl.export import export as run_export
     from ppcl.settings import ExportSettings
@@ -345,7 +347,8 @@ def export(teacher: str, plan_dir: str, plugs: str, keep_params: float, out: str
                         max_shard_size=cfg.max_shard_size)  # fmt: skip
     metrics = {"keep_params": keep_params, "parameters": result.parameters,
                "parameters_ratio": result.parameters / result.teacher_parameters,
-               "intervals": len(result.intervals)}  # fmt: skip
+               "intervals": len(result.intervals),
+               "far_from_asked": 1.0 if getattr(result, "far_from_asked", None) else 0.0}  # fmt: skip
     return _finish("export", out, metrics, {"keep_params": keep_params})
 
 
@@ -354,26 +357,38 @@ def evaluate(model: str, teacher: str, out: str, settings: dict[str, Any] | None
     """The pruned pipeline ``model`` against ``teacher`` on the configured prompts -> ``out``/metrics.json,
     grid.png, report.html (:func:`ppcl.evaluate.evaluate_models`).
 
-    Metrics (of the pruned model): parameters, parameters_ratio, ms_per_step, speedup, peak_memory_mb, and
-    fid, clip_score, latent_psnr_db, latent_cosine where measured.
+    Metrics (of the pruned model): parameters, parameters_ratio, keep_params (the ratio asked of the export, when
+    the model is one), ms_per_step, speedup (paired with the teacher), speedup_spread, speedup_unreliable (1 when
+    the spread is too wide to trust), peak_memory_mb, and fid, clip_score, judge_accuracy, judge_image_accuracy,
+    judge_fid, teacher_judge_accuracy, teacher_judge_fid, latent_psnr_db, latent_cosine where measured.
     """
     from ppcl.evaluate.evaluation import evaluate_models
+    from ppcl.report import ratio_label
     from ppcl.settings import EvaluateSettings
 
     cfg = _settings(EvaluateSettings, settings, "evaluate", drop=("family",))
     teacher_dir = local_model(teacher, Path(out).parent / "teacher")
     check_family(teacher_dir, (settings or {}).get("family"))
     es = cfg.eval_settings()
-    if name is None and (Path(model) / STAGE_SUMMARY).is_file():  # an export of this pipeline: name it by ratio
-        keep = json.loads((Path(model) / STAGE_SUMMARY).read_text()).get("metrics", {}).get("keep_params")
-        name = f"keep-{keep:g}" if keep is not None else None
+    asked = None
+    if (Path(model) / STAGE_SUMMARY).is_file():  # an export of this pipeline: name it by the ratio it achieved
+        export_metrics = json.loads((Path(model) / STAGE_SUMMARY).read_text()).get("metrics", {})
+        asked, achieved = export_metrics.get("keep_params"), export_metrics.get("parameters_ratio")
+        if name is None and achieved is not None:
+            name = ratio_label(achieved, asked)
     result = evaluate_models([model], teacher_dir, list(cfg.prompts), out, es,
                              names=[name] if name else None, progress=progress)  # fmt: skip
+    t = result.metrics.models[0]
     m = [x for x in result.metrics.models if x.role != "teacher"][-1]
     metrics: dict[str, Any] = {
-        "parameters": m.parameters, "parameters_ratio": m.parameters_ratio,
+        "parameters": m.parameters, "parameters_ratio": m.parameters_ratio, "keep_params": asked,
         "ms_per_step": m.latency.per_step_s * 1e3, "speedup": m.speedup, "fid": m.fid, "clip_score": m.clip_score,
+        "judge_accuracy": m.judge_accuracy, "judge_image_accuracy": m.judge_image_accuracy, "judge_fid": m.judge_fid,
+        "teacher_judge_accuracy": t.judge_accuracy, "teacher_judge_fid": t.judge_fid,
     }  # fmt: skip
+    if m.speedup_stats is not None:
+        metrics["speedup_spread"] = m.speedup_stats.spread
+        metrics["speedup_unreliable"] = 0.0 if m.speedup_stats.reliable else 1.0
     if getattr(m, "memory", None) is not None and getattr(m.memory, "peak_bytes", None) is not None:
         metrics["peak_memory_mb"] = m.memory.peak_bytes / 2**20
     if m.fidelity is not None:
@@ -384,12 +399,17 @@ def evaluate(model: str, teacher: str, out: str, settings: dict[str, Any] | None
 
 def report(evaluations: list[str], out: str, settings: dict[str, Any] | None = None) -> dict[str, float]:
     """Per-ratio evaluation folders (each with metrics.json) -> ``out``/report.html + plots
-    (:func:`ppcl.report.build_report`). Metrics: evaluations, models (rows, teacher once), warnings."""
+    (:func:`ppcl.report.build_report`; ``out``/summary.txt holds one line per ratio, printed here too).
+    Metrics: evaluations, models (rows, teacher once), warnings (comparability and untrusted speedups)."""
     from ppcl.report import build_report
 
     if not evaluations:
         raise PPCLError("report: no evaluation folders given")
     title = (settings or {}).get("title") or "ppcl: pruning ratios compared"
     result = build_report([Path(e) / "metrics.json" for e in evaluations], out, title=title)
+    for w in result.warnings:
+        print(f"report: warning: {w}", flush=True)
+    for line in result.summary:
+        print(f"report: {line}", flush=True)
     metrics = {"evaluations": len(evaluations), "models": len(result.rows), "warnings": len(result.warnings)}
     return _finish("report", out, metrics, settings)

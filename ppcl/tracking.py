@@ -72,7 +72,9 @@ MASK = "***"
 LARGE_STAGES = ("shard", "encode", "distill", "export")
 #: The evaluation numbers compared across ratios: metrics.json field -> metric name.
 EVAL_METRICS = ("parameters", "parameters_ratio", "ms_per_step", "speedup", "peak_memory_mb", "fid", "clip_score",
-                "latent_psnr_db", "latent_cosine")  # fmt: skip
+                "latent_psnr_db", "latent_cosine", "keep_params", "speedup_spread", "speedup_unreliable",
+                "judge_accuracy", "judge_image_accuracy", "judge_fid", "teacher_judge_accuracy",
+                "teacher_judge_fid")  # fmt: skip
 
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
@@ -758,7 +760,7 @@ def _annotate_model(run: Run, metrics: Mapping[str, float]) -> None:
         return
     name, version = ref.rsplit("/", 1)
     headline = {k: metrics[k] for k in ("fid", "clip_score", "speedup", "ms_per_step", "parameters_ratio",
-                                        "latent_psnr_db") if k in metrics}  # fmt: skip
+                                        "latent_psnr_db", "judge_accuracy", "judge_fid") if k in metrics}  # fmt: skip
     for k, v in headline.items():
         run._call("tag the model version", run.client.set_model_version_tag, name, version, f"metric.{k}", f"{v:.6g}")
     mv = run._call("read the model version", run.client.get_model_version, name, version)

@@ -349,3 +349,65 @@ def test_grid_has_a_column_per_model_and_a_row_per_sample():
     # find pure red and pure blue regions of 128x128
     assert ((arr == [255, 0, 0]).all(-1)).sum() == 2 * 128 * 128
     assert ((arr == [0, 0, 255]).all(-1)).sum() == 2 * 128 * 128
+
+
+# ---------------------------------------------------------------- paired speed
+def test_paired_speedup_is_the_median_of_pair_ratios_and_flags_a_wide_spread():
+    from ppcl.evaluate.cost import SPREAD_LIMIT, PairedTiming
+
+    steady = PairedTiming(teacher_s=[2.0, 2.0, 2.0, 2.1, 2.0], model_s=[1.0, 1.0, 1.0, 1.0, 4.0], warmup=1,
+                          timer="perf_counter").speedup()
+    # one stalled model forward moves a min-max spread, not the median or the interquartile range
+    assert steady.median == pytest.approx(2.0) and steady.min == pytest.approx(0.5) and steady.pairs == 5
+    assert steady.reliable and steady.spread <= SPREAD_LIMIT
+    # two calls per step for the teacher (CFG), one for the model: per-step ratios
+    assert PairedTiming([1.0], [1.0], 0, "perf_counter").speedup(2, 1).median == pytest.approx(2.0)
+    # half the pairs say 2x, half 1x: the number cannot be trusted
+    noisy = PairedTiming([2.0] * 6, [1.0, 2.0] * 3, 0, "perf_counter").speedup()
+    assert noisy.q25 == pytest.approx(1.0) and noisy.q75 == pytest.approx(2.0)
+    assert noisy.spread == pytest.approx(1 / 1.5) and not noisy.reliable
+
+
+def test_paired_timing_alternates_and_sees_the_cheaper_model():
+    from ppcl.evaluate.cost import capture_transformer_call, measure_paired
+
+    big = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+    small = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(2)])
+    order = []
+    big.register_forward_pre_hook(lambda *_: order.append("T"))
+    small.register_forward_pre_hook(lambda *_: order.append("M"))
+    with capture_transformer_call(big) as call:
+        big(torch.randn(64, 256))
+    order.clear()
+    paired = measure_paired(big, small, call, warmup=1, repeats=6)
+    assert order == ["T", "M"] + ["T", "M", "M", "T"] * 3  # warm-up, then AB BA AB BA ...
+    assert len(paired.teacher_s) == len(paired.model_s) == 6 and paired.timer == "perf_counter"
+    assert paired.speedup().median > 1.5  # 4x the layers: clearly faster, whatever the machine's load
+
+
+# ---------------------------------------------------------------- judge
+def test_judge_references_are_the_benchmarks_images_and_real_images_score_high():
+    from ppcl.bench.judge import synth_batch
+    from ppcl.bench.teacher import EVAL_SEED, eval_prompts
+    from ppcl.evaluate.judge import REFERENCE_SEED, JudgeScorer, reference_images, synth_attributes
+
+    assert REFERENCE_SEED == EVAL_SEED
+    prompts, _, _ = eval_prompts(48)
+    real, _ = synth_batch(48, EVAL_SEED, 32)
+    # the benchmark's own judge-FID reference, so the demo's judge-FID and the benchmark's measure the same thing
+    assert torch.equal(reference_images(prompts), real)
+    # any synth caption gets a render of that caption (here: a caption not in the set, re-coloured from a draw)
+    from ppcl.data.synth import caption
+
+    assert synth_attributes(["a cat on a mat"]) is None and synth_attributes(prompts) is not None
+    scorer = JudgeScorer(prompts)
+    scorer.update(real[:20])
+    scorer.update(torch.nn.functional.interpolate(real[20:], size=64, mode="nearest"))  # any resolution
+    s = scorer.compute()
+    assert s["attribute_accuracy"] >= 0.95 and s["image_accuracy"] >= 0.8
+    scorer.reset()
+    scorer.update(torch.full_like(real, 0.92))  # blank grey canvases: nothing drawn
+    blank = scorer.compute()
+    # the real images themselves (the 64 px ones resized back) sit far closer to the reference than blank canvases
+    assert blank["attribute_accuracy"] < 0.6 and blank["judge_fid"] > 10 * s["judge_fid"], (blank, s)
+    assert caption({"kind": "single", "objects": [{"colour": "red", "shape": "circle"}]}) == "a red circle"

@@ -188,3 +188,42 @@ def test_evaluate_other_families_teacher_against_itself(arch, assets, tiny_pipe_
     assert self_["fidelity"]["identical"] is True and self_["fidelity"]["latent_psnr_db"] is None
     assert self_["parameters"] == teacher["parameters"] > 0
     assert (out / "grid.png").is_file() and (out / "report.html").is_file()
+
+
+def test_reference_teacher_gets_judge_scores_and_a_paired_speedup(tmp_path, capsys):
+    """Synth prompts on the reference teacher: judge accuracy and judge-FID for every model, in metrics.json and
+    report.html; the speedup comes from paired timings. Real prompts switch the judge off; --judge with them is
+    an error."""
+    from ppcl.bench.quality import REFERENCE_TEACHER
+    from ppcl.config import synth_eval_prompts
+
+    prompts = tmp_path / "synth.txt"
+    prompts.write_text("\n".join(synth_eval_prompts(6)) + "\n")
+    out = tmp_path / "eval"
+
+    def argv(prompts_file, out_dir, *extra):
+        return ["evaluate", "--teacher", str(REFERENCE_TEACHER), "--model", str(REFERENCE_TEACHER), "--prompts",
+                str(prompts_file), "--out", str(out_dir), "--steps", "2", "--resolution", "32", "--batch-size", "6",
+                "--device", "cpu", "--latency-warmup", "1", *extra]
+
+    assert main(argv(prompts, out, "--latency-repeats", "4")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["judge"]["name"] == "ppcl-judge" and m["judge_reference"]["num_images"] == 6
+    teacher, self_ = m["models"]
+    assert 0 <= teacher["judge_accuracy"] <= 1 and teacher["judge_fid"] > 0
+    assert self_["judge_accuracy"] == teacher["judge_accuracy"] and self_["judge_fid"] == pytest.approx(
+        teacher["judge_fid"])
+    st = self_["speedup_stats"]
+    assert st["pairs"] == 4 and st["q25"] <= st["median"] <= st["q75"] and self_["speedup"] == st["median"]
+    assert teacher["speedup_stats"] is None and teacher["latency"]["repeats"] == 4
+    html = (out / "report.html").read_text()
+    assert "judge acc." in html and "ppcl-judge" in html and f"{teacher['judge_accuracy']:.4f}" in html
+
+    real = tmp_path / "real.txt"
+    real.write_text("a cat on a mat\n")
+    assert main(argv(real, tmp_path / "eval2", "--latency-repeats", "1")) == 0
+    assert json.loads((tmp_path / "eval2" / "metrics.json").read_text())["models"][0]["judge_accuracy"] is None
+    capsys.readouterr()
+    assert main(argv(real, tmp_path / "eval3", "--judge")) == 2
+    err = capsys.readouterr().err
+    assert "--judge needs synth captions" in err and "'a cat on a mat'" in err

@@ -110,3 +110,58 @@ def test_report_shows_one_teacher_per_teacher(tmp_path):
     result = build_report([m1, m2, m3], tmp_path / "r")
     assert [e.parameters for _, e in result.rows if e.role == "teacher"] == [1000, 800]
     assert len(result.rows) == 5
+
+
+def test_labels_name_the_achieved_fraction_with_the_one_asked():
+    from ppcl.report import ratio_label
+
+    assert ratio_label(0.5849, 0.6) == "keep 0.58 (asked 0.6)"
+    assert ratio_label(0.6807, 0.8) == "keep 0.68 (asked 0.8)"
+    assert ratio_label(0.6004, 0.6) == "keep 0.60"  # hit: no "asked"
+    assert ratio_label(0.5, None) == "keep 0.50"
+
+
+def test_summary_one_line_per_ratio_with_judge_accuracy_and_untrusted_speed(tmp_path):
+    from ppcl.evaluate.metrics import Speedup
+    from ppcl.report import SUMMARY_FILE, build_report
+
+    paths = []
+    for folder, name, params, acc, spread in (("a", "keep 0.68 (asked 0.8)", 680, 0.95, 0.05),
+                                              ("b", "keep 0.58 (asked 0.6)", 580, 0.93, 0.6)):
+        p = _write_run(tmp_path / folder / "evaluation", name, params, 50.0, None, 28.0)
+        m = EvalMetrics.model_validate_json(p.read_text())
+        teacher, model = m.models
+        m.models = [teacher.model_copy(update={"judge_accuracy": 0.99, "judge_fid": 12.0}),
+                    model.model_copy(update={
+                        "judge_accuracy": acc, "judge_fid": 40.0, "speedup": 1.9,
+                        "speedup_stats": Speedup(median=1.9, q25=1.9 - spread, q75=1.9 + spread, min=1.0, max=3.0,
+                                                 spread=2 * spread / 1.9, pairs=20, spread_limit=0.2,
+                                                 reliable=2 * spread / 1.9 <= 0.2)})]
+        p.write_text(m.model_dump_json())
+        paths.append(p)
+    result = build_report(paths, tmp_path / "r")
+    lines = (tmp_path / "r" / SUMMARY_FILE).read_text().splitlines()
+    assert lines == result.summary and len(lines) == 2
+    assert lines[0].startswith("keep 0.68 (asked 0.8): 0.68 of the parameters (0.00 M of 0.00 M), speedup 1.90x")
+    assert "judge accuracy 0.950 vs the teacher's 0.990" in lines[0] and "UNRELIABLE" not in lines[0]
+    assert "judge accuracy 0.930 vs the teacher's 0.990" in lines[1] and "UNRELIABLE" in lines[1]
+    # the untrusted speedup is a warning (report stage metric, CLI output) and a box on the page
+    assert any("keep 0.58 (asked 0.6): speedup 1.90 is not reliable" in w for w in result.warnings)
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "Speed not trusted" in html and "⚠ unreliable" in html and "judge acc." in html
+    # both runs sit in folders called "evaluation" (the pipeline's layout): points are labelled by model name
+    from ppcl.report import _point_names
+
+    assert sorted(_point_names(result.rows).values()) == ["keep 0.58 (asked 0.6)", "keep 0.68 (asked 0.8)",
+                                                          "teacher"]
+
+
+def test_export_names_the_plug_subsets_when_the_ratio_asked_is_out_of_reach():
+    from ppcl.export import far_from_asked_note, subset_fractions
+
+    subsets = subset_fractions(1000, 0, {0: 100, 1: 320})
+    assert subsets == [([], 1.0), ([0], 0.9), ([1], 0.68), ([0, 1], 0.58)]
+    assert far_from_asked_note(0.6, 0.58, subsets) is None  # close enough: nothing to say
+    note = far_from_asked_note(0.8, 0.68, subsets)
+    assert "--keep-params 0.8 asked, 0.680 achieved" in note
+    assert "[0] 0.900, [1] 0.680, [0, 1] 0.580" in note

@@ -84,9 +84,14 @@ def run(args: argparse.Namespace) -> int:
         if f is not None:
             psnr = "inf (identical)" if f.latent_psnr_db is None else f"{f.latent_psnr_db:.2f} dB"
             extra = f"  latent PSNR {psnr}  cos {f.latent_cosine:.4f}"
+        st = m.speedup_stats
+        speed = f"speedup {m.speedup:.2f}" + (f" [{st.q25:.2f}-{st.q75:.2f}]" if st else "")
+        if st is not None and not st.reliable:
+            speed += " (UNRELIABLE: spread too wide)"
+        judge = f"  judge acc. {m.judge_accuracy:.4f}  judge-FID {fmt(m.judge_fid)}" if m.judge_accuracy is not None else ""
         print(f"{m.name}: {m.parameters:,} params ({m.parameters_ratio:.3f})  "
-              f"{m.latency.per_step_s * 1e3:.2f} ms/step  speedup {m.speedup:.2f}  FID {fmt(m.fid)}  "
-              f"CLIP {fmt(m.clip_score)}{extra}")
+              f"{m.latency.per_step_s * 1e3:.2f} ms/step  {speed}  FID {fmt(m.fid)}  "
+              f"CLIP {fmt(m.clip_score)}{judge}{extra}")
     _track(result, settings)
     print(f"wrote {result.metrics_path}, {result.grid_path}, {result.report_path}")
     return 0

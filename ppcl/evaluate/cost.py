@@ -7,6 +7,15 @@ generation (and counts calls per step, 2 for families whose pipeline runs CFG as
 median reported with min and max. Timing the transformer (not the whole pipeline) isolates what pruning
 changes; text encoding and VAE decoding are identical for every model.
 
+Speedup is a PAIRED measurement (:func:`measure_paired`): teacher and model replay the same captured call
+alternately in one process (ABAB...), and the speedup is the median of the per-pair ratios, with their
+interquartile spread. Timing the two in different processes or at different times (as two pipeline branches
+would) lets the machine's load change between them: a busy 2-core machine once made one teacher look 10x
+slower in one branch than in the other. Pairs see the same load, so their ratio survives it; when even the
+pairs disagree (spread above :data:`SPREAD_LIMIT`) the speedup is flagged unreliable rather than reported bare.
+On CUDA each forward is timed with CUDA events (device time, no host-side launch jitter); on CPU with
+``time.perf_counter`` around synchronised calls.
+
 Peak memory (:class:`PeakMemory`): on CUDA ``torch.cuda.max_memory_allocated`` after resetting the peak; on CPU
 the process's peak RSS (``VmHWM``), reset before loading the model through ``/proc/self/clear_refs`` (Linux),
 after a garbage collection and ``malloc_trim`` so memory freed by the previous model is returned to the OS.
@@ -30,7 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ppcl.evaluate.metrics import Latency, Memory
+from ppcl.evaluate.metrics import Latency, Memory, Speedup
+
+#: a paired speedup whose interquartile range exceeds this fraction of its median is flagged unreliable: the middle
+#: half of the pairs then disagree by more than 20%, more than the difference between neighbouring ratios of a demo
+SPREAD_LIMIT = 0.2
 
 
 # ---------------------------------------------------------------- capture + latency
@@ -76,27 +89,115 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timer(device: torch.device):
+    """A function running ``fn()`` once and returning its seconds: CUDA events on CUDA, perf_counter otherwise."""
+    if device.type == "cuda":
+        def timed(fn) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3  # ms -> s
+        return timed
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return timed
+
+
+def timer_name(device: torch.device | str) -> str:
+    return "cuda_events" if torch.device(device).type == "cuda" else "perf_counter"
+
+
+def latency_from_times(times: list[float], *, warmup: int, calls_per_step: int, timer: str) -> Latency:
+    med = statistics.median(times)
+    return Latency(median_s=med, min_s=min(times), max_s=max(times), spread=(max(times) - min(times)) / med,
+                   repeats=len(times), warmup=warmup, calls_per_step=calls_per_step, per_step_s=med * calls_per_step,
+                   timer=timer)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 @torch.no_grad()
 def measure_latency(transformer: nn.Module, call: CapturedCall, *, warmup: int = 2, repeats: int = 10,
                     calls_per_step: int = 1) -> Latency:
     """Time ``transformer(*call.args, **call.kwargs)``: ``warmup`` untimed runs, then ``repeats`` timed ones.
 
-    Each timed run is bracketed by device synchronisation; seconds per forward. Returns median, min, max.
+    Each timed run is bracketed by device synchronisation (CUDA events on CUDA); seconds per forward. Returns
+    median, min, max.
     """
-    device = next(transformer.parameters()).device
+    device = _device_of(transformer)
+    timed = _timer(device)
     for _ in range(warmup):
         transformer(*call.args, **call.kwargs)
     synchronize(device)
     times = []
     for _ in range(repeats):
         synchronize(device)
-        t0 = time.perf_counter()
-        transformer(*call.args, **call.kwargs)
+        times.append(timed(lambda: transformer(*call.args, **call.kwargs)))
+    synchronize(device)
+    return latency_from_times(times, warmup=warmup, calls_per_step=calls_per_step, timer=timer_name(device))
+
+
+@dataclass
+class PairedTiming:
+    """What :func:`measure_paired` measured: seconds per forward of each, in pair order."""
+
+    teacher_s: list[float]
+    model_s: list[float]
+    warmup: int
+    timer: str
+
+    def speedup(self, teacher_calls_per_step: int = 1, model_calls_per_step: int = 1,
+                spread_limit: float = SPREAD_LIMIT) -> Speedup:
+        """Per-pair ratios of per-step time, teacher / model; their median, quartiles and spread."""
+        ratios = sorted(t * teacher_calls_per_step / (m * model_calls_per_step)
+                        for t, m in zip(self.teacher_s, self.model_s))
+        med = statistics.median(ratios)
+        if len(ratios) >= 2:
+            q25, _, q75 = statistics.quantiles(ratios, n=4, method="inclusive")
+        else:
+            q25 = q75 = ratios[0]
+        spread = (q75 - q25) / med
+        return Speedup(median=med, q25=q25, q75=q75, min=ratios[0], max=ratios[-1], spread=spread,
+                       pairs=len(ratios), spread_limit=spread_limit, reliable=spread <= spread_limit)
+
+
+@torch.no_grad()
+def measure_paired(teacher: nn.Module, model: nn.Module, call: CapturedCall, *, warmup: int = 2,
+                   repeats: int = 10) -> PairedTiming:
+    """Time ``teacher`` and ``model`` on the same captured call, alternately: ``warmup`` untimed forwards of each,
+    then ``repeats`` pairs. The order inside a pair alternates (AB, BA, AB, ...) so neither always runs right
+    after the other (a cache or a clock ramp favouring the second of a pair cancels out). Both modules must be
+    on the call's device."""
+    device = _device_of(teacher)
+    timed = _timer(device)
+
+    def fwd(m):
+        return lambda: m(*call.args, **call.kwargs)
+
+    for _ in range(warmup):
+        teacher(*call.args, **call.kwargs)
+        model(*call.args, **call.kwargs)
+    synchronize(device)
+    t_s, m_s = [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            t_s.append(timed(fwd(teacher)))
+            synchronize(device)
+            m_s.append(timed(fwd(model)))
+        else:
+            m_s.append(timed(fwd(model)))
+            synchronize(device)
+            t_s.append(timed(fwd(teacher)))
         synchronize(device)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return Latency(median_s=med, min_s=min(times), max_s=max(times), spread=(max(times) - min(times)) / med,
-                   repeats=repeats, warmup=warmup, calls_per_step=calls_per_step, per_step_s=med * calls_per_step)
+    return PairedTiming(t_s, m_s, warmup, timer_name(device))
 
 
 # ---------------------------------------------------------------- memory

@@ -5,11 +5,15 @@ Order of work, chosen so memory stays bounded and each model's peak memory is it
    output exists;
 2. load the measuring networks (CLIP, FID extractor) and the reference statistics (cached);
 3. for the teacher, then each model, ONE pipeline in memory at a time: a one-image generation that captures a
-   transformer call (and warms up), all samples in batches (CLIP and FID updated per batch; the teacher's latents
-   and 8-bit images spilled to a scratch folder on disk, read back batch by batch for each model's fidelity),
-   then the latency replay; the pipeline is freed before the next one is loaded;
-4. grid.png, report.html, then metrics.json last (each atomic): a metrics.json exists only for a complete run.
-Only the first ``grid_samples`` images of each model are kept in memory, for the grid.
+   transformer call (and warms up), all samples in batches (CLIP, FID and the judge updated per batch; the
+   teacher's latents and 8-bit images spilled to a scratch folder on disk, read back batch by batch for each
+   model's fidelity); the pipeline is freed before the next one is loaded, so each model's peak memory is its own;
+4. speed, paired (:func:`ppcl.evaluate.cost.measure_paired`): the teacher's transformer, then each model's in
+   turn beside it (transformers only: text encoders and VAE are freed), timed alternately on the teacher's
+   captured call; the teacher's latency is the median over all its pairs;
+5. grid.png, report.html, then metrics.json last (each atomic): a metrics.json exists only for a complete run.
+Only the first ``grid_samples`` images of each model are kept in memory, for the grid (and, with the judge, every
+image at 32 px).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ppcl.errors import PPCLError
-from ppcl.evaluate.metrics import EvalMetrics, EvalSettings, ExtractorInfo, ModelMetrics, ReferenceInfo
+from ppcl.evaluate.metrics import EvalMetrics, EvalSettings, ExtractorInfo, ModelMetrics, ReferenceInfo, Speedup
 
 #: Generation settings when neither the caller nor the teacher's ppcl.json gives them (the values this evaluation
 #: used before ppcl.json carried them).
@@ -53,7 +57,10 @@ class _Run:
     generation_s: float = 0.0
     fid: float | None = None
     clip_score: float | None = None
+    judge: dict | None = None
     fidelity: object = None
+    speedup: Speedup | None = None
+    calls_per_step: int = 1
     grid_images: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -98,7 +105,7 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
     from ppcl.atomic import atomic_path, write_bytes, write_json
     from ppcl.evaluate import clip as clip_mod
     from ppcl.evaluate import fid as fid_mod
-    from ppcl.evaluate.cost import PeakMemory, capture_transformer_call, measure_latency, release_memory
+    from ppcl.evaluate.cost import PeakMemory, capture_transformer_call, release_memory
     from ppcl.evaluate.fidelity import FidelityAccumulator
     from ppcl.evaluate.generate import batched, generate, make_samples, resolve_device, resolve_dtype
     from ppcl.evaluate.grid import png_bytes, render_grid
@@ -133,6 +140,14 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
         settings = settings.model_copy(update={"fid_features": fid_spec})
     if settings.fid_features and not settings.reference:
         raise PPCLError("--fid-features given without --reference IMAGES: FID needs a reference set")
+    from ppcl.evaluate.judge import judge_weights_path, synth_attributes
+
+    use_judge = settings.judge
+    if use_judge is None:  # auto: the judge reads synth captions and nothing else
+        use_judge = synth_attributes(prompts) is not None and judge_weights_path().is_file()
+    elif use_judge and synth_attributes(prompts) is None:
+        bad = next(p for p in prompts if synth_attributes([p]) is None)
+        raise PPCLError(f"--judge needs synth captions (ppcl synth), and prompt {bad!r} is not one")
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     settings = settings.model_copy(update={"device": str(device), "dtype": str(dtype).removeprefix("torch.")})
@@ -166,6 +181,15 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
         ref_info = ReferenceInfo(path=str(settings.reference), sha256=stats.sha256, num_images=stats.num_images,
                                  statistics_cached=stats.cached)
 
+    judge = judge_info = judge_ref = None
+    if use_judge:
+        from ppcl.evaluate.judge import JudgeScorer
+
+        judge = JudgeScorer([s.prompt for s in samples])
+        judge_info = ExtractorInfo(name="ppcl-judge", sha256=judge.sha256, num_features=judge.num_features)
+        judge_ref = ReferenceInfo(path="synth renders of the prompts' captions (ppcl.evaluate.judge)",
+                                  sha256=judge.reference_sha256, num_images=len(samples), statistics_cached=False)
+
     # ---- 3. one pipeline at a time
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
@@ -182,7 +206,12 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
                 run.parameters = count_parameters(pipe.transformer)
                 with capture_transformer_call(pipe.transformer) as call:
                     generate(pipe, adapter, samples[:1], **gen_kw)  # also the warm-up of the whole pipeline
-                calls_per_step = max(1, round(call.calls / settings.steps))
+                run.calls_per_step = max(1, round(call.calls / settings.steps))
+                if k == 0:
+                    teacher_call = call  # the inputs every transformer is timed on (step 4)
+                del call
+                if judge:
+                    judge.reset()
                 if scorer:
                     scorer.reset()
                 if fid_acc:
@@ -196,6 +225,8 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
                         scorer.update(images, [s.prompt for s in batch])
                     if fid_acc:
                         fid_acc.update(images, real=False)
+                    if judge:
+                        judge.update(images)
                     spill = scratch / f"{b:06d}.safetensors"
                     if run.role == "teacher":
                         save_file({"latents": latents.contiguous(),
@@ -211,16 +242,15 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
                             run.grid_images.append(img.clone())
                     del latents, images
                 run.generation_s = time.perf_counter() - t0
-                run.latency = measure_latency(pipe.transformer, call, warmup=settings.latency_warmup,
-                                              repeats=settings.latency_repeats, calls_per_step=calls_per_step)
-                del call
             run.memory = peak.result
             run.clip_score = scorer.compute() if scorer else None
             run.fid = fid_acc.compute() if fid_acc else None
+            run.judge = judge.compute() if judge else None
             run.fidelity = fidelity.result() if run.role == "model" else None
             runs.append(run)
             del pipe, adapter
             release_memory()
+        _time_paired(runs, teacher_call, settings, device, dtype)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -230,15 +260,18 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
         ModelMetrics(
             name=r.name, path=str(r.path), role=r.role, parameters=r.parameters,
             parameters_ratio=r.parameters / t.parameters, latency=r.latency,
-            speedup=1.0 if r is t else t.latency.per_step_s / r.latency.per_step_s,
+            speedup=1.0 if r is t else r.speedup.median, speedup_stats=None if r is t else r.speedup,
             memory=r.memory, generation_s=r.generation_s, fid=r.fid, clip_score=r.clip_score, fidelity=r.fidelity,
+            judge_accuracy=r.judge["attribute_accuracy"] if r.judge else None,
+            judge_image_accuracy=r.judge["image_accuracy"] if r.judge else None,
+            judge_fid=r.judge["judge_fid"] if r.judge else None,
         )
         for r in runs
     ]
     metrics = EvalMetrics(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), settings=settings, prompts=prompts,
         samples=len(samples), teacher=str(teacher), fid_extractor=fid_info, clip_model=clip_info,
-        reference=ref_info, models=entries,
+        reference=ref_info, judge=judge_info, judge_reference=judge_ref, models=entries,
     )
     shown = samples[: settings.grid_samples]
     grid = render_grid([(r.name, r.grid_images) for r in runs], [f"{s.prompt}  (seed {s.seed})" for s in shown])
@@ -252,3 +285,46 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
         tmp.write_text(render_report(metrics, grid_png), encoding="utf-8")
     write_json(out / "metrics.json", metrics.model_dump(mode="json"))
     return EvalResult(metrics, out, out / "metrics.json", out / "grid.png", out / "report.html")
+
+
+def _transformer(path: Path, device, dtype):
+    """The transformer of the pipeline at ``path`` alone, in eval mode (the rest of the pipeline is freed)."""
+    from ppcl.arch import load_pipeline
+
+    pipe = load_pipeline(path, device=str(device), dtype=dtype)
+    transformer = pipe.transformer.eval()
+    del pipe
+    return transformer
+
+
+def _time_paired(runs: list[_Run], call, settings: EvalSettings, device, dtype) -> None:
+    """Step 4 of the module doc: fills every run's ``latency`` and each model's paired ``speedup``.
+
+    Every model is timed on the TEACHER's captured call (identical inputs; a pruned model takes the same ones).
+    Peak memory here is the teacher's transformer plus one model's, never a whole second pipeline.
+    """
+    from ppcl.evaluate.cost import latency_from_times, measure_paired, release_memory
+
+    teacher = _transformer(runs[0].path, device, dtype)
+    teacher_times: list[float] = []
+    timer = None
+    for run in runs[1:]:
+        model = _transformer(run.path, device, dtype)
+        paired = measure_paired(teacher, model, call, warmup=settings.latency_warmup, repeats=settings.latency_repeats)
+        timer = paired.timer
+        teacher_times += paired.teacher_s
+        run.latency = latency_from_times(paired.model_s, warmup=paired.warmup, calls_per_step=run.calls_per_step,
+                                         timer=paired.timer)
+        run.speedup = paired.speedup(runs[0].calls_per_step, run.calls_per_step)
+        del model
+        release_memory()
+    if not teacher_times:  # no model: the teacher alone, for its own row
+        from ppcl.evaluate.cost import measure_latency
+
+        runs[0].latency = measure_latency(teacher, call, warmup=settings.latency_warmup,
+                                          repeats=settings.latency_repeats, calls_per_step=runs[0].calls_per_step)
+    else:
+        runs[0].latency = latency_from_times(teacher_times, warmup=settings.latency_warmup,
+                                             calls_per_step=runs[0].calls_per_step, timer=timer)
+    del teacher
+    release_memory()

@@ -55,6 +55,18 @@ def _psnr(x: float | None, identical: bool) -> str:
     return "∞ (identical)" if x is None and identical else fmt(x, 2)
 
 
+def speedup_cell(m: ModelMetrics) -> str:
+    """The speedup with its paired spread; flagged when the pairs disagree too much to trust it."""
+    st = m.speedup_stats
+    if st is None:
+        return fmt(m.speedup, 2)
+    cell = f"{m.speedup:.2f} <span class=small>[{st.q25:.2f}–{st.q75:.2f}], {st.pairs} pairs</span>"
+    if not st.reliable:
+        cell += (f" <b title='interquartile spread {st.spread:.0%} of the median, above {st.spread_limit:.0%}'>"
+                 "⚠ unreliable</b>")
+    return cell
+
+
 def model_row(m: ModelMetrics) -> list[str]:
     f = m.fidelity
     lat = m.latency
@@ -62,8 +74,9 @@ def model_row(m: ModelMetrics) -> list[str]:
         esc(m.name) + (" <span class=small>(teacher)</span>" if m.role == "teacher" else ""),
         f"{m.parameters:,}", fmt(m.parameters_ratio),
         f"{lat.per_step_s * 1e3:.3f} <span class=small>[{lat.min_s * 1e3:.3f}–{lat.max_s * 1e3:.3f}] ×{lat.calls_per_step}</span>",
-        fmt(m.speedup, 2),
+        speedup_cell(m),
         f"{m.memory.peak_bytes / 2**20:,.1f} <span class=small>(+{m.memory.model_bytes / 2**20:,.1f})</span>",
+        fmt(m.judge_accuracy, 4), fmt(m.judge_fid, 2),
         fmt(m.fid), fmt(m.clip_score),
         _psnr(f.latent_psnr_db, f.identical) if f else "—",
         fmt(f.latent_cosine, 4) if f else "—",
@@ -71,8 +84,16 @@ def model_row(m: ModelMetrics) -> list[str]:
     ]
 
 
-HEADER = ["model", "parameters", "ratio", "latency/step ms [min–max]", "speedup", "peak MiB (+model)", "FID",
-          "CLIP score", "latent PSNR dB", "latent cosine", "image PSNR dB"]
+HEADER = ["model", "parameters", "ratio", "latency/step ms [min–max]", "speedup [q25–q75]", "peak MiB (+model)",
+          "judge acc.", "judge-FID", "FID", "CLIP score", "latent PSNR dB", "latent cosine", "image PSNR dB"]
+
+
+def speed_warnings(models: list[ModelMetrics]) -> list[str]:
+    """One line per model whose paired speedup is too spread to trust."""
+    return [f"{m.name}: speedup {m.speedup:.2f} is not reliable: the paired timings' interquartile spread is "
+            f"{m.speedup_stats.spread:.0%} of the median (limit {m.speedup_stats.spread_limit:.0%}); the machine "
+            "was busy or the model too small to time; rerun the evaluation on a quiet machine"
+            for m in models if m.speedup_stats is not None and not m.speedup_stats.reliable]
 
 
 def render_report(metrics: EvalMetrics, grid_png: bytes | None) -> str:
@@ -87,10 +108,19 @@ def render_report(metrics: EvalMetrics, grid_png: bytes | None) -> str:
         (f"reference: <code>{esc(metrics.reference.path)}</code> ({metrics.reference.num_images} images, sha256 "
          f"<code>{esc(metrics.reference.sha256[:16])}</code>)") if metrics.reference else "",
         f"CLIP: <code>{esc(metrics.clip_model.name)}</code>" if metrics.clip_model else "CLIP score: not computed",
+        (f"judge: <code>{esc(metrics.judge.name)}</code> sha256 <code>{esc(metrics.judge.sha256[:16])}</code>; "
+         "judge acc. = stated caption attributes the judge finds in the image; judge-FID on its "
+         f"{metrics.judge.num_features}-d features against {esc(metrics.judge_reference.path)}")
+        if metrics.judge and metrics.judge_reference else "judge: not computed (prompts are not synth captions)",
         f"memory: {esc(metrics.models[0].memory.kind)}; latency: median of {s.latency_repeats} transformer forwards "
-        f"after {s.latency_warmup} warm-up, × calls per step",
+        f"after {s.latency_warmup} warm-up, × calls per step ({esc(metrics.models[0].latency.timer)}); speedup: "
+        "median of the teacher/model ratios of forwards timed in alternating pairs on the same inputs",
     ]
     body = "<ul>" + "".join(f"<li>{x}</li>" for x in facts if x) + "</ul>"
+    warnings = speed_warnings(metrics.models)
+    if warnings:
+        body += ("<div style='background:#fff3cd;padding:0.5em 1em'><b>Speed not trusted:</b><ul>"
+                 + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></div>")
     body += table(HEADER, [model_row(m) for m in metrics.models])
     if grid_png:
         body += "<h2>Samples (same prompts and seeds)</h2>" + img_tag(grid_png, "grid")

@@ -59,8 +59,12 @@ class EvalSettings(_Strict):
                                      "pkg.module:factory (none with a reference and a CLIP: clip)")
     fid_cache_dir: str | None = Field(None, description="where reference statistics are cached (none: "
                                       "$PPCL_CACHE_DIR/fid or ~/.cache/ppcl/fid)")
-    latency_warmup: int = Field(2, ge=0, description="untimed transformer forwards before timing")
-    latency_repeats: int = Field(10, ge=1, description="timed transformer forwards")
+    judge: bool | None = Field(None, description="judge attribute accuracy and judge-FID with the shipped synth "
+                               "judge (ppcl.bench.judge; for the reference teacher): none = when every prompt is a "
+                               "synth caption, true = required (an error otherwise), false = off")
+    latency_warmup: int = Field(2, ge=0, description="untimed transformer forwards of each model before timing")
+    latency_repeats: int = Field(10, ge=1, description="timed pairs: teacher and model forwards interleaved "
+                                 "(ABAB...) in one process, speedup = median of the pairs' ratios")
     grid_samples: int = Field(4, ge=1, description="rows of grid.png: the first samples in sample order (every "
                               "prompt with the first seed, then the next seed)")
 
@@ -69,7 +73,9 @@ class Latency(_Strict):
     """Latency of one denoising step: ``calls_per_step`` transformer forwards at the generation resolution.
 
     ``median_s``/``min_s``/``max_s`` are over ``repeats`` timed single forwards (batch of one image, after
-    ``warmup`` untimed ones, device synchronised); ``per_step_s = median_s * calls_per_step``.
+    ``warmup`` untimed ones, device synchronised; on CUDA timed with CUDA events, ``timer``);
+    ``per_step_s = median_s * calls_per_step``. In an evaluation the teacher's forwards are the ones timed
+    interleaved with every model's (:class:`Speedup`).
     """
 
     median_s: float
@@ -80,6 +86,28 @@ class Latency(_Strict):
     warmup: int
     calls_per_step: int
     per_step_s: float
+    timer: Literal["perf_counter", "cuda_events"] = "perf_counter"
+
+
+class Speedup(_Strict):
+    """A paired speed measurement: teacher and model timed alternately in one process (ABAB..., ``pairs``
+    pairs, same captured inputs), the speedup of pair i = teacher time_i x calls / model time_i x calls.
+
+    ``median`` is the reported speedup; ``q25``/``q75``/``min``/``max`` describe the pairs' ratios; ``spread``
+    = (q75 - q25) / median, the interquartile range relative to the median (robust to one stalled forward, which a
+    min-max spread is not). ``reliable`` is False when ``spread`` exceeds ``spread_limit``: the machine was too
+    busy (or the model too small) for the number to be trusted, and the report says so.
+    """
+
+    median: float
+    q25: float
+    q75: float
+    min: float
+    max: float
+    spread: float
+    pairs: int
+    spread_limit: float
+    reliable: bool
 
 
 class Memory(_Strict):
@@ -118,7 +146,7 @@ class Fidelity(_Strict):
 
 
 class ModelMetrics(_Strict):
-    """One evaluated pipeline. ``fid``/``clip_score`` are None when not requested."""
+    """One evaluated pipeline. ``fid``/``clip_score``/``judge_*`` are None when not measured."""
 
     name: str
     path: str
@@ -126,11 +154,18 @@ class ModelMetrics(_Strict):
     parameters: int = Field(description="transformer parameters (exact count)")
     parameters_ratio: float = Field(description="parameters / teacher parameters")
     latency: Latency
-    speedup: float = Field(description="teacher per-step latency / this model's (1.0 for the teacher)")
+    speedup: float = Field(description="teacher per-step latency / this model's, the median of paired timings "
+                           "(1.0 for the teacher)")
+    speedup_stats: Speedup | None = Field(None, description="the paired timing behind ``speedup`` (None: the teacher)")
     memory: Memory
     generation_s: float = Field(description="wall time to generate all samples (pipeline calls + decoding)")
     fid: float | None = None
     clip_score: float | None = None
+    judge_accuracy: float | None = Field(None, description="judge attribute accuracy: stated attributes the judge "
+                                         "finds / all stated attributes (None: no judge)")
+    judge_image_accuracy: float | None = Field(None, description="images with every stated attribute right")
+    judge_fid: float | None = Field(None, description="FID on the judge's 128-d features against synth renders "
+                                    "of the prompts' captions")
     fidelity: Fidelity | None = Field(None, description="None for the teacher entry itself")
 
 
@@ -159,6 +194,8 @@ class EvalMetrics(_Strict):
     fid_extractor: ExtractorInfo | None = None
     clip_model: ExtractorInfo | None = None
     reference: ReferenceInfo | None = None
+    judge: ExtractorInfo | None = Field(None, description="the judge behind judge_accuracy / judge_fid")
+    judge_reference: ReferenceInfo | None = Field(None, description="the judge-FID reference set (synth renders)")
     models: list[ModelMetrics]
 
     def entry(self, name: str) -> ModelMetrics:

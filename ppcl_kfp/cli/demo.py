@@ -99,6 +99,19 @@ class StageConsole:
         return "utf-8"
 
 
+def _achieved(model) -> str:
+    """`` (keep 0.58, asked 0.6)`` from an export's stage.json; empty when it cannot be read."""
+    import json
+
+    from ppcl.report import ratio_label
+
+    try:
+        m = json.loads((model / "stage.json").read_text())["metrics"]
+        return f"  ({ratio_label(m['parameters_ratio'], m.get('keep_params'))})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
     import os
@@ -158,8 +171,14 @@ def run(args: argparse.Namespace) -> int:
     if "select" in outputs:
         print(f"[demo] plan:    {outputs['select'] / 'plan.json'}")
     for model in outputs.get("export", []):
-        print(f"[demo] pruned:  {model}")
+        print(f"[demo] pruned:  {model}{_achieved(model)}")
     if "report" in outputs:
         print(f"[demo] report:  {outputs['report'] / 'report.html'}")
+        from ppcl.report import SUMMARY_FILE
+
+        summary = outputs["report"] / SUMMARY_FILE
     print(f"[demo] MLflow:  mlflow ui --backend-store-uri {uri}")
+    if "report" in outputs:
+        for line in summary.read_text().splitlines() if summary.is_file() else []:
+            print(f"[demo] {line}")
     return 0
