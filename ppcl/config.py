@@ -271,7 +271,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "data": {"shards": 2, "synth_samples": 2048, "synth_size": 32},
     "encode": {"resolution": 32, "batch_size": 64},
     "probe": {"samples": 64, "timesteps": 2, "batch_size": 16, "hsic_tokens": 16},
-    "distill": {"steps": 1200, "lr": 1e-2, "batch_size": 16, "warmup_steps": 20, "timesteps": "logit_normal",
+    "distill": {"steps": 800, "lr": 1e-2, "batch_size": 16, "warmup_steps": 20, "timesteps": "logit_normal",
                 "output_loss_weight": 1.0, "checkpoint_every": 400},
     "evaluate": {
         "steps": 10, "height": 32, "width": 32, "seeds": 1, "batch_size": 64,

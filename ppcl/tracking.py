@@ -257,9 +257,20 @@ _SECRET_KEY = re.compile(
 _URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:\s]+):(?P<pw>[^/@\s]+)@", re.I)
 
 
+def _environ() -> dict[str, str]:
+    """A snapshot of the environment, retried when another thread (a library's background thread) removes a
+    variable while it is being copied (``KeyError`` / ``RuntimeError`` from ``os.environ``'s iterator)."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return dict(os.environ)
+
+
 def credential_values() -> list[str]:
     """Values of credential-like environment variables (long enough to be worth masking), longest first."""
-    vals = {v for k, v in os.environ.items() if _SECRET_KEY.search(k) and v and len(v) >= 4}
+    vals = {v for k, v in _environ().items() if _SECRET_KEY.search(k) and v and len(v) >= 4}
     return sorted(vals, key=len, reverse=True)
 
 
