@@ -122,6 +122,23 @@ def interval_savings(adapter: Adapter, units) -> dict[int, int]:
     return out
 
 
+def subset_accounting(adapter: Adapter, units) -> tuple[int, int, dict[int, int]]:
+    """``(teacher parameters, width_saving, savings per interval)``: the additive accounting of the module doc,
+    from which every subset's exported size follows."""
+    width_saving = sum(count_parameters(adapter.block(k)) - count_parameters(m)
+                       for u in units if u.kind in ("width", "text_freeze") for k, m in u.placed().items())
+    return adapter.total_parameters(), width_saving, interval_savings(adapter, units)
+
+
+def exported_subset(adapter: Adapter, units, keep_params: float, losses: dict[int, float] | None = None
+                    ) -> list[int]:
+    """The plan indices ``export --keep-params`` picks (:func:`choose_intervals`). Before training (``losses``
+    None) a tie between two subsets of the same size goes to fewer plugs, where the export breaks it by the plugs'
+    final losses first."""
+    teacher, width_saving, savings = subset_accounting(adapter, units)
+    return choose_intervals(keep_params, teacher, width_saving, savings, losses or {})
+
+
 def covering_positions(units, position: dict[int, int]) -> dict[int, int]:
     """Teacher execution index -> position in the pruned model of the block holding it (``position`` from
     ``student_layout``: plug starts and kept blocks; a block inside a chosen interval is held by that plug)."""
@@ -313,11 +330,7 @@ def export(
     plug_tensors = check_plug_tensors(units, plugs / "plugs.safetensors")
 
     n_iv = len(plan_obj.intervals)
-    teacher_params = adapter.total_parameters()
-    width_units = [u for u in units if u.kind in ("width", "text_freeze")]
-    width_saving = sum(count_parameters(adapter.block(k)) - count_parameters(m)
-                       for u in width_units for k, m in u.placed().items())
-    savings = interval_savings(adapter, units)
+    teacher_params, width_saving, savings = subset_accounting(adapter, units)
     if all_intervals:
         chosen = list(range(n_iv))
     elif intervals is not None:

@@ -201,6 +201,14 @@ class DistillSettings(StageSettings):
     output_loss_keep: float = Field(1.0, gt=0, le=1, description="probability each plug is in place for the "
                                     "output-level loss (1: all; < 1: a random subset per step, so plugs also "
                                     "learn to work alone)")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the plug weights, "
+                             "written as the run's plugs (0: off, the last weights; e.g. 0.999, warmed up as "
+                             "min(decay, (1+t)/(10+t)))")
+    output_loss_ratios: list[float] = Field(default_factory=list, description="keep-params ratios the run will "
+                                            "also be exported at, e.g. 0.7: the output-level term takes turns, one "
+                                            "step each, between every plug in place and the plugs export picks at "
+                                            "each ratio, so each exported model is trained as it will run (empty: "
+                                            "every plug, every step)")
     gradient_checkpointing: bool = Field(False, description="recompute plug activations in the backward pass")
     mixed_precision: MixedPrecision = Field("auto", description="auto: bf16 autocast on CUDA, none on CPU")
     n_samples: int = Field(16, ge=1, description="size of the built-in synthetic set (used only without a cache)")
@@ -226,6 +234,16 @@ class DistillSettings(StageSettings):
         # JSON settings drop nulls (KFP Struct parameters cannot hold them), which would bring back the default
         # 1.0: "no clipping" travels as 0, which the validator above reads back as None
         return 0.0 if v is None else v
+
+    @field_validator("output_loss_ratios")
+    @classmethod
+    def _export_ratios(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        if any(not 0 < r <= 1 for r in v):
+            raise ValueError(f"every ratio must be in (0, 1], got {v}")
+        if v and info.data.get("output_loss_keep", 1.0) < 1:
+            raise ValueError("give either output_loss_ratios (the exported subsets take turns) or output_loss_keep "
+                             "< 1 (random subsets), not both")
+        return v
 
     @field_validator("warmup_steps")
     @classmethod

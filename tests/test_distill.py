@@ -383,3 +383,133 @@ def test_per_plug_backward_gives_the_gradients_of_one_backward(tiny_pipe_dir):
     for g, p in zip(once, params):
         assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-8), float((p.grad - g).abs().max())
     assert any(float(g.abs().max()) > 0 for g in once)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwenimage"])
+def test_student_forward_starts_at_the_first_unit_with_the_same_output(family, tiny_pipe_dir):
+    """The output-level term's student does not run the blocks before its first unit again: they are the
+    teacher's blocks on the teacher's states, so the forward starts from the call the teacher pass captured there.
+    Same output bit for bit and the same gradients as the full student forward, and the prefix blocks never run
+    (a flux plan crossing from the dual to the single list, sd3's last block, a qwen text_freeze)."""
+    from ppcl.calibration import noise_batch
+    from ppcl.distill import build_units
+    from ppcl.distill.losses import output_loss, student_forward, teacher_pass
+    from ppcl.plugs import freeze
+
+    pipe = load_pipeline(tiny_pipe_dir[family])
+    adapter = get_adapter(pipe)
+    freeze(adapter.transformer)
+    intervals, width = {"flux": ([[2, 3], [5, 8]], []), "sd3": ([[3, 4], [7, 9]], []),
+                        "qwenimage": ([[4, 5]], [{"op": "text_freeze", "interval": [2, 6]}])}[family]
+    units = build_units(adapter, make_plan(adapter, intervals, width=width, allow_ends=True))
+    first = min(u.start for u in units)
+    assert first >= 2
+    batch = list(synthetic_batches(pipe, n_samples=2, batch_size=2, seed=5))[0]
+    inputs = noise_batch(adapter, dict(pipe.scheduler.config), batch, generator=torch.Generator().manual_seed(1)
+                         ).model_inputs
+    calls, _, teacher_out = teacher_pass(adapter, inputs, units, full=True)
+    params = [p for u in units for p in u.module.parameters()]
+
+    ran = []
+    handles = [adapter.block(l).register_forward_hook(lambda *a, l=l: ran.append(l)) for l in range(first)]
+    grads = []
+    for kw in ({}, {"teacher_calls": calls}):
+        ran.clear()
+        out, _ = student_forward(adapter, inputs, units, capture=False, **kw)
+        output_loss(out, teacher_out).backward()
+        grads.append((out.detach(), [None if p.grad is None else p.grad.clone() for p in params], sorted(set(ran))))
+        for p in params:
+            p.grad = None
+    for h in handles:
+        h.remove()
+    (full_out, full_g, full_ran), (skip_out, skip_g, skip_ran) = grads
+    assert full_ran == list(range(first)) and skip_ran == []
+    assert torch.equal(full_out, skip_out)
+    assert [g is None for g in full_g] == [g is None for g in skip_g]
+    assert all(a is None or torch.equal(a, b) for a, b in zip(full_g, skip_g))
+    assert any(g is not None and float(g.abs().max()) > 0 for g in full_g)
+
+
+def test_output_loss_takes_turns_with_the_exported_subsets(tiny_pipe_dir, tmp_path):
+    """``output_loss_ratios``: the output-level term alternates between the whole plan and the subset export
+    --keep-params picks at each ratio (the same rule, so the model trained in turn IS the exported one); an
+    unreachable ratio and the combination with random subsets are one-line errors before training."""
+    from ppcl.distill import build_units, export_placements
+    from ppcl.export import export, subset_accounting
+
+    pipe_dir = tiny_pipe_dir["flux"]
+    adapter = get_adapter(load_pipeline(pipe_dir))
+    plan_path = write_plan(pipe_dir, "flux", tmp_path / "plan.json", intervals=[[1, 2], [5, 8]], width=[])
+    from ppcl.plan import load_plan
+
+    units = build_units(adapter, load_plan(plan_path))
+    teacher, width_saving, savings = subset_accounting(adapter, units)
+    only_long = (teacher - savings[1]) / teacher  # the subset keeping just the [5, 8] plug
+    ratio = only_long + 1e-6
+    turns = export_placements(adapter, units, [ratio, 1e-3 + (teacher - sum(savings.values())) / teacher])
+    assert [[u.name for u in p] for p in turns] == [["interval_0", "interval_1"], ["interval_1"]]  # no repeat
+    with pytest.raises(PPCLError, match=r"^output_loss_ratios: --keep-params 0.01 is out of reach"):
+        export_placements(adapter, units, [0.01])
+
+    run = tmp_path / "run"
+    distill(str(pipe_dir), plan_path, run, **{**FAST, "steps": 4, "output_loss_weight": 0.5,
+                                               "output_loss_ratios": [ratio]})
+    alone = tmp_path / "alone"
+    distill(str(pipe_dir), plan_path, alone, **{**FAST, "steps": 4, "output_loss_weight": 0.5})
+    turned = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    every = [json.loads(l) for l in (alone / "metrics.jsonl").read_text().splitlines()]
+    assert turned[0]["output_loss"] == pytest.approx(every[0]["output_loss"], rel=1e-6)  # step 0: whole plan
+    assert turned[1]["output_loss"] != pytest.approx(every[1]["output_loss"], rel=1e-3)  # step 1: [5, 8] alone
+    assert export(str(pipe_dir), plan_path, run, tmp_path / "m", keep_params=ratio).intervals == [1]
+    with pytest.raises(PPCLError, match="output_loss_ratios.*not both"):
+        distill(str(pipe_dir), plan_path, tmp_path / "bad", **{**FAST, "output_loss_weight": 0.5,
+                                                                 "output_loss_ratios": [ratio], "output_loss_keep": 0.5})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_ema_plugs_are_the_average_and_resume_exactly(tiny_pipe_dir, tmp_path):
+    """``ema_decay``: plugs.safetensors holds the moving average of the weights (checked against the average
+    recomputed from every step's weights, read from per-step checkpoints), the losses logged are the trained
+    weights' (the same as without EMA), and a run cut and resumed writes the same bytes (the average is in the
+    checkpoint)."""
+    from safetensors.torch import load_file
+
+    from ppcl.distill.checkpoint import checkpoint_dirs
+
+    pipe_dir = tiny_pipe_dir["flux"]
+    plan = write_plan(pipe_dir, "flux", tmp_path / "plan.json", intervals=[[1, 2]], width=[])
+    kw = {**FAST, "steps": 5, "checkpoint_every": 1, "keep_checkpoints": 10}
+    distill(str(pipe_dir), plan, tmp_path / "raw", **kw)
+    distill(str(pipe_dir), plan, tmp_path / "ema", ema_decay=0.5, **kw)
+    raw = [json.loads(l)["losses"] for l in (tmp_path / "raw" / "metrics.jsonl").read_text().splitlines()]
+    ema = [json.loads(l)["losses"] for l in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()]
+    assert raw == ema  # EMA never feeds back into training
+    # the average recomputed from the raw run's initial weights and its per-step checkpoints (DCP folders)
+    import torch.distributed.checkpoint as dcp
+
+    from ppcl.distill import build_units
+    from ppcl.plan import load_plan
+
+    adapter = get_adapter(load_pipeline(pipe_dir))
+    init = {f"{u.name}.{k}": v.detach().float() for u in build_units(adapter, load_plan(plan))
+            for k, v in u.module.state_dict().items()}
+    weights = []
+    for ck in checkpoint_dirs(tmp_path / "raw"):
+        state = {"model": {k: torch.empty_like(v) for k, v in init.items()}}
+        dcp.load(state, checkpoint_id=str(ck), no_dist=True)
+        weights.append(state["model"])
+    assert len(weights) == 5
+    avg = dict(init)
+    for step, w in enumerate(weights):
+        d = min(0.5, (1 + step) / (10 + step))
+        avg = {k: d * avg[k] + (1 - d) * w[k] for k in avg}
+    got = load_file(str(tmp_path / "ema" / "plugs.safetensors"))
+    last = load_file(str(tmp_path / "raw" / "plugs.safetensors"))
+    assert max(float((got[k] - avg[k]).abs().max()) for k in avg) < 1e-6
+    assert max(float((got[k] - last[k]).abs().max()) for k in avg) > 1e-5
+    # killed after step 4 (last checkpoint 3), resumed: the same bytes
+    kw2 = {**FAST, "steps": 5, "checkpoint_every": 3, "ema_decay": 0.5}
+    distill(str(pipe_dir), plan, tmp_path / "full", **kw2)
+    distill(str(pipe_dir), plan, tmp_path / "cut", stop_after=4, **kw2)
+    distill(str(pipe_dir), plan, tmp_path / "cut", resume=True, **kw2)
+    assert (tmp_path / "full" / "plugs.safetensors").read_bytes() == (tmp_path / "cut" / "plugs.safetensors").read_bytes()

@@ -75,12 +75,18 @@ class QualitySettings:
     output_loss_weight: float = 1.0
     #: probability each plug is in place for the output-level term (``DistillSettings.output_loss_keep``)
     output_loss_keep: float = 1.0
+    #: moving average of the plug weights written as each run's plugs (``DistillSettings.ema_decay``; 0: off)
+    ema_decay: float = 0.0
+    #: ratios the output-level term also trains the exported subsets of (``DistillSettings.output_loss_ratios``)
+    output_loss_ratios: tuple[float, ...] = ()
     eval_n: int = 512
     eval_steps: int = 10
     guidance: float = 3.0
     seed: int = 0
     latency_repeats: int = 20
     threads: int | None = None
+    #: distillation processes side by side (default: one per core; see :func:`parallel_plan`)
+    workers: int | None = None
     rows: tuple[str, ...] = ("ppcl", "no-distill", *BASELINES, "scattered", "sequential", "per-ratio")
 
     @classmethod
@@ -312,36 +318,34 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     for r, plan in per_ratio.items():
         save_plan(plan, work / "plans" / f"ppcl-{r:g}.json")
 
-    # ---- distillation runs, all with the same settings
+    # ---- distillation runs, all with the same settings, run side by side (one process per core)
     dkw = dict(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, timesteps=s.timesteps,
                seed=s.seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False,
-               output_loss_weight=s.output_loss_weight, output_loss_keep=s.output_loss_keep)
+               output_loss_weight=s.output_loss_weight, output_loss_keep=s.output_loss_keep,
+               output_loss_ratios=list(s.output_loss_ratios), ema_decay=s.ema_decay)
     runs: dict[str, Path] = {}
-    run_seconds: dict[str, float] = {}
-    trained: dict[tuple, Path] = {}  # (intervals, settings) -> run: a plan two selectors agree on is trained once
+    jobs: dict[str, tuple[str, dict[str, Any]]] = {}  # run name -> (plan file, extra settings)
+    trained: dict[tuple, str] = {}  # (intervals, settings) -> run: a plan two selectors agree on is trained once
 
-    def train(name: str, plan, **kw) -> Path:
+    def train(name: str, plan, plan_file: Path, **kw) -> Path:
         key = (tuple(tuple(iv) for iv in plan.intervals), plan.init, tuple(sorted(kw.items())))
         if key in trained:  # deterministic: the same plan and settings give the same plugs
-            _log(f"distilled {name}: same plan and settings as {trained[key].name}, its run reused", t0)
-            return trained[key]
-        t = time.time()
-        d = work / "runs" / name
-        res_ = distill(str(teacher_dir), plan, d, data=str(work / "cache"), **dkw, **kw)
-        run_seconds[name] = time.time() - t
-        _log(f"distilled {name}: {len(plan.intervals)} plugs, {s.steps} steps in {run_seconds[name]:.0f}s, "
-             f"final loss {sum(v for v in res_.final_losses.values() if v is not None):.4f}", t0)
-        trained[key] = d
-        return d
+            _log(f"distill {name}: same plan and settings as {trained[key]}, its run reused", t0)
+            return work / "runs" / trained[key]
+        trained[key] = name
+        jobs[name] = (str(plan_file), kw)
+        return work / "runs" / name
 
     for name, plan in plans.items():
-        runs[name] = train(name, plan)
+        runs[name] = train(name, plan, work / "plans" / f"{name}.json")
     if "sequential" in s.rows:
-        runs["sequential"] = train("sequential", plans["ppcl"], mode="sequential")
+        runs["sequential"] = train("sequential", plans["ppcl"], work / "plans" / "ppcl.json", mode="sequential")
     if "per-ratio" in s.rows:
         for r, plan in per_ratio.items():
-            runs[f"ppcl-{r:g}"] = train(f"ppcl-{r:g}", plan)
-    timings["distill"] = sum(run_seconds.values())
+            runs[f"ppcl-{r:g}"] = train(f"ppcl-{r:g}", plan, work / "plans" / f"ppcl-{r:g}.json")
+    t_distill = time.time()
+    run_seconds = distill_runs(teacher_dir, work, jobs, dkw, s, t0)
+    timings["distill"] = time.time() - t_distill
 
     # ---- evaluation
     ev = _Evaluator(teacher_dir, s)
@@ -405,12 +409,14 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
         "version": 1,
         "teacher": str(teacher_dir),
         "generation": defaults,
-        "settings": {**asdict(s), "ratios": list(s.ratios), "rows": list(s.rows)},
+        "settings": {**asdict(s), "ratios": list(s.ratios), "rows": list(s.rows),
+                     "output_loss_ratios": list(s.output_loss_ratios)},
         "plans": {k: {"intervals": [list(iv) for iv in p.intervals], "keep_fraction": p.params.student / p.params.teacher}
                   for k, p in {**plans, **{f"ppcl-{r:g}": p for r, p in per_ratio.items()}}.items()},
         "rows": [asdict(r) for r in rows],
         "targets": targets([asdict(r) for r in rows], low),
         "seconds": {**timings, "total": time.time() - t0, "distill_runs": run_seconds},
+        "distill_processes": dict(zip(("processes", "threads_each"), parallel_plan(len(jobs), s.workers, s.threads))),
         "cpu_seconds": _cpu_seconds() - cpu0,
         "threads": torch.get_num_threads(),
     }
@@ -423,6 +429,55 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
         shutil.rmtree(work, ignore_errors=True)
     _log(f"done: {out / 'quality.md'}", t0)
     return result
+
+
+def parallel_plan(jobs: int, workers: int | None, threads: int | None) -> tuple[int, int]:
+    """``(processes, torch threads each)`` for ``jobs`` distillation runs: by default one process per core, one
+    thread each. A run of the reference teacher is too small for two threads to pay (one step: 136 ms on one
+    thread, 123 ms on two, same machine), so two single-threaded runs side by side train ~1.8x the steps per
+    second of one run on two threads; ``threads`` is the total, shared out."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    total = threads or cores
+    procs = max(1, min(jobs, workers or total))
+    return procs, max(1, total // procs)
+
+
+def _distill_job(teacher_dir: str, plan_file: str, run: str, data: str, kw: dict[str, Any], threads: int
+                 ) -> tuple[float, float, int]:
+    """One distillation in a worker process: ``(seconds, final total loss, steps)``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from ppcl.distill import distill
+
+    t = time.time()
+    res = distill(teacher_dir, plan_file, run, data=data, **kw)
+    return time.time() - t, sum(v for v in res.final_losses.values() if v is not None), res.steps
+
+
+def distill_runs(teacher_dir: Path, work: Path, jobs: dict[str, tuple[str, dict[str, Any]]], dkw: dict[str, Any],
+                 s: QualitySettings, t0: float) -> dict[str, float]:
+    """Every distillation of the table, ``parallel_plan`` processes at a time (spawned: no torch state shared
+    with this process; each run is deterministic, so the order they run in changes nothing). Returns each run's
+    seconds."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    procs, threads = parallel_plan(len(jobs), s.workers, s.threads)
+    _log(f"{len(jobs)} distillations of {s.steps} steps, {procs} at a time x {threads} thread(s)", t0)
+    seconds: dict[str, float] = {}
+    if not jobs:
+        return seconds
+    with cf.ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_distill_job, str(teacher_dir), plan_file, str(work / "runs" / name),
+                               str(work / "cache"), {**dkw, **kw}, threads): name
+                   for name, (plan_file, kw) in jobs.items()}
+        for f in cf.as_completed(futures):
+            name = futures[f]
+            sec, loss, steps = f.result()
+            seconds[name] = sec
+            _log(f"distilled {name}: {steps} steps in {sec:.0f}s, final loss {loss:.4f}", t0)
+    return seconds
 
 
 def _cpu_seconds() -> float:
@@ -480,7 +535,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{s['eval_n']} evaluation prompts x {s['eval_steps']} steps, true CFG {s['guidance']:g}.",
         f"Time: {sec['total'] / 60:.1f} min wall ({result['cpu_seconds'] / 60:.1f} CPU-min, "
         f"{result['threads']} torch threads); data {sec['data']:.0f}s, probe {sec['probe']:.0f}s, "
-        f"distillation {sec['distill']:.0f}s, evaluation {sec['evaluate']:.0f}s.",
+        f"distillation {sec['distill']:.0f}s ({_procs(result)}), evaluation {sec['evaluate']:.0f}s.",
         "",
         "Targets:",
     ]
@@ -488,6 +543,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"- {k}: {'met' if v['met'] else 'MISSED'} "
                      f"({', '.join(f'{a}={b:.4f}' if isinstance(b, float) else f'{a}={b}' for a, b in v.items() if a != 'met')})")
     return "\n".join(lines) + "\n"
+
+
+def _procs(result: dict[str, Any]) -> str:
+    p = result.get("distill_processes") or {"processes": 1, "threads_each": result["threads"]}
+    return f"{p['processes']} run(s) at a time x {p['threads_each']} thread(s)"
 
 
 def plot(result: dict[str, Any]) -> bytes:

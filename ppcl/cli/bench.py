@@ -37,11 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--output-loss-keep", type=float, default=None,
                    help="probability each plug is in place for the output-level loss "
                         f"(default {d.output_loss_keep:g})")
+    q.add_argument("--ema-decay", type=float, default=None,
+                   help=f"moving average of the plug weights kept as each run's plugs (default {d.ema_decay:g}: off)")
+    q.add_argument("--output-loss-ratios", default=None,
+                   help="comma-separated ratios whose exported subsets the output-level loss also trains, in turn "
+                        "with the whole plan (default: none)")
     q.add_argument("--rows", default=None,
                    help="comma-separated rows besides teacher and ppcl (default: all of "
                         f"{','.join(r for r in d.rows if r != 'ppcl')}); e.g. --rows ppcl for a settings sweep")
     q.add_argument("--eval-n", type=int, default=None, help=f"evaluation prompts (default {d.eval_n})")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    q.add_argument("--workers", type=int, default=None,
+                   help="distillation runs side by side (default: one per core, the --threads shared out)")
     q.add_argument("--teacher", default=None, help="pipeline folder (default: the shipped reference teacher)")
     q.add_argument("--no-keep-work", action="store_true", help="delete OUT/work at the end")
 
@@ -68,6 +75,8 @@ _OVERRIDES = (
     ("output_loss_keep", "--output-loss-keep", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("eval_n", "--eval-n", lambda v: v >= 2, "must be >= 2 (FID needs two images)"),
     ("threads", "--threads", lambda v: v >= 1, "must be >= 1"),
+    ("workers", "--workers", lambda v: v >= 1, "must be >= 1"),
+    ("ema_decay", "--ema-decay", lambda v: 0 <= v < 1, "must be in [0, 1)"),
 )
 
 
@@ -87,6 +96,15 @@ def run(args: argparse.Namespace) -> int:
         if not ok(value):
             raise PPCLError(f"{flag} {what} (got {value})")
         s = dataclasses.replace(s, **{field: value})
+    if args.output_loss_ratios is not None:
+        try:
+            ratios = tuple(float(x) for x in args.output_loss_ratios.split(",") if x.strip())
+        except ValueError:
+            raise PPCLError(f"--output-loss-ratios: expected comma-separated numbers (got {args.output_loss_ratios!r})"
+                            ) from None
+        if any(not 0 < r <= 1 for r in ratios):
+            raise PPCLError(f"--output-loss-ratios: every ratio must be in (0, 1] (got {args.output_loss_ratios})")
+        s = dataclasses.replace(s, output_loss_ratios=ratios)
     if args.rows is not None:
         known = QualitySettings().rows
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]

@@ -31,6 +31,7 @@ from ppcl.distill.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_ch
 from ppcl.distill.heldout import heldout_losses
 from ppcl.distill.losses import (
     nonsequential_losses,
+    export_placements,
     output_loss_units,
     sequential_losses,
     teacher_pass,
@@ -57,6 +58,6 @@ __all__ = [
     "CHECKPOINT_VERSION", "MODES", "RUN_VERSION", "BatchStream", "DistillResult", "DistillSettings", "Unit",
     "build_units", "cache_stream", "check_plan_family", "distill", "fit_width_units", "heldout_losses",
     "load_checkpoint", "load_teacher", "load_unit_weights", "lr_factor", "make_optimizer", "memory_stream",
-    "nonsequential_losses", "output_loss_units", "plan_dict", "plan_hash", "save_checkpoint", "sequential_losses",
+    "export_placements", "nonsequential_losses", "output_loss_units", "plan_dict", "plan_hash", "save_checkpoint", "sequential_losses",
     "shard_units", "student_layout", "teacher_pass", "unit_step_losses", "unit_table",
 ]

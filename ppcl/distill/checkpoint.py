@@ -102,13 +102,17 @@ def _restore_json_rng(st: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def training_state(table: nn.ModuleDict, optimizer) -> dict[str, Any]:
+def training_state(table: nn.ModuleDict, optimizer, ema: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """``{"model": ..., "optim": ...}``: the units' weights and the optimiser state by parameter name, each rank's
-    shard of it when sharded (what DCP saves and loads in place)."""
+    shard of it when sharded (what DCP saves and loads in place); ``"ema"`` too when the run keeps an average of
+    the weights (``DistillSettings.ema_decay``)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(table, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
+    state = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        state["ema"] = ema
+    return state
 
 
 # --------------------------------------------------------------------------------------------------------- saving
@@ -149,7 +153,7 @@ class PendingCheckpoint:
 
 def save_checkpoint(run: Path, step: int, table: nn.ModuleDict, optimizer, scheduler, data_state: dict, phash: str,
                     keep: int, *, local_main: bool = True, on_checkpoint: Callable[[Path], None] | None = None,
-                    async_group: Any = None) -> PendingCheckpoint:
+                    async_group: Any = None, ema: dict[str, torch.Tensor] | None = None) -> PendingCheckpoint:
     """Write the shards of ``RUN/checkpoints/step-XXXXXX`` (every rank calls it); returns the pending checkpoint,
     which :meth:`PendingCheckpoint.finish` completes. ``async_group``: a gloo process group for ``dcp.async_save``
     (the write then runs in the background); None: a synchronous ``dcp.save``."""
@@ -163,7 +167,7 @@ def save_checkpoint(run: Path, step: int, table: nn.ModuleDict, optimizer, sched
         folder.mkdir(parents=True)
     _barrier()
     torch.save(rng_state(), folder / f"rng-{rank}.pt")
-    state = training_state(table, optimizer)
+    state = training_state(table, optimizer, ema)
     future = None
     if async_group is not None:
         future = dcp.async_save(state, checkpoint_id=str(folder), process_group=async_group)
@@ -272,14 +276,16 @@ def resume_point(run: Path, phash: str, resume: bool) -> tuple[Path | None, dict
 
 def restore_training(
     ckpt: Path, loaded: dict[str, Any], table: nn.ModuleDict, optimizer, scheduler, stream: BatchStream,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> int:
-    """Put a checkpoint back: unit weights and optimiser state (each rank reads what its shards need), schedule,
-    data position, every RNG. Every rank calls it. Returns the step it was written at."""
+    """Put a checkpoint back: unit weights and optimiser state (each rank reads what its shards need), the
+    weights' moving average (``ema``, loaded in place), schedule, data position, every RNG. Every rank calls it.
+    Returns the step it was written at."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     try:
-        state = training_state(table, optimizer)
+        state = training_state(table, optimizer, ema)
         with _single_process_quiet():
             dcp.load(state, storage_reader=_reader(ckpt), no_dist=_rank()[1] == 1)
         set_state_dict(table, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

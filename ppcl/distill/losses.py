@@ -33,7 +33,11 @@ couples the plugs: each one's gradient then also depends on the others being in 
 some of them runs in a context it was not trained for (on the reference teacher it is worth ~3 accuracy points at
 the full plan and costs 1.2 points to a plug exported alone; docs/benchmark.md). ``output_loss_keep < 1`` puts a
 random subset of the depth plugs in place for that term each step (:func:`output_loss_units`), so each plug is also
-trained in the contexts a subset export creates.
+trained in the contexts a subset export creates. ``output_loss_ratios`` instead takes turns, one step each, between
+the whole plan and exactly the subsets ``export --keep-params`` will build at those ratios
+(:func:`export_placements`): no step is spent on a subset nobody exports. The student of that term starts at its
+first unit from the call the teacher pass captured there (:func:`student_forward`): the blocks before it are the
+teacher's own on the teacher's states, so running them again would redo the teacher pass's work.
 
 The objective of one step is :func:`total_loss`: the sum of every unit's D over its streams, plus the weighted
 output-level term.
@@ -42,6 +46,7 @@ output-level term.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -182,11 +187,13 @@ def unit_step_losses(
 
 def nonsequential_losses(
     adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], settings: DistillSettings, step: int = 0,
-    backward: Callable[[torch.Tensor], None] | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None, placements: list[list[Unit]] | None = None,
 ) -> tuple[Losses, torch.Tensor | None]:
     """Per-unit, per-stream losses of one batch, every unit fed the TEACHER state entering it. The output-level
     term (weight > 0) runs the student with the units of :func:`output_loss_units`, drawn from a generator seeded
-    by ``(seed, step)``: a resumed run draws what the uninterrupted one drew, and every rank draws the same.
+    by ``(seed, step)``: a resumed run draws what the uninterrupted one drew, and every rank draws the same. With
+    ``settings.output_loss_ratios`` it runs with ``placements[step % len(placements)]`` instead
+    (:func:`export_placements`, computed once per run by the caller, or here when None).
 
     ``backward`` (per-plug backward): called on each unit's summed loss as soon as it exists, then on the weighted
     output-level term last; the losses returned are then detached. A unit's loss depends only on detached teacher
@@ -203,9 +210,14 @@ def nonsequential_losses(
         losses[u.name] = per
     out_loss = None
     if full:
-        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 7_919 + 104_729)
-        placed = output_loss_units(units, settings.output_loss_keep, g)
-        student_out, _ = student_forward(adapter, model_inputs, placed, capture=False)
+        if settings.output_loss_ratios:
+            turns = placements if placements is not None else export_placements(adapter, units,
+                                                                                 settings.output_loss_ratios)
+            placed = turns[step % len(turns)]
+        else:
+            g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 7_919 + 104_729)
+            placed = output_loss_units(units, settings.output_loss_keep, g)
+        student_out, _ = student_forward(adapter, model_inputs, placed, capture=False, teacher_calls=calls)
         out_loss = output_loss(student_out, teacher_out)
         if backward is not None:
             backward(settings.output_loss_weight * out_loss)
@@ -228,6 +240,34 @@ def output_loss_units(units: list[Unit], keep: float, generator: torch.Generator
     return [u for u in units if u.name not in dropped]
 
 
+def export_placements(adapter: Adapter, units: list[Unit], ratios: list[float]) -> list[list[Unit]]:
+    """The students the output-level term takes turns with under ``output_loss_ratios``: every unit in place,
+    then, per ratio, the units of the model ``export --keep-params ratio`` will build from this run
+    (:func:`ppcl.export.exported_subset`: the same subset rule; width / text_freeze units always in place). A
+    subset already in the list is not repeated (a ratio the whole plan meets adds nothing).
+
+    Why (docs/benchmark.md): with every plug in place the output term teaches each plug to work beside the
+    others, so a plug exported without them runs in a context it never trained in; random subsets
+    (``output_loss_keep``) also spend steps on subsets no export builds. The turns train exactly the models
+    that will be exported, at no extra cost per step."""
+    from ppcl.errors import PPCLError
+    from ppcl.export import exported_subset
+
+    out = [units]
+    seen = {tuple(u.name for u in units)}
+    for r in ratios:
+        try:
+            chosen = set(exported_subset(adapter, units, r))
+        except PPCLError as e:
+            raise PPCLError(f"output_loss_ratios: {e}") from None
+        placed = [u for u in units if u.kind != "interval" or u.index in chosen]
+        key = tuple(u.name for u in placed)
+        if key not in seen:
+            seen.add(key)
+            out.append(placed)
+    return out
+
+
 def output_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
     """The output-level term: mean squared difference of the student's and the teacher's model outputs (fp32)."""
     return (student_out.float() - teacher_out.float()).pow(2).mean()
@@ -242,12 +282,50 @@ def total_loss(losses: Losses, out_loss: torch.Tensor | None, output_loss_weight
 
 
 # ------------------------------------- the student with units in place (output-level term) and the sequential ablation
+class _Replayed(nn.Module):
+    """Stands in for a teacher block of the student's prefix (the blocks before the first unit, which are the
+    teacher's own blocks fed the teacher's own states): returns its input streams untouched, at no cost. The call
+    entering the first unit is then replaced by the teacher's captured one (:func:`student_forward`), so what
+    the prefix returns is never used."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self._signature = inspect.signature(block.forward)
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        return bound.get("encoder_hidden_states"), bound["hidden_states"]
+
+
+def student_prefix(units: list[Unit]) -> int:
+    """The first block any unit replaces or modifies: every block before it is the teacher's own."""
+    return min(u.start for u in units) if units else 0
+
+
 def student_forward(
-    adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], capture: bool, stop_early: bool = False
+    adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], capture: bool, stop_early: bool = False,
+    teacher_calls: dict[int, BlockCall] | None = None,
 ) -> tuple[torch.Tensor | None, dict[str, dict[str, torch.Tensor]]]:
     """The student (every unit in place) through the stock forward; optionally capture each unit's output
-    (``captured[name]``: its streams; a text_freeze unit: ``captured[f"{name}@{k}"]`` for every frozen block k)."""
+    (``captured[name]``: its streams; a text_freeze unit: ``captured[f"{name}@{k}"]`` for every frozen block k).
+
+    ``teacher_calls`` (the teacher pass's captured calls, holding the call entering :func:`student_prefix`): the
+    blocks before the first unit are not run again. They are the teacher's blocks on the teacher's states, so the
+    call entering the first unit IS the teacher's captured one, bit for bit; the forward starts there (no work done
+    twice: on the reference benchmark's plan [[3,5],[6,14]] three of the student's six blocks)."""
     lists, _, position = student_layout(adapter, units)
+    on_input = None
+    first = student_prefix(units)
+    if teacher_calls is not None and first > 0:
+        if first not in teacher_calls:
+            raise AssertionError(f"the teacher pass did not capture the call entering block {first}")
+        for l in range(first):  # blocks before the first unit keep their teacher positions
+            name, j = adapter.locate(l)
+            lists[name][j] = _Replayed(lists[name][j])
+        entering = teacher_calls[first]
+
+        def on_input(i, call):
+            return entering if i == position[first] else None
     covered = {l for u in units if u.kind == "interval" for l in range(u.start, u.end + 1)}
     at: dict[int, str] = {}
     for u in units:
@@ -267,7 +345,9 @@ def student_forward(
 
     output = None
     with StudentView(adapter, lists) as student:
-        ctx = student.hooks(on_output=on_output, indices=set(at)) if capture else contextlib.nullcontext()
+        hooked = (set(at) if capture else set()) | ({position[first]} if on_input is not None else set())
+        ctx = student.hooks(on_input=on_input, on_output=on_output if capture else None, indices=hooked) \
+            if hooked else contextlib.nullcontext()
         with ctx, contextlib.suppress(StopForward):
             output = student.forward(model_inputs)
     return output, captured
@@ -280,7 +360,8 @@ def sequential_losses(
     term uses the same full student: ``output_loss_keep`` does not apply)."""
     full = settings.output_loss_weight > 0
     calls, outs, teacher_out = teacher_pass(adapter, model_inputs, units, full=full)
-    student_out, captured = student_forward(adapter, model_inputs, units, capture=True, stop_early=not full)
+    student_out, captured = student_forward(adapter, model_inputs, units, capture=True, stop_early=not full,
+                                            teacher_calls=calls)
     losses = {}
     for u in units:
         if u.members:

@@ -21,6 +21,9 @@ Choices where method.md is silent (all parameters of :class:`DistillSettings`):
   Sequential mode (the ablation) keeps one backward of the total: its units feed each other.
 - Mixed precision: bf16 autocast on CUDA, fp32 master weights, the frozen teacher in bf16; sharded units also
   compute with bf16 weights gathered by FSDP (gradients reduced in fp32); none on CPU.
+- ``ema_decay`` > 0: a moving average of the weights (elementwise on each rank's shards, warmed up) is kept
+  beside them, saved in every checkpoint, and written as ``plugs.safetensors``; training and the logged losses use
+  the trained weights, never the average.
 - Checkpoints: torch.distributed.checkpoint, every rank writes its shard (:mod:`ppcl.distill.checkpoint`);
   the final ``plugs.safetensors`` is the full fp32 state, gathered and written by rank 0.
 - A non-finite loss (on any rank) stops the run with a one-line error naming the last good checkpoint; nothing
@@ -29,6 +32,7 @@ Choices where method.md is silent (all parameters of :class:`DistillSettings`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -43,7 +47,7 @@ from ppcl import outputs
 from ppcl.arch.common import Adapter
 from ppcl.atomic import atomic_path, write_json
 from ppcl.distill.checkpoint import PendingCheckpoint, resume_point, restore_training, save_checkpoint, trim_metrics
-from ppcl.distill.losses import Losses, nonsequential_losses, sequential_losses, total_loss
+from ppcl.distill.losses import Losses, export_placements, nonsequential_losses, sequential_losses, total_loss
 from ppcl.distill.optim import make_optimizer, make_scheduler, optimizer_name, uses_8bit_adam
 from ppcl.distill.sharding import (
     SHARDING,
@@ -138,6 +142,7 @@ def distill(
                 torch.nn.utils.clip_grad_norm_(t.params, settings.max_grad_norm)
             t.optimizer.step()
             t.scheduler.step()
+            update_ema(t, step, settings.ema_decay)
             # Log: one line of metrics.jsonl, the progress bar, on_step (rank 0)
             done = step + 1
             record = step_record(done, total, t.scheduler.get_last_lr()[0], flat, out_value, t0)
@@ -152,7 +157,8 @@ def distill(
     plug_info = plug_records(t.adapter, t.units, final_losses)
     if end_step < settings.steps:
         return DistillResult(run, end_step, final_losses, plug_info)
-    full_state = gather_full_state(t)  # every rank takes part; rank 0 gets the whole fp32 state
+    with ema_weights(t):  # the averaged weights, when the run keeps them, are the plugs
+        full_state = gather_full_state(t)  # every rank takes part; rank 0 gets the whole fp32 state
     sharding = sharding_record(SHARDING if t.mesh is not None else None, t.params, t.optimizer, t.units,
                                t.param_dtype)
     if procs.is_main_process:
@@ -187,6 +193,11 @@ class Training:
     param_dtype: torch.dtype | None = None
     #: a gloo group for asynchronous checkpoint writes (several ranks), else None (synchronous)
     async_group: Any = None
+    #: ``ema_decay`` > 0: the moving average of every trainable tensor, by its name in ``table`` (shards when
+    #: sharded, like the parameters), saved in checkpoints and written as the final plugs
+    ema: dict[str, torch.Tensor] | None = None
+    #: ``output_loss_ratios``: the students the output-level term takes turns with (computed once)
+    placements: list[list[Unit]] | None = None
     params: list[nn.Parameter] | None = None
     optimizer: Any = None
     scheduler: Any = None
@@ -239,8 +250,11 @@ def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings) -> 
     batches, stream = training_stream(pipe, data, settings)
     noised = step_inputs(pipe, adapter, settings, device, teacher_dtype, procs.process_index,
                          procs.num_processes)
+    # the exported subsets the output-level term trains in turn: an unreachable ratio is refused before any step
+    placements = export_placements(adapter, units, settings.output_loss_ratios) \
+        if settings.output_loss_ratios and settings.output_loss_weight > 0 else None
     mesh = training_mesh(device)
-    t = Training(procs, pipe, adapter, units, table, batches, stream, noised, mp, mesh)
+    t = Training(procs, pipe, adapter, units, table, batches, stream, noised, mp, mesh, placements=placements)
     if mesh is not None:
         t.param_dtype = torch.bfloat16 if mp == "bf16" else None
         # Checkpoints are written in the background (dcp.async_save) whenever the state is sharded, on CUDA and on
@@ -268,8 +282,10 @@ def start_or_resume(
     t.params = [p for p in t.table.parameters() if p.requires_grad]
     t.optimizer = make_optimizer(t.params, settings, t.procs.device)
     t.scheduler = make_scheduler(t.optimizer, settings)
+    if settings.ema_decay > 0:
+        t.ema = {n: p.detach().clone() for n, p in t.table.named_parameters() if p.requires_grad}
     if loaded is not None:
-        start_step = restore_training(ckpt, loaded, t.table, t.optimizer, t.scheduler, t.stream)
+        start_step = restore_training(ckpt, loaded, t.table, t.optimizer, t.scheduler, t.stream, t.ema)
         if t.procs.is_main_process:
             trim_metrics(run / "metrics.jsonl", start_step)
     if t.procs.is_main_process:
@@ -314,7 +330,7 @@ def step_losses(t: Training, inputs: dict[str, Any], settings: DistillSettings, 
             losses, out_loss = sequential_losses(t.adapter, inputs, t.units, settings, step=step)
         else:
             losses, out_loss = nonsequential_losses(t.adapter, inputs, t.units, settings, step=step,
-                                                    backward=backward)
+                                                    backward=backward, placements=t.placements)
     if settings.mode == "sequential":
         backward(total_loss(losses, out_loss, settings.output_loss_weight))
     return losses, out_loss
@@ -405,7 +421,8 @@ class Checkpoints:
             self.pending = save_checkpoint(self.run, done, t.table, t.optimizer, t.scheduler, t.stream.state(),
                                            self.phash, settings.keep_checkpoints,
                                            local_main=t.procs.is_local_main_process,
-                                           on_checkpoint=self.on_checkpoint, async_group=t.async_group)
+                                           on_checkpoint=self.on_checkpoint, async_group=t.async_group,
+                                           ema=t.ema)
             if t.async_group is None:
                 self.close()
         elif self.pending is not None and everyone(self.pending.future.done(), t.procs.device):
@@ -415,6 +432,37 @@ class Checkpoints:
         """Complete the pending checkpoint, if any (waits for its background write)."""
         if self.pending is not None:
             self.last, self.pending = self.pending.finish(), None
+
+
+def update_ema(t: Training, step: int, decay: float) -> None:
+    """``ema <- d * ema + (1 - d) * weights`` after the optimiser step of ``step`` (0-based), with the usual
+    warm-up ``d = min(decay, (1 + step) / (10 + step))`` so the first steps' weights do not dominate. Elementwise on
+    each rank's shards: no communication."""
+    if t.ema is None:
+        return
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        named = dict(t.table.named_parameters())
+        torch._foreach_lerp_(list(t.ema.values()), [named[n].detach() for n in t.ema], 1.0 - d)
+
+
+@contextlib.contextmanager
+def ema_weights(t: Training):
+    """Inside, the units hold the moving average (``t.ema``) instead of the trained weights; nothing without it."""
+    if t.ema is None:
+        yield
+        return
+    named = dict(t.table.named_parameters())
+    with torch.no_grad():
+        saved = {n: named[n].detach().clone() for n in t.ema}
+        for n, e in t.ema.items():
+            named[n].copy_(e)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                named[n].copy_(w)
 
 
 # ------------------------------------------------------------------------------------------------ write-out
@@ -445,7 +493,8 @@ def gather_full_state(t: Training) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(t.table, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+    # a copy: on one CPU process the state dict holds the parameters' own storage, which ema_weights puts back
+    return {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in sd.items()}
 
 
 def write_run(run: Path, model: Any, plan_obj: Any, phash: str, data: Any, settings: DistillSettings, t: Training,

@@ -1,0 +1,142 @@
+"""The reference benchmark's distillation step, before and after issue 19's speed work (slow; run as a script or
+``pytest -m slow -s tests/bench_step.py``).
+
+Measured in ONE run on one machine (the numbers are only comparable within a run):
+
+1. one step of the benchmark's recipe (plan [[3,5],[6,14]] of the shipped reference teacher, batch 16, output-level
+   loss weight 1, AdamW, one torch thread), with the output term's student run from block 0 as before
+   (``student_forward`` without ``teacher_calls``) and from the first plug as now, alternating blocks of steps;
+2. training throughput on the machine's cores: one run on every thread vs one single-threaded run per core side by
+   side (what ``ppcl bench quality`` now does), as total steps per second.
+
+Usage: ``python tests/bench_step.py [--steps N]`` (prints a Markdown table and JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+PLAN = [[3, 5], [6, 14]]
+
+
+def _cache(work: Path, samples: int = 512) -> Path:
+    from ppcl.bench.quality import REFERENCE_TEACHER
+    from ppcl.data.encode import encode_shards
+    from ppcl.data.shard import shard_source
+    from ppcl.data.synth import write_synth
+
+    write_synth(work / "synth", samples, size=32, seed=0)
+    shard_source(str(work / "synth"), str(work / "shards"), 2, progress=False)
+    encode_shards(str(REFERENCE_TEACHER), str(work / "shards"), str(work / "cache"), resolution=32, batch_size=64,
+                  progress=False)
+    return work / "cache"
+
+
+def _plan(work: Path) -> Path:
+    from ppcl.arch import get_adapter, load_pipeline
+    from ppcl.bench.quality import REFERENCE_TEACHER
+    from ppcl.plan import make_plan, save_plan
+
+    save_plan(make_plan(get_adapter(load_pipeline(REFERENCE_TEACHER)), PLAN), work / "plan.json")
+    return work / "plan.json"
+
+
+def step_times(cache: Path, plan: Path, steps: int, rounds: int = 4) -> dict[str, float]:
+    """Median step seconds with the student run from block 0 ("before") and from the first plug ("after"), in one
+    process, alternating ``rounds`` blocks of ``steps`` steps (first 3 of each block dropped)."""
+    import torch
+
+    import ppcl.distill.losses as L
+    from ppcl.bench.quality import REFERENCE_TEACHER
+    from ppcl.distill import distill
+
+    torch.set_num_threads(1)
+    real = L.student_forward
+
+    def from_block_0(*a, **kw):
+        kw.pop("teacher_calls", None)
+        return real(*a, **kw)
+
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as d:
+        for r in range(rounds):
+            for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
+                L.student_forward = from_block_0 if name == "before" else real
+                try:
+                    run = Path(d) / f"{name}{r}"
+                    distill(str(REFERENCE_TEACHER), str(plan), run, data=str(cache), steps=steps, batch_size=16,
+                            lr=1e-2, warmup_steps=2, checkpoint_every=10**9, mixed_precision="no", progress=False,
+                            output_loss_weight=1.0)
+                finally:
+                    L.student_forward = real
+                lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+                times[name] += [l["step_time_s"] for l in lines[3:]]
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+_WORKER = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+from ppcl.bench.quality import REFERENCE_TEACHER
+from ppcl.distill import distill
+distill(str(REFERENCE_TEACHER), sys.argv[2], sys.argv[3], data=sys.argv[4], steps=int(sys.argv[5]), batch_size=16,
+        lr=1e-2, warmup_steps=2, checkpoint_every=10**9, mixed_precision="no", progress=False, output_loss_weight=1.0)
+"""
+
+
+def throughput(cache: Path, plan: Path, steps: int) -> dict[str, float]:
+    """Total training steps per second: one process on every core vs one single-threaded process per core."""
+    cores = len(os.sched_getaffinity(0))
+    out = {"cores": cores}
+    with tempfile.TemporaryDirectory() as d:
+        for name, procs, threads in (("one run x all threads", 1, cores), ("runs side by side x 1 thread", cores, 1)):
+            t = time.time()
+            ps = [subprocess.Popen([sys.executable, "-c", _WORKER, str(threads), str(plan), f"{d}/{name}{i}",
+                                    str(cache), str(steps)]) for i in range(procs)]
+            assert all(p.wait() == 0 for p in ps)
+            loops = []
+            for i in range(procs):
+                lines = [json.loads(l) for l in Path(f"{d}/{name}{i}/metrics.jsonl").read_text().splitlines()]
+                loops.append(sum(l["step_time_s"] for l in lines))
+            out[name] = procs * steps / max(loops)  # steps per second of the training loops (set-up excluded)
+            out[name + " (wall s)"] = time.time() - t
+    return out
+
+
+def measure(steps: int = 60) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        cache, plan = _cache(work), _plan(work)
+        st = step_times(cache, plan, steps)
+        tp = throughput(cache, plan, 3 * steps)
+    return {"step_s": st, "step_speedup": st["before"] / st["after"], "throughput_steps_per_s": tp,
+            "throughput_gain": tp["runs side by side x 1 thread"] / tp["one run x all threads"]}
+
+
+@pytest.mark.slow
+def test_step_speed():
+    r = measure(30)
+    print(json.dumps(r, indent=2))
+    assert r["step_speedup"] > 1.0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=60)
+    r = measure(ap.parse_args().steps)
+    st, tp = r["step_s"], r["throughput_steps_per_s"]
+    print(f"| step (1 thread, batch 16) | {st['before'] * 1e3:.1f} ms | {st['after'] * 1e3:.1f} ms | "
+          f"{r['step_speedup']:.2f}x |")
+    print(f"| steps/s on {tp['cores']} cores | {tp['one run x all threads']:.2f} (one run) | "
+          f"{tp['runs side by side x 1 thread']:.2f} (side by side) | {r['throughput_gain']:.2f}x |")
+    print(json.dumps(r, indent=2))
