@@ -24,9 +24,10 @@ import torch
 
 STEPS = 4
 #: the output-level term (a second backward through every FSDP unit), activation checkpointing through FSDP units,
-#: and a clipping norm small enough to clip every step (the global norm over both ranks' DTensor gradient shards)
+#: a clipping norm small enough to clip every step (the global norm over both ranks' DTensor gradient shards),
+#: and the moving average of the weights (kept on each rank's shards, checkpointed, gathered as the plugs)
 KW = dict(steps=STEPS, checkpoint_every=2, keep_checkpoints=2, lr=2e-3, warmup_steps=1, output_loss_weight=0.5,
-          gradient_checkpointing=True, max_grad_norm=0.01, progress=False, timesteps="uniform")
+          gradient_checkpointing=True, max_grad_norm=0.01, progress=False, timesteps="uniform", ema_decay=0.5)
 
 
 def main(pipe_dir: str, plan: str, data: str, out: str) -> None:
