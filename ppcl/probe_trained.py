@@ -16,11 +16,12 @@ each would in a non-sequential run of a plan holding it.
 Choices (recorded in probe.json's ``trained``):
 - Data and noise are drawn as distill draws them: :func:`ppcl.distill.streams.training_stream` and
   :func:`ppcl.distill.streams.step_inputs` on a :class:`~ppcl.settings.DistillSettings` with this probe's batch
-  size, seed and logit-normal timesteps (DistillSettings' default); fp32 on the CPU, or the teacher's device.
+  size, seed and logit-normal timesteps (DistillSettings' default); teacher and plugs in float32 on the CPU (a
+  probe for small teachers: the reference teacher's 60 plugs take ~0.8 s a step on one core).
 - ONE AdamW over every plug, weight decay 0 (DistillSettings' default); AdamW is per parameter, so this is the
-  same as one optimiser per plug, with one Python call per step. Gradient clipping at ``max_grad_norm`` is PER
-  PLUG (each plug's own norm, as if it were trained alone): a global norm over 60 plugs would let one plug's large
-  gradient shrink every other plug's step. Linear warm-up then cosine to 0 (:func:`ppcl.distill.optim.lr_factor`).
+  same as one optimiser per plug, with one Python call (one fused kernel) per step. Gradient clipping at
+  ``max_grad_norm`` is PER PLUG (each plug's own norm, as if it were trained alone): a global norm over 60 plugs
+  would let one plug's large gradient shrink every other plug's step. Linear warm-up then cosine to 0 (:func:`ppcl.distill.optim.lr_factor`).
 - Held-out scoring: ``eval_batches`` batches with FIXED noise seeded by negative step numbers (never a training
   step's noise, as :func:`ppcl.distill.train.fit_projections` does). With an in-memory batch list longer than
   ``eval_batches`` the last ``eval_batches`` batches are held out and never trained on (``heldout="batches"``);
@@ -117,6 +118,15 @@ class _PlugClip:
         torch._foreach_mul_(grads, list(coef[owner].unbind()))
 
 
+def _adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW over every plug's ~1000 tensors in one fused kernel where torch has it for the device (on the
+    reference teacher's 60 plugs: 22 ms a step against 70 ms for the per-tensor loop), else the foreach form."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+
+
 @torch.no_grad()
 def _score(adapter: Any, units: list[Unit], inputs: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
     """Per unit and stream: ``(plug loss D, identity loss D)``, each the mean over ``inputs`` (model inputs)."""
@@ -195,7 +205,7 @@ def trained_interval_scores(
     initial = _score(adapter, units, eval_inputs)
 
     params = [p for u in units for p in u.module.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+    optimizer = _adamw(params, lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, steps))
     clip = _PlugClip(units, max_grad_norm)
     bar = None

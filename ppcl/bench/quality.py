@@ -33,7 +33,8 @@ Rows (``plan`` = intervals; ``run`` = one distillation):
 - ``sequential``: ``ppcl``'s plan, distilled in sequential mode (each plug fed by the previous plug's output).
 - ``trained-probe`` (optional, not in the default rows): the plan ``select(method="ppcl", score="trained",
   keep_params=0.5)`` picks from the trained-plug probe (:mod:`ppcl.probe_trained`, ``trained_probe_steps`` steps on
-  the same cache; its probe.json is ``work/probe-trained``), distilled and exported at both ratios like ``ppcl``.
+  the same cache, the intervals the selector may pick; its probe.json is ``work/probe-trained``), distilled and
+  exported at both ratios like ``ppcl``.
 - ``per-ratio``: one run per ratio; at 0.7 a plan selected at 0.7 and trained alone (exported whole); at 0.5 that
   run is ``ppcl``'s own run (the plan selected at 0.5, exported whole), so the row repeats it.
 
@@ -315,11 +316,14 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
         plans["scattered"] = scattered_plan(probe, adapter, sum(e - st for st, e in plans["ppcl"].intervals), s.seed)
     if "trained-probe" in s.rows:
         from ppcl.probe import write_probe
-        from ppcl.probe_trained import trained_interval_scores
+        from ppcl.probe_trained import default_candidates, trained_interval_scores
 
         t_tp = time.time()
-        trained = trained_interval_scores(str(teacher_dir), str(work / "cache"), steps=s.trained_probe_steps,
-                                          seed=s.seed, max_interval=probe.max_interval, progress=False)
+        # only what the selector may pick: it keeps the first and last blocks (allow_ends off), 46 of 60 intervals
+        last = len(probe.blocks) - 1
+        usable = [(a, b) for a, b in default_candidates(adapter, probe.max_interval) if 0 < a and b < last]
+        trained = trained_interval_scores(str(teacher_dir), str(work / "cache"), candidates=usable,
+                                          steps=s.trained_probe_steps, seed=s.seed, progress=False)
         probe_tp = probe.model_copy(update={"trained": trained})
         write_probe(probe_tp, work / "probe-trained", plots=False)
         plans["trained-probe"] = select(probe_tp, method="ppcl", score="trained", keep_params=low, seed=s.seed)
