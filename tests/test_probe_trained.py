@@ -165,3 +165,19 @@ def test_cli_probe_trained_steps_writes_the_scores(tiny_pipe_dir, tmp_path):
     plan = select(res, method="ppcl", remove_blocks=1, score="trained", break_cost=0.0)
     best = min((iv for iv in res.trained.intervals if 0 < iv.start and iv.end < 9), key=lambda iv: iv.trained_quality)
     assert plan.intervals == [(best.start, best.end)]
+
+
+@pytest.mark.slow
+def test_bench_quality_trained_probe_row(tmp_path):
+    """The optional row end to end on the reference teacher (smoke settings, ~20 s): its plan comes from the
+    trained scores written beside the probe, and it is evaluated at both ratios."""
+    out = tmp_path / "q"
+    assert main(["bench", "quality", "--smoke", "--rows", "trained-probe", "--trained-probe-steps", "2",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "quality.json").read_text())
+    assert [r["ratio"] for r in result["rows"] if r["name"] == "trained-probe"] == [0.7, 0.5]
+    assert result["seconds"]["trained_probe"] > 0 and result["settings"]["trained_probe_steps"] == 2
+    probe = load_probe(out / "work" / "probe-trained" / "probe.json")
+    assert probe.trained.steps == 2 and all(0 < iv.start and iv.end < 15 for iv in probe.trained.intervals)
+    expected = select(probe, method="ppcl", score="trained", keep_params=0.5)
+    assert result["plans"]["trained-probe"]["intervals"] == [list(iv) for iv in expected.intervals]
