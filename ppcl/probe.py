@@ -594,7 +594,8 @@ def run_probe(
     """Probe the pipeline at ``model`` and write ``out/probe.json`` (+ ``cka_heatmap.png``, ``trend.png``)
     atomically: the folder appears complete or not at all. ``trained_steps > 0`` adds the trained-plug probe's
     scores (:func:`ppcl.probe_trained.trained_interval_scores`, default settings, the probe's seed and
-    ``max_interval``, the same data) as probe.json's ``trained``.
+    ``max_interval``, the same latent cache; without one, distill's built-in synthetic set) as probe.json's
+    ``trained``.
 
     ``settings``: a :class:`ppcl.settings.ProbeSettings` (None: its defaults, the same as ``ppcl probe``'s and the
     pipeline's); ``overrides``: any of its fields by name (``samples=16``, ``device="cpu"``), validated by the same

@@ -118,9 +118,12 @@ class TrainedProbe(_Model):
     eval_batches: int
     init: str
     identity_floor: float
-    #: ``"cache"``, ``"synthetic"`` or ``"in-memory"``; whether the held-out batches are unseen images
+    #: what it trained on: ``"cache"``, ``"synthetic"`` or ``"in-memory"``
     data: str
+    #: ``"batches"``: the held-out batches were never trained on; ``"noise"``: fixed batches the run also trained
+    #: on, scored with noise and timesteps no training step drew
     heldout: str
+    #: wall seconds of the whole trained probe (teacher load, scoring before and after, training)
     seconds: float
     intervals: list[TrainedInterval]
 
