@@ -592,7 +592,10 @@ def run_probe(
     **overrides: Any,
 ) -> ProbeResult:
     """Probe the pipeline at ``model`` and write ``out/probe.json`` (+ ``cka_heatmap.png``, ``trend.png``)
-    atomically: the folder appears complete or not at all.
+    atomically: the folder appears complete or not at all. ``trained_steps > 0`` adds the trained-plug probe's
+    scores (:func:`ppcl.probe_trained.trained_interval_scores`, default settings, the probe's seed and
+    ``max_interval``, the same latent cache; without one, distill's built-in synthetic set) as probe.json's
+    ``trained``.
 
     ``settings``: a :class:`ppcl.settings.ProbeSettings` (None: its defaults, the same as ``ppcl probe``'s and the
     pipeline's); ``overrides``: any of its fields by name (``samples=16``, ``device="cpu"``), validated by the same
@@ -618,6 +621,13 @@ def run_probe(
                        samples=samples, batch_size=batch_size, resolution=None if data else s.resolution,
                        timesteps=timesteps, sigmas=sigmas, seed=seed)
     result = acc.result(family=adapter.family, model=str(model), calibration=calibration)
+    if s.trained_steps:
+        from ppcl.probe_trained import trained_interval_scores
+
+        # on the CPU in float32 (the plugs' fp32 training): the loaded teacher when it already is, else reloaded
+        on_cpu = device == "cpu" and dtype == torch.float32
+        result.trained = trained_interval_scores(pipe if on_cpu else model, data, steps=s.trained_steps, seed=seed,
+                                                 max_interval=s.max_interval, progress=progress)
     write_probe(result, out, plots=plots)
     return result
 

@@ -87,6 +87,53 @@ class CKAMatrix(_Model):
     matrices: dict[str, list[list[float | None]]]
 
 
+class TrainedInterval(_Model):
+    """The trained-plug score of interval ``[start, end]`` (:mod:`ppcl.probe_trained`): held-out loss D summed over
+    the plug's streams, for the trained plug (``trained_loss``), the untrained copy of block ``source``
+    (``initial_loss``) and the identity map, i.e. the interval simply skipped (``identity_loss``);
+    ``trained_quality = trained_loss / max(identity_loss, identity_floor)`` (0 = the plug reproduces the interval)."""
+
+    start: int
+    end: int
+    source: int
+    trained_loss: float
+    initial_loss: float
+    identity_loss: float
+    trained_quality: float
+    #: stream -> ``{"trained", "initial", "identity"}`` loss D on that stream
+    per_stream: dict[str, dict[str, float]]
+
+
+class TrainedProbe(_Model):
+    """probe.json's optional ``trained`` field: the settings of the short trained-plug probe and every candidate's
+    score (:func:`ppcl.probe_trained.trained_interval_scores`)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    timesteps: str
+    max_grad_norm: float | None
+    seed: int
+    eval_batches: int
+    init: str
+    identity_floor: float
+    #: what it trained on: ``"cache"``, ``"synthetic"`` or ``"in-memory"``
+    data: str
+    #: ``"batches"``: the held-out batches were never trained on; ``"noise"``: fixed batches the run also trained
+    #: on, scored with noise and timesteps no training step drew
+    heldout: str
+    #: wall seconds of the whole trained probe (teacher load, scoring before and after, training)
+    seconds: float
+    intervals: list[TrainedInterval]
+
+    def interval(self, start: int, end: int) -> TrainedInterval | None:
+        for iv in self.intervals:
+            if iv.start == start and iv.end == end:
+                return iv
+        return None
+
+
 class ProbeResult(_Model):
     """``probe.json``. Block indices are 0-based execution order (method.md vocabulary)."""
 
@@ -108,6 +155,8 @@ class ProbeResult(_Model):
     #: ``[start, end, mode, source]`` where the family's plug source differs from the generic middle/first/last
     #: rule (SD3: an interval reaching the last block is initialised from it), so selection is exact without a model.
     plug_source_exceptions: list[list[int | str]] = Field(default_factory=list)
+    #: the short trained-plug probe (``ppcl probe --trained-steps N``); None when it was not run (older files too)
+    trained: TrainedProbe | None = None
 
     def interval(self, start: int, end: int) -> IntervalProbe | None:
         for iv in self.intervals:

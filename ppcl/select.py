@@ -23,24 +23,30 @@ Methods:
   median ``|d|``), which makes an edge. Every allowed interval ``[s, e]`` (one kind, no end/protected block,
   removing something) is a candidate with the cost::
 
-      cost = (1 - R^2 of the interval probe h_{e+1} ~ f(h_s))  +  break_cost x breaks  +  1e-6
+      cost = quality  +  break_cost x breaks  +  1e-6
+
+  ``quality`` is the interval's score (``score``): ``"r2"`` (default) ``1 - R^2`` of the linear interval probe
+  ``h_{e+1} ~ f(h_s)``; ``"trained"`` the trained-plug probe's ``trained_quality`` (probe.json ``trained``,
+  :mod:`ppcl.probe_trained`: the held-out loss D of a briefly trained plug over that of skipping the interval,
+  the same scale: 0 = perfectly replaceable, 1 = no better than skipping it).
 
   ``breaks`` counts how far the interval leaves a flat run: its low-CKA blocks plus the ``|d|`` jumps between
   two of its consecutive blocks (0 exactly for the sub-intervals of flat runs - the paper's candidates, split or
   trimmed to fit). ``break_cost`` (default 1.0: one break costs as much as an interval the probe cannot predict
-  at all, R^2 = 0) makes flat runs come first through the cost instead of a hard filter, so ``min_cka`` and
-  ``max_jump`` still decide what is preferred but can never make a feasible budget unreachable. Intervals longer
-  than the probe's ``max_interval`` (or with no R^2) have no score: their quality term is the worst scored one,
-  at least 1; they only exist so that any feasible budget stays reachable. The plan is the set of non-overlapping
-  candidates of minimum total cost that meets the budget, found by a dynamic programme over block positions
-  (state: position and amount removed so far, exact - blocks, or parameters capped at the need). Minimising the
+  at all, R^2 = 0 or trained quality 1) makes flat runs come first through the cost instead of a hard filter, so
+  ``min_cka`` and ``max_jump`` still decide what is preferred but can never make a feasible budget unreachable.
+  Intervals longer than the probe's ``max_interval`` (or with no R^2; with ``score="trained"``: no trained score)
+  have no score: their quality term is the worst scored one, at least 1; they only exist so that any feasible
+  budget stays reachable. The plan is the set of non-overlapping candidates of minimum total cost that meets the
+  budget, found by a dynamic programme over block positions (state: position and amount removed so far, exact -
+  blocks, or parameters capped at the need). Minimising the
   summed quality lost under a parameter budget is the exact form of "ranked by quality lost per parameter
   removed" (the greedy ratio ranking is the knapsack heuristic, which can strand isolated blocks and miss a
   reachable budget); merging, extending, splitting or trimming intervals all come out of it. Every interval
   costs > 0, so no chosen interval is superfluous: the overshoot of a ``keep_params`` budget is at most one
   interval. Deterministic: ties go to fewer intervals, then the first found in execution order. The metadata
-  records the thresholds, the flat runs, each interval's R^2, breaks and cost, and ``relaxed`` (some chosen
-  interval leaves the flat runs or is unscored).
+  records the score used, the thresholds, the flat runs, each chosen interval's R^2 (and trained quality),
+  breaks and cost, and ``relaxed`` (some chosen interval leaves the flat runs or is unscored).
 - ``shortgpt``: block influence ``BI_l = 1 - cos(h_l, h_{l+1})``; remove the blocks with the lowest BI.
 - ``uniform``: removed blocks evenly spaced over the removable blocks.
 - ``random``: removed blocks drawn with ``seed``.
@@ -73,7 +79,7 @@ from ppcl.plan import (
     student_params,
 )
 from ppcl.probe import ProbeResult
-from ppcl.settings import PLUG_INITS
+from ppcl.settings import INTERVAL_SCORES, PLUG_INITS
 from ppcl.settings import SELECT_METHODS as METHODS
 #: ppcl: cost of one flat-run break inside an interval (a low-CKA block, or a |d| jump between two of its blocks).
 DEFAULT_BREAK_COST = 1.0
@@ -114,6 +120,8 @@ class SelectionContext:
     allow_ends: bool = False
     init: str = "middle"
     seed: int = 0
+    #: ppcl: the interval quality term, ``"r2"`` (linear probe) or ``"trained"`` (trained-plug probe)
+    score: str = "r2"
     options: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)  # selectors record their thresholds / scores here
 
@@ -253,7 +261,7 @@ class _Candidate:
     s: int
     e: int
     cost: float  # quality + break_cost * breaks + INTERVAL_COST
-    quality: float  # 1 - R^2 of the interval probe (clamped at 0); unscored: the worst scored value, at least 1
+    quality: float  # 1 - R^2 (clamped at 0) or trained_quality; unscored: the worst scored value, at least 1
     breaks: int
     scored: bool
     amount: int  # what it contributes to the budget: blocks (remove_blocks) or parameters (keep_params)
@@ -264,11 +272,7 @@ def _ppcl_candidates(ctx: SelectionContext, high: list[bool], jump: list[bool], 
     spans = []
     for a, b in ctx.segments():
         spans += [(s, e) for s in range(a, b + 1) for e in range(s + 1, b + 1)]
-    scored_q: dict[Interval, float] = {}
-    for s, e in spans:
-        iv = ctx.probe.interval(s, e) if e - s + 1 <= ctx.probe.max_interval else None
-        if iv is not None and iv.r2 is not None and iv.r2 == iv.r2:
-            scored_q[(s, e)] = max(0.0, 1.0 - iv.r2)
+    scored_q = _interval_quality(ctx, spans)
     # An interval the probe did not score (longer than max_interval, or degenerate) is assumed as bad as the worst
     # scored one and never better than R^2 = 0: it is there so that any feasible budget stays reachable.
     unscored_q = max([1.0, *scored_q.values()])
@@ -281,6 +285,32 @@ def _ppcl_candidates(ctx: SelectionContext, high: list[bool], jump: list[bool], 
         q = scored_q.get((s, e), unscored_q)
         out.append(_Candidate(s, e, q + break_cost * breaks + INTERVAL_COST, q, breaks, (s, e) in scored_q, amount))
     return out
+
+
+def _interval_quality(ctx: SelectionContext, spans: list[Interval]) -> dict[Interval, float]:
+    """The quality term of every scored span: ``1 - R^2`` (clamped at 0) of the linear probe, or the trained-plug
+    probe's ``trained_quality`` (``ctx.score == "trained"``); spans without a finite score are left out."""
+    scored: dict[Interval, float] = {}
+    if ctx.score == "trained":
+        for s, e in spans:
+            tv = ctx.probe.trained.interval(s, e)
+            if tv is not None and tv.trained_quality == tv.trained_quality:
+                scored[(s, e)] = max(0.0, tv.trained_quality)
+        return scored
+    for s, e in spans:
+        iv = ctx.probe.interval(s, e) if e - s + 1 <= ctx.probe.max_interval else None
+        if iv is not None and iv.r2 is not None and iv.r2 == iv.r2:
+            scored[(s, e)] = max(0.0, 1.0 - iv.r2)
+    return scored
+
+
+def check_score(probe: ProbeResult, score: str, where: str = "the probe") -> None:
+    """PPCLError unless ``score`` is known and ``probe`` holds what it reads (``where`` names the probe file)."""
+    if score not in INTERVAL_SCORES:
+        raise PPCLError(f"unknown interval score '{score}': expected one of {', '.join(INTERVAL_SCORES)}")
+    if score == "trained" and (probe.trained is None or not probe.trained.intervals):
+        raise PPCLError(f"--score trained: {where} has no trained-plug scores (field 'trained'); write them with "
+                        "ppcl probe --trained-steps N")
 
 
 def _min_cost_cover(ctx: SelectionContext, candidates: list[_Candidate]) -> list[_Candidate] | None:
@@ -344,16 +374,24 @@ def select_ppcl(ctx: SelectionContext) -> list[Interval]:
     chosen = _min_cost_cover(ctx, _ppcl_candidates(ctx, high, jump, break_cost))
     if chosen is None:  # only when no set of allowed intervals meets it; select() names the budget
         chosen = []
-    ctx.notes.update(min_cka=min_cka, max_jump=max_jump, break_cost=break_cost, flat_runs=[list(r) for r in runs],
+    ctx.notes.update(score=ctx.score, min_cka=min_cka, max_jump=max_jump, break_cost=break_cost,
+                     flat_runs=[list(r) for r in runs],
                      relaxed=any(c.breaks > 0 or not c.scored for c in chosen),
                      cost=sum(c.cost for c in chosen))
-    ctx.notes["interval_scores"] = {
-        f"{c.s}-{c.e}": {"r2": ctx.probe.interval(c.s, c.e).r2 if c.scored else None, "breaks": c.breaks,
-                         "cost": c.cost, "cost_per_param": c.quality / ctx.removed_params(c.s, c.e)
-                         if ctx.removed_params(c.s, c.e) > 0 else None}
-        for c in chosen
-    }
+    ctx.notes["interval_scores"] = {f"{c.s}-{c.e}": _chosen_record(ctx, c) for c in chosen}
     return [(c.s, c.e) for c in chosen]
+
+
+def _chosen_record(ctx: SelectionContext, c: _Candidate) -> dict[str, Any]:
+    """The selection metadata of one chosen interval: both probes' scores where present, breaks and cost."""
+    iv = ctx.probe.interval(c.s, c.e)
+    out = {"r2": iv.r2 if iv is not None else None}
+    if ctx.score == "trained":
+        tv = ctx.probe.trained.interval(c.s, c.e)
+        out["trained_quality"] = tv.trained_quality if tv is not None else None
+    removed = ctx.removed_params(c.s, c.e)
+    return {**out, "scored": c.scored, "breaks": c.breaks, "cost": c.cost,
+            "cost_per_param": c.quality / removed if removed > 0 else None}
 
 
 def scattered_to_intervals(ctx: SelectionContext, removed: set[int]) -> list[Interval] | None:
@@ -497,19 +535,27 @@ def select(
     allow_ends: bool = False,
     init: str = "middle",
     seed: int = 0,
+    score: str = "r2",
     **options: Any,
 ) -> Plan:
     """Choose intervals with ``method`` under the budget and return the validated Plan (exact params).
 
-    ``options``: ``min_cka``, ``max_jump``, ``break_cost`` (ppcl). Raises PPCLError for an unknown method, a bad
-    or infeasible budget, or a budget the method could not reach.
+    ``score`` (ppcl): the interval quality term, ``"r2"`` or ``"trained"`` (needs probe.json's ``trained``).
+    ``options``: ``min_cka``, ``max_jump``, ``break_cost`` (ppcl). Raises PPCLError for an unknown method or
+    score, a score another method cannot use, a bad or infeasible budget, or a budget the method could not reach.
     """
     if method not in SELECTORS:
         raise PPCLError(f"unknown selection method '{method}': expected one of {', '.join(SELECTORS)}")
+    check_score(probe, score)
+    if score != "r2" and method != "ppcl":
+        raise PPCLError(f"--score {score}: only the ppcl selector scores intervals (method {method})")
+    if score == "trained" and probe.trained.init != init:
+        raise PPCLError(f"--score trained: the probe's trained plugs started from the {probe.trained.init} block "
+                        f"(field trained.init) but --init is {init}")
     if init not in PLUG_INITS:
         raise PPCLError(f"unknown plug init '{init}': expected middle, first or last")
     ctx = SelectionContext(probe=probe, budget=Budget(keep_params, remove_blocks), protect=frozenset(protect),
-                           allow_ends=allow_ends, init=init, seed=seed, options=dict(options))
+                           allow_ends=allow_ends, init=init, seed=seed, score=score, options=dict(options))
     check_feasible(ctx)
     intervals = sorted(SELECTORS[method](ctx))
     check_intervals(intervals, ctx.kinds, allow_ends=allow_ends, protect=sorted(protect))

@@ -33,6 +33,7 @@ from ppcl.evaluate.metrics import EvalSettings
 # ------------------------------------------------------------------------------------------------- name lists
 
 SelectMethod = Literal["ppcl", "shortgpt", "angular", "uniform", "random"]
+IntervalScore = Literal["r2", "trained"]
 DistillMode = Literal["nonsequential", "sequential"]
 PlugInit = Literal["middle", "first", "last"]
 TimestepSampler = Literal["uniform", "logit_normal"]
@@ -41,6 +42,7 @@ SourceFormat = Literal["auto", "imagefolder", "parquet", "webdataset"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
+INTERVAL_SCORES: tuple[str, ...] = get_args(IntervalScore)
 DISTILL_MODES: tuple[str, ...] = get_args(DistillMode)
 PLUG_INITS: tuple[str, ...] = get_args(PlugInit)
 TIMESTEP_SAMPLERS: tuple[str, ...] = get_args(TimestepSampler)
@@ -131,6 +133,9 @@ class ProbeSettings(StageSettings):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="teacher precision (auto: bfloat16 "
                                                           "on cuda, float32 on cpu); the statistics accumulate in "
                                                           "float32/float64 whatever it is")
+    trained_steps: int = Field(0, ge=0, description="steps of the trained-plug probe (ppcl.probe_trained: one plug "
+                               "per interval, all trained in one teacher pass per step on the CPU, scored on "
+                               "held-out batches -> probe.json's trained, for select --score trained); 0: off")
 
     @field_validator("probe_dim")
     @classmethod
@@ -146,6 +151,9 @@ class SelectSettings(StageSettings):
     stage: ClassVar[str] = "select"
 
     method: SelectMethod = Field("ppcl", description="selector")
+    score: IntervalScore = Field("r2", description="ppcl selector: interval quality term, r2 (1 - R^2 of the "
+                                 "linear probe) or trained (the trained-plug probe's trained_quality; needs "
+                                 "ppcl probe --trained-steps N)")
     keep_params: float | None = Field(None, gt=0, le=1, description="fraction of transformer parameters to keep "
                                       "(none in the run config: the smallest ratio)")
     protect: list[int] = Field(default_factory=list, description="blocks never removed, e.g. 0,5,7")

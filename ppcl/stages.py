@@ -181,6 +181,7 @@ def select(probe_dir: str, out: str, settings: dict[str, Any] | None = None) -> 
     from ppcl.atomic import atomic_path
     from ppcl.plan import save_plan
     from ppcl.probe import load_probe
+    from ppcl.select import check_score
     from ppcl.select import select as run_select
     from ppcl.settings import SelectSettings
 
@@ -189,9 +190,11 @@ def select(probe_dir: str, out: str, settings: dict[str, Any] | None = None) -> 
         raise PPCLError("select settings: field 'keep_params' is required (the plan's parameter budget)")
     probe_json = Path(probe_dir) / "probe.json"
     probe_result = load_probe(probe_json)
+    check_score(probe_result, cfg.score, f"probe file {probe_json}")
     options = {k: getattr(cfg, k) for k in ("min_cka", "max_jump", "break_cost") if getattr(cfg, k) is not None}
     plan = run_select(probe_result, method=cfg.method, keep_params=cfg.keep_params, protect=cfg.protect,
-                      allow_ends=cfg.allow_ends, init=cfg.init, seed=cfg.seed, **options)  # fmt: skip
+                      allow_ends=cfg.allow_ends, init=cfg.init, seed=cfg.seed, score=cfg.score,
+                      **options)  # fmt: skip
     plan.selection["probe"] = str(probe_json)
     with atomic_path(out, directory=True) as tmp:
         save_plan(plan, tmp / "plan.json")

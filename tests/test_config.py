@@ -110,7 +110,11 @@ def test_sections_match_the_stage_apis():
     assert set(EvaluateSettings.model_fields) - {"prompts"} == set(EvalSettings.model_fields)
     probe_params = set().union(*(inspect.signature(f).parameters for f in (iter_batches, probe_transformer,
                                                                           ProbeAccumulator.__init__, probe_device)))
-    assert set(ProbeSettings.model_fields) <= probe_params
+    # trained_steps reaches run_probe's trained-plug probe as its steps
+    from ppcl.probe_trained import trained_interval_scores
+
+    assert "steps" in inspect.signature(trained_interval_scores).parameters
+    assert set(ProbeSettings.model_fields) - {"trained_steps"} <= probe_params
 
 
 def test_no_credential_field_in_the_schema():

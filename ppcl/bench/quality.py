@@ -31,6 +31,10 @@ Rows (``plan`` = intervals; ``run`` = one distillation):
   order of best single-block linear-probe R^2 (the PPCL probe's own per-block score), each removal expressed as
   a two-block interval; one run, exported at both ratios.
 - ``sequential``: ``ppcl``'s plan, distilled in sequential mode (each plug fed by the previous plug's output).
+- ``trained-probe`` (optional, not in the default rows): the plan ``select(method="ppcl", score="trained",
+  keep_params=0.5)`` picks from the trained-plug probe (:mod:`ppcl.probe_trained`, ``trained_probe_steps`` steps on
+  the same cache, the intervals the selector may pick; its probe.json is ``work/probe-trained``), distilled and
+  exported at both ratios like ``ppcl``.
 - ``per-ratio``: one run per ratio; at 0.7 a plan selected at 0.7 and trained alone (exported whole); at 0.5 that
   run is ``ppcl``'s own run (the plan selected at 0.5, exported whole), so the row repeats it.
 
@@ -54,6 +58,8 @@ from ppcl.errors import PPCLError
 REFERENCE_TEACHER = Path(__file__).parent / "assets" / "reference-teacher"
 RATIOS = (0.7, 0.5)
 BASELINES = ("shortgpt", "angular", "uniform", "random")
+#: rows a run may ask for that the default table leaves out
+OPTIONAL_ROWS = ("trained-probe",)
 
 
 @dataclass
@@ -88,6 +94,8 @@ class QualitySettings:
     #: distillation processes side by side (default: one per core; see :func:`parallel_plan`)
     workers: int | None = None
     rows: tuple[str, ...] = ("ppcl", "no-distill", *BASELINES, "scattered", "sequential", "per-ratio")
+    #: steps of the trained-plug probe behind the optional ``trained-probe`` row
+    trained_probe_steps: int = 300
 
     @classmethod
     def smoke(cls) -> "QualitySettings":
@@ -263,7 +271,7 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
         raise PPCLError(f"reference teacher not found: {teacher_dir} (no model_index.json)")
     if any(not 0 < r <= 1 for r in s.ratios):
         raise PPCLError(f"ratios must be in (0, 1] (got {list(s.ratios)})")
-    unknown = sorted(set(s.rows) - set(QualitySettings().rows))
+    unknown = sorted(set(s.rows) - set(QualitySettings().rows) - set(OPTIONAL_ROWS))
     if unknown:
         raise PPCLError(f"unknown benchmark row {unknown[0]!r}")
     out = Path(out)
@@ -312,6 +320,22 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
             plans[m] = select(probe, method=m, keep_params=low, seed=s.seed)
     if "scattered" in s.rows:
         plans["scattered"] = scattered_plan(probe, adapter, sum(e - st for st, e in plans["ppcl"].intervals), s.seed)
+    if "trained-probe" in s.rows:
+        from ppcl.probe import write_probe
+        from ppcl.probe_trained import default_candidates, trained_interval_scores
+
+        t_tp = time.time()
+        # only what the selector may pick: it keeps the first and last blocks (allow_ends off), 46 of 60 intervals
+        last = len(probe.blocks) - 1
+        usable = [(a, b) for a, b in default_candidates(adapter, probe.max_interval) if 0 < a and b < last]
+        scores = trained_interval_scores(str(teacher_dir), str(work / "cache"), candidates=usable,
+                                         steps=s.trained_probe_steps, seed=s.seed, progress=False)
+        probe_tp = probe.model_copy(update={"trained": scores})
+        write_probe(probe_tp, work / "probe-trained", plots=False)
+        plans["trained-probe"] = select(probe_tp, method="ppcl", score="trained", keep_params=low, seed=s.seed)
+        timings["trained_probe"] = time.time() - t_tp
+        _log(f"trained-plug probe: {len(scores.intervals)} intervals x {s.trained_probe_steps} steps in "
+             f"{timings['trained_probe']:.0f}s; plan {plans['trained-probe'].intervals}", t0)
     per_ratio = {r: select_ppcl(probe, r, s.seed) for r in s.ratios if r != low}
     for name, plan in plans.items():
         save_plan(plan, work / "plans" / f"{name}.json")
@@ -377,7 +401,7 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
         if "no-distill" in s.rows:
             add("no-distill", ratio, _untrained_pruned(teacher_dir, plans["ppcl"], chosen), plans["ppcl"], chosen,
                 None, "ppcl's intervals, untrained plugs (middle teacher block kept)")
-        for name in (*BASELINES, "scattered", "sequential"):
+        for name in (*BASELINES, "scattered", "sequential", "trained-probe"):
             if name not in s.rows:
                 continue
             plan = plans.get(name, plans["ppcl"])

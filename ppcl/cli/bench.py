@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--out", default="ppcl-bench/quality", help="output folder (default ppcl-bench/quality)")
     q.add_argument("--smoke", action="store_true",
                    help="a few steps and prompts on a subset of rows: checks the machinery in a minute")
-    from ppcl.bench.quality import QualitySettings  # a dataclass, no torch: the defaults shown are the real ones
+    from ppcl.bench.quality import OPTIONAL_ROWS, QualitySettings  # a dataclass, no torch: the real defaults
 
     d = QualitySettings()
     q.add_argument("--steps", type=int, default=None, help=f"distillation steps of every run (default {d.steps})")
@@ -44,7 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with the whole plan (default: none)")
     q.add_argument("--rows", default=None,
                    help="comma-separated rows besides teacher and ppcl (default: all of "
-                        f"{','.join(r for r in d.rows if r != 'ppcl')}); e.g. --rows ppcl for a settings sweep")
+                        f"{','.join(r for r in d.rows if r != 'ppcl')}; optional: {','.join(OPTIONAL_ROWS)}); "
+                        "e.g. --rows ppcl for a settings sweep")
+    q.add_argument("--trained-probe-steps", type=int, default=None,
+                   help=f"steps of the trained-plug probe of the trained-probe row (default {d.trained_probe_steps})")
     q.add_argument("--eval-n", type=int, default=None, help=f"evaluation prompts (default {d.eval_n})")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     q.add_argument("--workers", type=int, default=None,
@@ -77,6 +80,7 @@ _OVERRIDES = (
     ("threads", "--threads", lambda v: v >= 1, "must be >= 1"),
     ("workers", "--workers", lambda v: v >= 1, "must be >= 1"),
     ("ema_decay", "--ema-decay", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("trained_probe_steps", "--trained-probe-steps", lambda v: v >= 0, "must be >= 0"),
 )
 
 
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return _gpu(args)
     import dataclasses
 
-    from ppcl.bench.quality import QualitySettings, run_quality
+    from ppcl.bench.quality import OPTIONAL_ROWS, QualitySettings, run_quality
     from ppcl.errors import PPCLError
 
     s = QualitySettings.smoke() if args.smoke else QualitySettings()
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             raise PPCLError(f"--output-loss-ratios: every ratio must be in (0, 1] (got {args.output_loss_ratios})")
         s = dataclasses.replace(s, output_loss_ratios=ratios)
     if args.rows is not None:
-        known = QualitySettings().rows
+        known = (*QualitySettings().rows, *OPTIONAL_ROWS)
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
         unknown = [r for r in rows if r not in known]
         if unknown:

@@ -34,4 +34,8 @@ def run(args: argparse.Namespace) -> int:
     exact = "exact" if result.projection.exact else f"projected to {result.projection.dim}"
     print(f"probed {len(result.blocks)} blocks of {result.family} over {result.calibration.forwards} forwards "
           f"({exact} moments); wrote {args.out}/probe.json, cka_heatmap.png, trend.png")
+    if result.trained is not None:
+        t = result.trained
+        print(f"trained-plug probe: {len(t.intervals)} intervals x {t.steps} steps in {t.seconds:.0f}s "
+              "(probe.json field trained; ppcl select --score trained)")
     return 0

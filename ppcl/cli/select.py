@@ -29,14 +29,15 @@ def run(args: argparse.Namespace) -> int:
 
     from ppcl.plan import format_plan, save_plan
     from ppcl.probe import load_probe
-    from ppcl.select import select
+    from ppcl.select import check_score, select
     from ppcl.settings import SelectSettings, settings_from_args
 
     cfg = settings_from_args(SelectSettings, args)
     probe = load_probe(args.probe)
+    check_score(probe, cfg.score, f"probe file {args.probe}")
     options = {k: getattr(cfg, k) for k in ("min_cka", "max_jump", "break_cost") if getattr(cfg, k) is not None}
     plan = select(probe, method=cfg.method, keep_params=cfg.keep_params, remove_blocks=args.remove_blocks,
-                  protect=cfg.protect, allow_ends=cfg.allow_ends, init=cfg.init, seed=cfg.seed, **options)
+                  protect=cfg.protect, allow_ends=cfg.allow_ends, init=cfg.init, seed=cfg.seed, score=cfg.score, **options)
     plan.selection["probe"] = str(args.probe)
     save_plan(plan, args.out)
     if not args.no_plot:
