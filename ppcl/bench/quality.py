@@ -350,6 +350,7 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     runs: dict[str, Path] = {}
     jobs: dict[str, tuple[str, dict[str, Any]]] = {}  # run name -> (plan file, extra settings)
     trained: dict[tuple, str] = {}  # (intervals, settings) -> run: a plan two selectors agree on is trained once
+    plugs: dict[str, int] = {}
 
     def train(name: str, plan, plan_file: Path, **kw) -> Path:
         key = (tuple(tuple(iv) for iv in plan.intervals), plan.init, tuple(sorted(kw.items())))
@@ -358,6 +359,7 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
             return work / "runs" / trained[key]
         trained[key] = name
         jobs[name] = (str(plan_file), kw)
+        plugs[name] = len(plan.intervals)
         return work / "runs" / name
 
     for name, plan in plans.items():
@@ -367,6 +369,8 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     if "per-ratio" in s.rows:
         for r, plan in per_ratio.items():
             runs[f"ppcl-{r:g}"] = train(f"ppcl-{r:g}", plan, work / "plans" / f"ppcl-{r:g}.json")
+    # longest first (a step costs more with more plugs), so the last runs on the two cores end close together
+    jobs = dict(sorted(jobs.items(), key=lambda kv: -plugs[kv[0]]))
     t_distill = time.time()
     run_seconds = distill_runs(teacher_dir, work, jobs, dkw, s, t0)
     timings["distill"] = time.time() - t_distill

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--output-loss-keep", type=float, default=None,
                    help="probability each plug is in place for the output-level loss "
                         f"(default {d.output_loss_keep:g})")
+    q.add_argument("--timesteps", choices=("uniform", "logit_normal"), default=None,
+                   help=f"timestep sampling of every run (default {d.timesteps})")
     q.add_argument("--ema-decay", type=float, default=None,
                    help=f"moving average of the plug weights kept as each run's plugs (default {d.ema_decay:g}: off)")
     q.add_argument("--output-loss-ratios", default=None,
@@ -79,6 +81,7 @@ _OVERRIDES = (
     ("eval_n", "--eval-n", lambda v: v >= 2, "must be >= 2 (FID needs two images)"),
     ("threads", "--threads", lambda v: v >= 1, "must be >= 1"),
     ("workers", "--workers", lambda v: v >= 1, "must be >= 1"),
+    ("timesteps", "--timesteps", lambda v: True, ""),
     ("ema_decay", "--ema-decay", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("trained_probe_steps", "--trained-probe-steps", lambda v: v >= 0, "must be >= 0"),
 )
