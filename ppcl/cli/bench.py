@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"moving average of the plug weights kept as each run's plugs (default {d.ema_decay:g}: off)")
     q.add_argument("--output-loss-ratios", default=None,
                    help="comma-separated ratios whose exported subsets the output-level loss also trains, in turn "
-                        "with the whole plan (default: none)")
+                        f"with the whole plan, or none (default {','.join(map(str, d.output_loss_ratios)) or 'none'})")
     q.add_argument("--rows", default=None,
                    help="comma-separated rows besides teacher and ppcl (default: all of "
                         f"{','.join(r for r in d.rows if r != 'ppcl')}; optional: {','.join(OPTIONAL_ROWS)}); "
@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         s = dataclasses.replace(s, **{field: value})
     if args.output_loss_ratios is not None:
         try:
-            ratios = tuple(float(x) for x in args.output_loss_ratios.split(",") if x.strip())
+            text = "" if args.output_loss_ratios.strip().lower() == "none" else args.output_loss_ratios
+            ratios = tuple(float(x) for x in text.split(",") if x.strip())
         except ValueError:
             raise PPCLError(f"--output-loss-ratios: expected comma-separated numbers (got {args.output_loss_ratios!r})"
                             ) from None
