@@ -4,8 +4,9 @@
 Measured in ONE run on one machine (the numbers are only comparable within a run):
 
 1. one step of the benchmark's recipe (plan [[3,5],[6,14]] of the shipped reference teacher, batch 16, output-level
-   loss weight 1, AdamW, one torch thread), with the output term's student run from block 0 as before
-   (``student_forward`` without ``teacher_calls``) and from the first plug as now, alternating blocks of steps;
+   loss weight 1, AdamW, one torch thread) as before (the output term's student run from block 0: ``student_forward``
+   without ``teacher_calls``; AdamW looping over tensors, torch's CPU default) and as now (the student starts at
+   the first plug; foreach AdamW), alternating blocks of steps;
 2. training throughput on the machine's cores: one run on every thread vs one single-threaded run per core side by
    side (what ``ppcl bench quality`` now does), as total steps per second.
 
@@ -57,28 +58,33 @@ def step_times(cache: Path, plan: Path, steps: int, rounds: int = 4) -> dict[str
     import torch
 
     import ppcl.distill.losses as L
+    import ppcl.distill.train as T
     from ppcl.bench.quality import REFERENCE_TEACHER
     from ppcl.distill import distill
 
     torch.set_num_threads(1)
-    real = L.student_forward
+    real, real_opt = L.student_forward, T.make_optimizer
 
     def from_block_0(*a, **kw):
         kw.pop("teacher_calls", None)
         return real(*a, **kw)
+
+    def looped_adamw(params, settings, device):  # torch's CPU default: a Python loop over the tensors
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, foreach=False)
 
     times: dict[str, list[float]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as d:
         for r in range(rounds):
             for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
                 L.student_forward = from_block_0 if name == "before" else real
+                T.make_optimizer = looped_adamw if name == "before" else real_opt
                 try:
                     run = Path(d) / f"{name}{r}"
                     distill(str(REFERENCE_TEACHER), str(plan), run, data=str(cache), steps=steps, batch_size=16,
                             lr=1e-2, warmup_steps=2, checkpoint_every=10**9, mixed_precision="no", progress=False,
                             output_loss_weight=1.0)
                 finally:
-                    L.student_forward = real
+                    L.student_forward, T.make_optimizer = real, real_opt
                 lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
                 times[name] += [l["step_time_s"] for l in lines[3:]]
     return {k: statistics.median(v) for k, v in times.items()}
