@@ -577,8 +577,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Settings: {s['data_samples']} cached samples, probe {s['probe_samples']} x {s['probe_timesteps']}, "
         f"{s['steps']} distillation steps x batch {s['batch_size']} (lr {s['lr']:g}, {s['timesteps']}, "
-        f"output-level loss weight {s.get('output_loss_weight', 0.0):g}, plugs in place for it "
-        f"{s.get('output_loss_keep', 1.0):g}), "
+        f"output-level loss weight {s.get('output_loss_weight', 0.0):g}, {_placement(s)}), "
         f"{s['eval_n']} evaluation prompts x {s['eval_steps']} steps, true CFG {s['guidance']:g}.",
         f"Time: {sec['total'] / 60:.1f} min wall ({result['cpu_seconds'] / 60:.1f} CPU-min, "
         f"{result['threads']} torch threads); data {sec['data']:.0f}s, probe {sec['probe']:.0f}s, "
@@ -590,6 +589,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"- {k}: {'met' if v['met'] else 'MISSED'} "
                      f"({', '.join(f'{a}={b:.4f}' if isinstance(b, float) else f'{a}={b}' for a, b in v.items() if a != 'met')})")
     return "\n".join(lines) + "\n"
+
+
+def _placement(s: dict[str, Any]) -> str:
+    """What the output-level term runs with, in words."""
+    if s.get("output_loss_ratios"):
+        return ("the whole plan in turn with the subsets exported at "
+                + ", ".join(f"{r:g}" for r in s["output_loss_ratios"]))
+    keep = s.get("output_loss_keep", 1.0)
+    return "every plug in place" if keep >= 1 else f"each plug in place with probability {keep:g}"
 
 
 def _procs(result: dict[str, Any]) -> str:
