@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/ppcl demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Benchmarks marked `slow`: run on request, never in CI.
 bench: $(STAMP)

@@ -248,6 +248,9 @@ class DistillSettings(StageSettings):
     def _export_ratios(cls, v: list[float], info: ValidationInfo) -> list[float]:
         if any(not 0 < r <= 1 for r in v):
             raise ValueError(f"every ratio must be in (0, 1], got {v}")
+        if v and info.data.get("output_loss_weight", 0.0) == 0:
+            raise ValueError("needs output_loss_weight > 0: it chooses what the output-level term runs with, and "
+                             "that term is off")
         if v and info.data.get("output_loss_keep", 1.0) < 1:
             raise ValueError("give either output_loss_ratios (the exported subsets take turns) or output_loss_keep "
                              "< 1 (random subsets), not both")

@@ -464,6 +464,8 @@ def test_output_loss_takes_turns_with_the_exported_subsets(tiny_pipe_dir, tmp_pa
     with pytest.raises(PPCLError, match="output_loss_ratios.*not both"):
         distill(str(pipe_dir), plan_path, tmp_path / "bad", **{**FAST, "output_loss_weight": 0.5,
                                                                  "output_loss_ratios": [ratio], "output_loss_keep": 0.5})
+    with pytest.raises(PPCLError, match="output_loss_ratios.*needs output_loss_weight > 0"):
+        distill(str(pipe_dir), plan_path, tmp_path / "bad", **{**FAST, "output_loss_ratios": [ratio]})
     assert not (tmp_path / "bad").exists()
 
 
