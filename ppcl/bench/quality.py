@@ -40,8 +40,8 @@ Rows (``plan`` = intervals; ``run`` = one distillation):
   that run does not train the 0.7 subset too (``output_loss_ratios`` empty), else a run of its own.
 
 The distillations run side by side, one single-threaded process per core (:func:`parallel_plan`): a run of this
-1.5 M-parameter teacher gains nothing from a second thread (140 vs 139 ms a step), so two runs at once train 1.9x
-the steps per second of one run on both cores (``python tests/bench_step.py``). Each run is deterministic, so
+1.5 M-parameter teacher gains little from a second thread, so two runs at once train 1.4-1.9x the steps per second
+of one run on both cores (two measurements, ``python tests/bench_step.py``; docs/benchmark.md). Each run is deterministic, so
 neither the order nor the number of processes changes a number in the table.
 
 Each row records whether it beats ``ppcl`` at the same ratio on judge accuracy (higher) and judge-FID (lower).
@@ -480,9 +480,9 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
 
 def parallel_plan(jobs: int, workers: int | None, threads: int | None) -> tuple[int, int]:
     """``(processes, torch threads each)`` for ``jobs`` distillation runs: by default one process per core, one
-    thread each. A run of the reference teacher is too small for two threads to pay (one step: 136 ms on one
-    thread, 123 ms on two, same machine), so two single-threaded runs side by side train ~1.8x the steps per
-    second of one run on two threads; ``threads`` is the total, shared out."""
+    thread each. A run of the reference teacher is too small for a second thread to pay much (one step: 136 ms on
+    one thread, 123 ms on two, same machine), so two single-threaded runs side by side train 1.4-1.9x the steps
+    per second of one run on two threads; ``threads`` is the total, shared out."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     total = threads or cores
     procs = max(1, min(jobs, workers or total))
