@@ -53,9 +53,15 @@ from ppcl.arch.common import Adapter, count_parameters
 from ppcl.atomic import atomic_path
 from ppcl.errors import PPCLError
 from ppcl.export_stream import DEFAULT_MAX_SHARD_SIZE
+from ppcl.subsets import (  # the subset rule, shared with distill's output_loss_ratios
+    EXHAUSTIVE_MAX,  # noqa: F401
+    choose_intervals,
+    exported_subset,  # noqa: F401
+    interval_savings,  # noqa: F401
+    subset_accounting,
+    subset_fractions,
+)
 
-#: above this many intervals, --keep-params uses a greedy choice instead of trying every subset
-EXHAUSTIVE_MAX = 16
 
 
 @dataclass
@@ -74,17 +80,6 @@ class ExportResult:
 
 #: an export whose kept fraction is further than this below the ratio asked says so (``ExportResult.far_from_asked``)
 FAR_FROM_ASKED = 0.05
-
-
-def subset_fractions(teacher: int, width_saving: int, savings: dict[int, int]) -> list[tuple[list[int], float]]:
-    """Every subset of the trained interval plugs (plan indices) with the parameter fraction its export keeps,
-    most kept first; empty above :data:`EXHAUSTIVE_MAX` intervals (too many to list)."""
-    ids = sorted(savings)
-    if len(ids) > EXHAUSTIVE_MAX:
-        return []
-    out = [(list(c), (teacher - width_saving - sum(savings[k] for k in c)) / teacher)
-           for r in range(len(ids) + 1) for c in itertools.combinations(ids, r)]
-    return sorted(out, key=lambda x: (-x[1], x[0]))
 
 
 def far_from_asked_note(keep_params: float, achieved: float, subsets: list[tuple[list[int], float]]) -> str | None:
@@ -110,35 +105,6 @@ def _read_run(plugs: Path) -> dict[str, Any]:
     return run
 
 
-def interval_savings(adapter: Adapter, units) -> dict[int, int]:
-    """Parameters removed by each interval plug (plan index -> blocks s..e as the width units leave them, minus the
-    plug)."""
-    placed = {k: m for u in units if u.kind != "interval" for k, m in u.placed().items()}
-    out = {}
-    for u in units:
-        if u.kind == "interval":
-            removed = sum(count_parameters(placed.get(l, adapter.block(l))) for l in range(u.start, u.end + 1))
-            out[u.index] = removed - count_parameters(u.module)
-    return out
-
-
-def subset_accounting(adapter: Adapter, units) -> tuple[int, int, dict[int, int]]:
-    """``(teacher parameters, width_saving, savings per interval)``: the additive accounting of the module doc,
-    from which every subset's exported size follows."""
-    width_saving = sum(count_parameters(adapter.block(k)) - count_parameters(m)
-                       for u in units if u.kind in ("width", "text_freeze") for k, m in u.placed().items())
-    return adapter.total_parameters(), width_saving, interval_savings(adapter, units)
-
-
-def exported_subset(adapter: Adapter, units, keep_params: float, losses: dict[int, float] | None = None
-                    ) -> list[int]:
-    """The plan indices ``export --keep-params`` picks (:func:`choose_intervals`). Before training (``losses``
-    None) a tie between two subsets of the same size goes to fewer plugs, where the export breaks it by the plugs'
-    final losses first."""
-    teacher, width_saving, savings = subset_accounting(adapter, units)
-    return choose_intervals(keep_params, teacher, width_saving, savings, losses or {})
-
-
 def covering_positions(units, position: dict[int, int]) -> dict[int, int]:
     """Teacher execution index -> position in the pruned model of the block holding it (``position`` from
     ``student_layout``: plug starts and kept blocks; a block inside a chosen interval is held by that plug)."""
@@ -147,35 +113,6 @@ def covering_positions(units, position: dict[int, int]) -> dict[int, int]:
         if u.kind == "interval":
             cover.update({l: position[u.start] for l in range(u.start, u.end + 1)})
     return cover
-
-
-def choose_intervals(keep_params: float, teacher: int, width_saving: int, savings: dict[int, int],
-                     losses: dict[int, float]) -> list[int]:
-    """The subset rule of the module doc. Returns plan indices in order."""
-    if not 0 < keep_params <= 1:
-        raise PPCLError(f"--keep-params must be in (0, 1] (got {keep_params})")
-    budget = keep_params * teacher
-    base = teacher - width_saving
-    ids = sorted(savings)
-    best: tuple[int, float, int] | None = None
-    best_set: tuple[int, ...] = ()
-    if len(ids) <= EXHAUSTIVE_MAX:
-        candidates = (c for r in range(len(ids) + 1) for c in itertools.combinations(ids, r))
-    else:  # greedy: add intervals by most parameters removed per unit of loss, each prefix is a candidate
-        order = sorted(ids, key=lambda k: -savings[k] / (losses.get(k, 0.0) + 1e-6))
-        candidates = (tuple(sorted(order[:r])) for r in range(len(order) + 1))
-    for c in candidates:
-        kept = base - sum(savings[k] for k in c)
-        if kept > budget:
-            continue
-        key = (kept, -sum(losses.get(k, 0.0) for k in c), -len(c))
-        if best is None or key > best:
-            best, best_set = key, c
-    if best is None:
-        lowest = base - sum(savings.values())
-        raise PPCLError(f"--keep-params {keep_params} is out of reach: with every trained plug the model keeps "
-                        f"{lowest / teacher:.4f} of the teacher's parameters")
-    return list(best_set)
 
 
 def _width_class(adapter: Adapter) -> type:

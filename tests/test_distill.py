@@ -435,7 +435,8 @@ def test_output_loss_takes_turns_with_the_exported_subsets(tiny_pipe_dir, tmp_pa
     --keep-params picks at each ratio (the same rule, so the model trained in turn IS the exported one); an
     unreachable ratio and the combination with random subsets are one-line errors before training."""
     from ppcl.distill import build_units, export_placements
-    from ppcl.export import export, subset_accounting
+    from ppcl.export import export
+    from ppcl.subsets import subset_accounting
 
     pipe_dir = tiny_pipe_dir["flux"]
     adapter = get_adapter(load_pipeline(pipe_dir))

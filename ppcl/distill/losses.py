@@ -55,6 +55,8 @@ from torch import nn
 
 from ppcl.arch.common import Adapter, BlockCall, StopForward, split_output
 from ppcl.distill.settings import DistillSettings
+from ppcl.errors import PPCLError
+from ppcl.subsets import exported_subset
 from ppcl.distill.units import Unit, student_layout
 from ppcl.plugs import LOSS_EPS, StudentView, plug_loss
 
@@ -243,16 +245,13 @@ def output_loss_units(units: list[Unit], keep: float, generator: torch.Generator
 def export_placements(adapter: Adapter, units: list[Unit], ratios: list[float]) -> list[list[Unit]]:
     """The students the output-level term takes turns with under ``output_loss_ratios``: every unit in place,
     then, per ratio, the units of the model ``export --keep-params ratio`` will build from this run
-    (:func:`ppcl.export.exported_subset`: the same subset rule; width / text_freeze units always in place). A
+    (:func:`ppcl.subsets.exported_subset`: the same subset rule; width / text_freeze units always in place). A
     subset already in the list is not repeated (a ratio the whole plan meets adds nothing).
 
     Why (docs/benchmark.md): with every plug in place the output term teaches each plug to work beside the
     others, so a plug exported without them runs in a context it never trained in; random subsets
     (``output_loss_keep``) also spend steps on subsets no export builds. The turns train exactly the models
     that will be exported, at no extra cost per step."""
-    from ppcl.errors import PPCLError
-    from ppcl.export import exported_subset
-
     out = [units]
     seen = {tuple(u.name for u in units)}
     for r in ratios:
