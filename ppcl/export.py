@@ -53,14 +53,7 @@ from ppcl.arch.common import Adapter, count_parameters
 from ppcl.atomic import atomic_path
 from ppcl.errors import PPCLError
 from ppcl.export_stream import DEFAULT_MAX_SHARD_SIZE
-from ppcl.subsets import (  # the subset rule, shared with distill's output_loss_ratios
-    EXHAUSTIVE_MAX,  # noqa: F401
-    choose_intervals,
-    exported_subset,  # noqa: F401
-    interval_savings,  # noqa: F401
-    subset_accounting,
-    subset_fractions,
-)
+from ppcl.subsets import choose_intervals, subset_accounting, subset_fractions  # shared with distill
 
 
 

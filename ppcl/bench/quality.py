@@ -292,15 +292,12 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     if s.threads:
         torch.set_num_threads(s.threads)
 
-    from ppcl.arch import generation_defaults, get_adapter, load_pipeline
+    from ppcl.arch import generation_defaults, load_pipeline
     from ppcl.data.encode import encode_shards
     from ppcl.data.shard import shard_source
     from ppcl.data.synth import write_synth
-    from ppcl.distill import distill
     from ppcl.export import export
-    from ppcl.plan import save_plan
     from ppcl.probe import run_probe
-    from ppcl.select import select
 
     defaults = generation_defaults(teacher_dir)
     res = defaults.get("height", 32)
@@ -321,71 +318,16 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     timings["probe"] = time.time() - t0 - sum(timings.values())
     _log("probe done", t0)
 
-    # ---- plans
+    # ---- plans (every selector on the one probe), then the runs they need (each distinct run once)
     low = min(s.ratios)
-    adapter = get_adapter(load_pipeline(teacher_dir))
-    plans: dict[str, Any] = {"ppcl": select_ppcl(probe, low, s.seed)}
-    for m in BASELINES:
-        if m in s.rows:
-            plans[m] = select(probe, method=m, keep_params=low, seed=s.seed)
-    if "scattered" in s.rows:
-        plans["scattered"] = scattered_plan(probe, adapter, sum(e - st for st, e in plans["ppcl"].intervals), s.seed)
-    if "trained-probe" in s.rows:
-        from ppcl.probe import write_probe
-        from ppcl.probe_trained import default_candidates, trained_interval_scores
-
-        t_tp = time.time()
-        # only what the selector may pick: it keeps the first and last blocks (allow_ends off), 46 of 60 intervals
-        last = len(probe.blocks) - 1
-        usable = [(a, b) for a, b in default_candidates(adapter, probe.max_interval) if 0 < a and b < last]
-        scores = trained_interval_scores(str(teacher_dir), str(work / "cache"), candidates=usable,
-                                         steps=s.trained_probe_steps, seed=s.seed, progress=False)
-        probe_tp = probe.model_copy(update={"trained": scores})
-        write_probe(probe_tp, work / "probe-trained", plots=False)
-        plans["trained-probe"] = select(probe_tp, method="ppcl", score="trained", keep_params=low, seed=s.seed)
-        timings["trained_probe"] = time.time() - t_tp
-        _log(f"trained-plug probe: {len(scores.intervals)} intervals x {s.trained_probe_steps} steps in "
-             f"{timings['trained_probe']:.0f}s; plan {plans['trained-probe'].intervals}", t0)
-    per_ratio = {r: select_ppcl(probe, r, s.seed) for r in s.ratios if r != low}
-    for name, plan in plans.items():
-        save_plan(plan, work / "plans" / f"{name}.json")
-    for r, plan in per_ratio.items():
-        save_plan(plan, work / "plans" / f"ppcl-{r:g}.json")
-
-    # ---- distillation runs, all with the same settings, run side by side (one process per core)
+    plans, per_ratio = make_plans(probe, teacher_dir, work, s, timings, t0)
     dkw = dict(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, timesteps=s.timesteps,
                seed=s.seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False,
                output_loss_weight=s.output_loss_weight, output_loss_keep=s.output_loss_keep,
                output_loss_ratios=list(s.output_loss_ratios), ema_decay=s.ema_decay)
-    runs: dict[str, Path] = {}
-    jobs: dict[str, tuple[str, dict[str, Any]]] = {}  # run name -> (plan file, extra settings)
-    trained: dict[tuple, str] = {}  # (intervals, settings) -> run: a plan two selectors agree on is trained once
-    plugs: dict[str, int] = {}
+    runs, jobs = plan_runs(plans, per_ratio, work, s, dkw, t0)
 
-    def train(name: str, plan, plan_file: Path, **kw) -> Path:
-        key = (tuple(tuple(iv) for iv in plan.intervals), plan.init, json.dumps({**dkw, **kw}, sort_keys=True))
-        if key in trained:  # deterministic: the same plan and settings give the same plugs
-            _log(f"distill {name}: same plan and settings as {trained[key]}, its run reused", t0)
-            return work / "runs" / trained[key]
-        trained[key] = name
-        jobs[name] = (str(plan_file), kw)
-        plugs[name] = len(plan.intervals)
-        return work / "runs" / name
-
-    for name, plan in plans.items():
-        runs[name] = train(name, plan, work / "plans" / f"{name}.json")
-    if "sequential" in s.rows:
-        runs["sequential"] = train("sequential", plans["ppcl"], work / "plans" / "ppcl.json", mode="sequential")
-    if "per-ratio" in s.rows:
-        # one run per ratio, each trained for its own ratio alone (no exported subsets in its output term)
-        for r, plan in per_ratio.items():
-            runs[f"ppcl-{r:g}"] = train(f"ppcl-{r:g}", plan, work / "plans" / f"ppcl-{r:g}.json",
-                                        output_loss_ratios=[])
-        if s.output_loss_ratios:  # ppcl's own run also trains the 0.7 subset: the 0.5-only run is another run
-            runs[f"ppcl-{low:g}"] = train(f"ppcl-{low:g}", plans["ppcl"], work / "plans" / "ppcl.json",
-                                          output_loss_ratios=[])
-    # longest first (a step costs more with more plugs), so the last runs on the two cores end close together
-    jobs = dict(sorted(jobs.items(), key=lambda kv: -plugs[kv[0]]))
+    # ---- distillation runs, all with the same settings, run side by side (one process per core)
     t_distill = time.time()
     run_seconds = distill_runs(teacher_dir, work, jobs, dkw, s, t0)
     timings["distill"] = time.time() - t_distill
@@ -476,6 +418,83 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
         shutil.rmtree(work, ignore_errors=True)
     _log(f"done: {out / 'quality.md'}", t0)
     return result
+
+
+def make_plans(probe, teacher_dir: Path, work: Path, s: QualitySettings, timings: dict[str, float], t0: float
+               ) -> tuple[dict[str, Any], dict[float, Any]]:
+    """Every row's plan at the lowest ratio (``plans``, by row) and the plans selected at the other ratios
+    (``per_ratio``), all written to ``work/plans``."""
+    from ppcl.arch import get_adapter, load_pipeline
+    from ppcl.plan import save_plan
+    from ppcl.select import select
+
+    low = min(s.ratios)
+    adapter = get_adapter(load_pipeline(teacher_dir))
+    plans: dict[str, Any] = {"ppcl": select_ppcl(probe, low, s.seed)}
+    for m in BASELINES:
+        if m in s.rows:
+            plans[m] = select(probe, method=m, keep_params=low, seed=s.seed)
+    if "scattered" in s.rows:
+        plans["scattered"] = scattered_plan(probe, adapter, sum(e - st for st, e in plans["ppcl"].intervals), s.seed)
+    if "trained-probe" in s.rows:
+        from ppcl.probe import write_probe
+        from ppcl.probe_trained import default_candidates, trained_interval_scores
+
+        t_tp = time.time()
+        # only what the selector may pick: it keeps the first and last blocks (allow_ends off), 46 of 60 intervals
+        last = len(probe.blocks) - 1
+        usable = [(a, b) for a, b in default_candidates(adapter, probe.max_interval) if 0 < a and b < last]
+        scores = trained_interval_scores(str(teacher_dir), str(work / "cache"), candidates=usable,
+                                         steps=s.trained_probe_steps, seed=s.seed, progress=False)
+        probe_tp = probe.model_copy(update={"trained": scores})
+        write_probe(probe_tp, work / "probe-trained", plots=False)
+        plans["trained-probe"] = select(probe_tp, method="ppcl", score="trained", keep_params=low, seed=s.seed)
+        timings["trained_probe"] = time.time() - t_tp
+        _log(f"trained-plug probe: {len(scores.intervals)} intervals x {s.trained_probe_steps} steps in "
+             f"{timings['trained_probe']:.0f}s; plan {plans['trained-probe'].intervals}", t0)
+    per_ratio = {r: select_ppcl(probe, r, s.seed) for r in s.ratios if r != low}
+    for name, plan in plans.items():
+        save_plan(plan, work / "plans" / f"{name}.json")
+    for r, plan in per_ratio.items():
+        save_plan(plan, work / "plans" / f"ppcl-{r:g}.json")
+    return plans, per_ratio
+
+
+def plan_runs(plans: dict[str, Any], per_ratio: dict[float, Any], work: Path, s: QualitySettings,
+              dkw: dict[str, Any], t0: float) -> tuple[dict[str, Path], dict[str, tuple[str, dict[str, Any]]]]:
+    """The run folder of every row (``runs``) and the distillations to do (``jobs``: run name -> (plan file, settings
+    beyond ``dkw``)), longest first; rows whose plan and settings coincide share one run."""
+    low = min(s.ratios)
+    runs: dict[str, Path] = {}
+    jobs: dict[str, tuple[str, dict[str, Any]]] = {}  # run name -> (plan file, extra settings)
+    trained: dict[tuple, str] = {}  # (intervals, settings) -> run: a plan two selectors agree on is trained once
+    plugs: dict[str, int] = {}
+
+    def train(name: str, plan, plan_file: Path, **kw) -> Path:
+        key = (tuple(tuple(iv) for iv in plan.intervals), plan.init, json.dumps({**dkw, **kw}, sort_keys=True))
+        if key in trained:  # deterministic: the same plan and settings give the same plugs
+            _log(f"distill {name}: same plan and settings as {trained[key]}, its run reused", t0)
+            return work / "runs" / trained[key]
+        trained[key] = name
+        jobs[name] = (str(plan_file), kw)
+        plugs[name] = len(plan.intervals)
+        return work / "runs" / name
+
+    for name, plan in plans.items():
+        runs[name] = train(name, plan, work / "plans" / f"{name}.json")
+    if "sequential" in s.rows:
+        runs["sequential"] = train("sequential", plans["ppcl"], work / "plans" / "ppcl.json", mode="sequential")
+    if "per-ratio" in s.rows:
+        # one run per ratio, each trained for its own ratio alone (no exported subsets in its output term)
+        for r, plan in per_ratio.items():
+            runs[f"ppcl-{r:g}"] = train(f"ppcl-{r:g}", plan, work / "plans" / f"ppcl-{r:g}.json",
+                                        output_loss_ratios=[])
+        if s.output_loss_ratios:  # ppcl's own run also trains the 0.7 subset: the 0.5-only run is another run
+            runs[f"ppcl-{low:g}"] = train(f"ppcl-{low:g}", plans["ppcl"], work / "plans" / "ppcl.json",
+                                          output_loss_ratios=[])
+    # longest first (a step costs more with more plugs), so the last runs on the two cores end close together
+    jobs = dict(sorted(jobs.items(), key=lambda kv: -plugs[kv[0]]))
+    return runs, jobs
 
 
 def parallel_plan(jobs: int, workers: int | None, threads: int | None) -> tuple[int, int]:

@@ -323,8 +323,10 @@ def student_forward(
             lists[name][j] = _Replayed(lists[name][j])
         entering = teacher_calls[first]
 
-        def on_input(i, call):
+        def start_here(i, call):
             return entering if i == position[first] else None
+
+        on_input = start_here
     covered = {l for u in units if u.kind == "interval" for l in range(u.start, u.end + 1)}
     at: dict[int, str] = {}
     for u in units:
