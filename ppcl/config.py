@@ -221,6 +221,23 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def demo_config_data(override: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``DEMO_DEFAULTS`` with ``override`` merged over it (``ppcl demo --config``). Unless the override names
+    ``distill.output_loss_ratios``, the demo's one run trains every ratio above the smallest in turn in its
+    output-level term: it serves all its ratios (docs/benchmark.md, "The demo": without it the keep-0.8 model
+    scored below the keep-0.6 one). The ratios are derived here, after the merge, so a config that changes
+    ``ratios`` never inherits ratios of another run."""
+    override = override or {}
+    data = merge(DEMO_DEFAULTS, override)
+    distill = dict(data.get("distill") or {})
+    ratios = data.get("ratios") or []
+    if "output_loss_ratios" not in (override.get("distill") or {}) and distill.get("output_loss_weight", 0) > 0 \
+            and isinstance(ratios, list) and all(isinstance(r, (int, float)) for r in ratios) and ratios:
+        distill["output_loss_ratios"] = sorted((r for r in ratios if r != min(ratios)), reverse=True)
+    data["distill"] = distill
+    return data
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Parse a YAML config file into a mapping (not validated yet)."""
     p = Path(path)

@@ -2,7 +2,7 @@
 
 The demo's own work, reduced only where the result does not depend on it: every stage of the DAG that leads to
 the lowest-ratio model runs in this process through the same :mod:`ppcl.stages` functions the KFP components
-call, with exactly the settings ``ppcl demo`` hands each component (``DEMO_DEFAULTS`` on the shipped reference
+call, with exactly the settings ``ppcl demo`` hands each component (``demo_config_data()`` on the shipped reference
 teacher). Left out: kfp.local's subprocesses, the other ratio's branch (exported from the same plugs), the
 report, MLflow, and most latency pairs (timing does not change the images). A change that lowers the demo's
 quality (fewer steps, a worse recipe, a broken stage, evaluation off the teacher's generation defaults) fails
@@ -30,15 +30,16 @@ def no_tracking(monkeypatch):
 
 def test_demo_settings_give_a_pruned_model_the_judge_accepts(tmp_path, no_tracking, capsys):
     from ppcl import stages
-    from ppcl.config import DEMO_DEFAULTS, merge, validate_config
+    from ppcl.config import demo_config_data, validate_config
     from ppcl_kfp.cli.demo import reference_teacher
 
     teacher = reference_teacher()
     if teacher is None:
         pytest.skip("the reference teacher is not shipped in this checkout")
     # only the timing is cut: 2 latency pairs instead of the demo's 20 (images and scores do not depend on it)
-    cfg = validate_config(merge({**DEMO_DEFAULTS, "teacher": str(teacher)},
-                                {"evaluate": {"latency_warmup": 1, "latency_repeats": 2}}))
+    cfg = validate_config(demo_config_data({"teacher": str(teacher),
+                                            "evaluate": {"latency_warmup": 1, "latency_repeats": 2}}))
+    assert cfg.distill.output_loss_ratios == [0.8]  # the demo's one run serves both its ratios
     low = min(cfg.ratios)
     assert len(cfg.evaluate.prompts) >= 64 and cfg.evaluate.steps == 10
 

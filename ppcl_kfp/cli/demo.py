@@ -119,12 +119,12 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ppcl.config import DEMO_DEFAULTS, merge, read_config_file, validate_config
+    from ppcl.config import demo_config_data, read_config_file, validate_config
     from ppcl.errors import PPCLError
     from ppcl_kfp.dag import find_outputs, new_run_id, prepare_run_dir, run_local
 
     t0 = time.perf_counter()
-    data = merge(DEMO_DEFAULTS, read_config_file(args.config) if args.config else {})
+    data = demo_config_data(read_config_file(args.config) if args.config else {})
     if args.run_root:
         data["run_root"] = args.run_root
     run_dir = Path(data.get("run_root", "ppcl-runs")) / (args.run_id or new_run_id("demo"))
