@@ -441,9 +441,8 @@ def update_ema(t: Training, step: int, decay: float) -> None:
     if t.ema is None:
         return
     d = min(decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        named = dict(t.table.named_parameters())
-        torch._foreach_lerp_(list(t.ema.values()), [named[n].detach() for n in t.ema], 1.0 - d)
+    with torch.no_grad():  # t.ema holds the trainable tensors in t.params' order (both from the table, in order)
+        torch._foreach_lerp_(list(t.ema.values()), [p.detach() for p in t.params], 1.0 - d)
 
 
 @contextlib.contextmanager
