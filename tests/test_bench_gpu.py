@@ -80,3 +80,42 @@ def test_cuda_without_cuda_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device cuda" in err[0] and "--device cpu --small" in err[0], err
     assert not (tmp_path / "gpu").exists()
+
+
+def test_isolated_cases_keep_the_others_numbers_when_one_fails(tmp_path):
+    """Each model in a child process: one that fails (here an interval past the last block; on a GPU, a sticky CUDA
+    fault) is recorded with its error line and log tail, and the other model's numbers are still written."""
+    from ppcl.bench.gpu import Case, GpuCheckSettings, format_gpu_check, run_gpu_check
+
+    bad = Case("qwen-image", {"num_layers": 6}, ((1, 2), (3, 9)))
+    report = run_gpu_check(tmp_path, GpuCheckSettings.smoke(), cases=(bad, CASES[1]), isolate=True)
+    assert report["isolated"] and report["failed"] == ["qwen-image"]
+    failed, flux = report["cases"]
+    assert "PPCLError: interval [3, 9]" in failed["error"] and "Traceback" in failed["log"]
+    assert "blocking_error" not in failed  # CUDA only
+    assert flux["model"] == "flux1-dev" and flux["time_ms"]["distill_step"] > 0 and "error" not in flux
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["failed"] == ["qwen-image"]
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table == format_gpu_check(report)
+    assert "flux1-dev (8 blocks, 2 plugs)" in table and "**qwen-image failed**" in table
+
+
+def test_models_flag_names_what_it_accepts(tmp_path, capsys):
+    assert main(["bench", "gpu", "--device", "cpu", "--small", "--models", "flux1-dev,sd3",
+                 "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--models flux1-dev,sd3" in err[0] and "qwen-image,flux1-dev" in err[0]
+    assert not (tmp_path / "g").exists()
+
+
+def test_the_error_line_of_a_child_log():
+    """What the H200 run of 2026-11-28 printed (torch.distributed's rank prefixes, twice): the exception line."""
+    from ppcl.bench.gpu import _last_error
+
+    log = ("[rank0]: [rank0]: Traceback (most recent call last):\n[rank0]: [rank0]:   File \"gpu.py\", line 274\n"
+           "[rank0]: [rank0]: torch.AcceleratorError: CUDA error: an illegal memory access was encountered\n"
+           "[rank0]: [rank0]: For debugging consider passing CUDA_LAUNCH_BLOCKING=1\n\nexit status 1")
+    assert _last_error(log) == "torch.AcceleratorError: CUDA error: an illegal memory access was encountered"
+    assert _last_error("nothing useful\nexit status -9") == "exit status -9"
+    assert _last_error("") == "no output"

@@ -361,8 +361,16 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def run_gpu_check(out: str | Path, s: GpuCheckSettings | None = None) -> dict[str, Any]:
-    """Run every case of :data:`CASES`; write ``out/gpu_check.json`` and ``out/gpu_check.md``; return the report."""
+def run_gpu_check(out: str | Path, s: GpuCheckSettings | None = None, *, cases: tuple[Case, ...] = CASES,
+                  isolate: bool | None = None) -> dict[str, Any]:
+    """Run every case of ``cases``; write ``out/gpu_check.json`` and ``out/gpu_check.md``; return the report.
+
+    ``isolate`` (default: on CUDA) runs each case in a child process of its own: a CUDA fault (an illegal memory
+    access is sticky, every later call in that process fails) then costs that case only, the other cases' numbers
+    are still written, and the failed case is run once more with ``CUDA_LAUNCH_BLOCKING=1`` so its log names the
+    kernel that faulted rather than a later call. A failed case is a report entry with ``error`` (its last line) and
+    ``log`` (the tail of its output); ``report["failed"]`` lists them. Never raises for a failed case: the caller
+    decides (``ppcl bench gpu`` exits 1 after writing)."""
     import warnings
 
     import diffusers
@@ -375,17 +383,23 @@ def run_gpu_check(out: str | Path, s: GpuCheckSettings | None = None) -> dict[st
         raise PPCLError(f"--warmup must be >= 2 and --repeats >= 1 (got {s.warmup}, {s.repeats})")
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # events record on the current device's stream
+    isolate = dev.type == "cuda" if isolate is None else isolate
     t0 = time.perf_counter()
-    diffusers.utils.logging.set_verbosity_error()  # a cast warning per meta module otherwise
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cases = [run_case(c, s) for c in CASES]
+    if isolate:
+        results = [run_case_isolated(c, s) for c in cases]
+    else:
+        diffusers.utils.logging.set_verbosity_error()  # a cast warning per meta module otherwise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = [run_case(c, s) for c in cases]
     report = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} "
                                                                              "threads)",
         "torch": torch.__version__, "cuda": torch.version.cuda if dev.type == "cuda" else None,
         "settings": dataclasses.asdict(s),
-        "cases": cases,
+        "cases": results,
+        "failed": [r["model"] for r in results if "error" in r],
+        "isolated": isolate,
         "seconds": time.perf_counter() - t0,
     }
     out = Path(out)
@@ -396,10 +410,90 @@ def run_gpu_check(out: str | Path, s: GpuCheckSettings | None = None) -> dict[st
     return report
 
 
+#: how much of a failed case's output the report keeps
+LOG_TAIL = 6000
+
+
+def run_case_isolated(case: Case, s: GpuCheckSettings, timeout: float = 1800) -> dict[str, Any]:
+    """:func:`run_case` in a child process (``python -m ppcl.bench.gpu``); on failure, once more with
+    ``CUDA_LAUNCH_BLOCKING=1`` (CUDA only) and the failure recorded (see :func:`run_gpu_check`)."""
+    import os
+    import subprocess
+    import sys
+
+    def attempt(extra_env: dict[str, str]) -> tuple[dict[str, Any] | None, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "case.json"
+            cmd = [sys.executable, "-m", "ppcl.bench.gpu", json.dumps(dataclasses.asdict(case)),
+                   json.dumps(dataclasses.asdict(s)), str(result)]
+            try:
+                proc = subprocess.run(cmd, env={**os.environ, **extra_env}, capture_output=True, text=True,
+                                      timeout=timeout)
+            except subprocess.TimeoutExpired as e:
+                return None, f"{_text(e.stdout)}{_text(e.stderr)}\ntimed out after {timeout:.0f} s"
+            log = proc.stdout + proc.stderr
+            if proc.returncode == 0 and result.exists():
+                return json.loads(result.read_text()), log
+            return None, log + f"\nexit status {proc.returncode}"
+
+    print(f"gpu check: {case.config} ...", flush=True)
+    res, log = attempt({})
+    if res is not None:
+        return res
+    failed = {"model": case.config, "intervals": [list(iv) for iv in case.intervals],
+              "error": _last_error(log), "log": log[-LOG_TAIL:]}
+    if s.device.startswith("cuda"):
+        res, blocking = attempt({"CUDA_LAUNCH_BLOCKING": "1"})
+        if res is not None:  # passed when every kernel is waited for: a race, recorded next to the numbers
+            return {**res, "failed_first": {k: failed[k] for k in ("error", "log")}}
+        failed.update(blocking_error=_last_error(blocking), blocking_log=blocking[-LOG_TAIL:])
+    print(f"gpu check: {case.config} FAILED: {failed['error']}", flush=True)
+    return failed
+
+
+def _text(b: bytes | str | None) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def _last_error(log: str) -> str:
+    """The exception line of a traceback in ``log`` (its last ``SomethingError: ...`` line, without the
+    ``[rank0]:`` prefixes torch.distributed puts on stderr), else its last line."""
+    import re
+
+    lines = [re.sub(r"^(\[rank\d+\]:\s*)+", "", l).strip() for l in log.splitlines()]
+    lines = [l for l in lines if l]
+    for line in reversed(lines):
+        m = re.match(r"^([\w.]*(Error|Exception)|timed out)\b", line)
+        if m and ":" in line or line.startswith("timed out"):
+            return line[:500]
+    return lines[-1][:500] if lines else "no output"
+
+
+def _case_main(argv: list[str]) -> int:
+    """The child of :func:`run_case_isolated`: ``CASE_JSON SETTINGS_JSON RESULT_PATH``."""
+    import warnings
+
+    import diffusers
+
+    case_d, settings_d, result = json.loads(argv[0]), json.loads(argv[1]), Path(argv[2])
+    case = Case(case_d["config"], case_d["layers"], tuple(tuple(iv) for iv in case_d["intervals"]))
+    s = GpuCheckSettings(**settings_d)
+    dev = check_device(s.device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    diffusers.utils.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = run_case(case, s)
+    result.write_text(json.dumps(res))
+    return 0
+
+
 def format_gpu_check(report: dict[str, Any]) -> str:
     """The Markdown table of a report: one column per model, one row per measurement."""
     s = report["settings"]
-    cases = report["cases"]
+    failed = [c for c in report["cases"] if "error" in c]
+    cases = [c for c in report["cases"] if "error" not in c]
     tokens = "small" if s["small"] else f"{s['resolution']} x {s['resolution']}"
     lines = [
         f"# GPU check: {report['device']}",
@@ -432,4 +526,19 @@ def format_gpu_check(report: dict[str, Any]) -> str:
     row("probe forward / plain forward", lambda c: f"{c['probe_overhead']:.2f}")
     row("pruned forward speedup (FLOP limit)", lambda c: f"{c['pruned_speedup']:.2f} ({c['flop_limit']:.2f})")
     row("trainable parameters / optimizer", lambda c: f"{c['trainable_parameters']:,} / {c['optimizer']}")
+    for c in failed:
+        lines += ["", f"**{c['model']} failed** (intervals {c['intervals']}): `{c['error']}`"]
+        if "blocking_error" in c:
+            lines.append(f"rerun with CUDA_LAUNCH_BLOCKING=1: `{c['blocking_error']}`")
+        lines.append("(the tail of its output is in gpu_check.json, `log`)")
+    for c in cases:
+        if "failed_first" in c:
+            lines += ["", f"{c['model']} failed once (`{c['failed_first']['error']}`) and passed with "
+                          "CUDA_LAUNCH_BLOCKING=1: its numbers above come from that run"]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_case_main(sys.argv[1:]))

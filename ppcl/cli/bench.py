@@ -69,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="tiny widths, 64 px, 8 text tokens: checks the machinery in seconds (on CPU too)")
     g.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median reported "
                                                              "(default 5; 2 with --small)")
+    g.add_argument("--models", default=None, help="comma-separated subset of qwen-image,flux1-dev (default: both)")
+    g.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each model in a process of its own, a failed one rerun with CUDA_LAUNCH_BLOCKING=1 "
+                        "(default: on CUDA)")
 
 
 #: overridable settings: (field, flag, check, what the check requires)
@@ -131,16 +135,27 @@ def run(args: argparse.Namespace) -> int:
 def _gpu(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ppcl.bench.gpu import GpuCheckSettings, check_device, format_gpu_check, run_gpu_check
+    from ppcl.bench.gpu import CASES, GpuCheckSettings, check_device, format_gpu_check, run_gpu_check
     from ppcl.errors import PPCLError
 
     check_device(args.device)  # before anything is built: no CUDA here is one line, at once
+    cases = CASES
+    if args.models is not None:
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        known = [c.config for c in CASES]
+        unknown = [m for m in names if m not in known]
+        if unknown or not names:
+            raise PPCLError(f"--models {args.models}: expected a comma-separated subset of {','.join(known)}")
+        cases = tuple(c for c in CASES if c.config in names)
     s = GpuCheckSettings.smoke(args.device) if args.small else GpuCheckSettings(device=args.device)
     if args.repeats is not None:
         if args.repeats < 1:
             raise PPCLError(f"--repeats must be >= 1 (got {args.repeats})")
         s = dataclasses.replace(s, repeats=args.repeats)
-    report = run_gpu_check(args.out, s)
+    report = run_gpu_check(args.out, s, cases=cases, isolate=args.isolate)
     print(format_gpu_check(report))
     print(f"wrote {args.out}/gpu_check.json and gpu_check.md in {report['seconds']:.0f} s")
+    if report["failed"]:
+        raise PPCLError(f"gpu check: {', '.join(report['failed'])} failed (the error and the tail of the log are "
+                        f"in {args.out}/gpu_check.json; the other models' numbers were written)")
     return 0
