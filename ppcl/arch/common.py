@@ -31,6 +31,9 @@ import torch
 from torch import nn
 
 from ppcl.errors import PPCLError
+# the width-modified block classes are the custom-code runtime's own (it imports nothing of ppcl): one definition,
+# so a width model built here and an export loaded without ppcl run the same forward
+from ppcl.width_runtime import WidthBlockMixin, width_block_class  # noqa: F401
 
 STREAMS: tuple[str, ...] = ("image", "text")
 
@@ -519,40 +522,6 @@ def shift_sigmas(sigma: torch.Tensor, scheduler_config: dict[str, Any], image_se
 #   trained per block afterwards (they may drift apart: a per-block light modulation initialised from block a).
 
 WIDTH_OPS: tuple[str, ...] = ("ffn_linear", "text_freeze")
-
-
-class WidthBlockMixin:
-    """Mixin of the width-modified block classes: residual projections applied to the block outputs per stream."""
-
-    def project_outputs(self, output):
-        text, image = output
-        proj = self._modules.get("ppcl_proj")
-        if proj is not None:
-            if "image" in proj:
-                image = proj["image"](image)
-            if "text" in proj and text is not None:
-                text = proj["text"](text)
-        return text, image
-
-
-_WIDTH_CLASSES: dict[type, type] = {}
-
-
-def width_block_class(base: type) -> type:
-    """``PPCL<base>``: ``base`` whose forward (same signature) applies :class:`WidthBlockMixin` projections."""
-    if issubclass(base, WidthBlockMixin):
-        return base
-    if base not in _WIDTH_CLASSES:
-
-        def forward(self, *args, **kwargs):
-            return self.project_outputs(base.forward(self, *args, **kwargs))
-
-        # Keep the stock signature: BlockCall binding and gradient checkpointing call it like the stock block.
-        forward.__signature__ = inspect.signature(base.forward)
-        cls = type(f"PPCL{base.__name__}", (WidthBlockMixin, base), {"forward": forward})
-        cls.__module__ = __name__
-        _WIDTH_CLASSES[base] = cls
-    return _WIDTH_CLASSES[base]
 
 
 def copy_attention_modulation(dst: nn.Linear, src: nn.Linear, dim: int) -> None:
