@@ -15,6 +15,7 @@ from ppcl.probe import load_probe, write_probe
 from ppcl.probe_result import ProbeResult, TrainedProbe
 from ppcl.probe_trained import default_candidates, trained_interval_scores
 from ppcl.select import select
+from tests.probe_data import synthetic_probe_data
 
 torch.set_num_threads(1)
 
@@ -84,17 +85,7 @@ def _probe(L: int = 12, trained: dict[tuple[int, int], float] | None = None) -> 
                        "streams": ["image"], **stats, "per_stream": {"image": stats}})
     intervals = [{"start": s, "end": e, "r2": 0.99 if (s, e) == (2, 4) else 0.5, "probe_cka": None, "cka": None,
                   "per_stream": {}} for s in range(L) for e in range(s + 1, L)]
-    data = {
-        "family": "qwenimage", "model": "synthetic", "total_params": 100 * L + 50,
-        "calibration": {"source": "synthetic", "samples": 1, "batch_size": 1, "timesteps": 1, "sigmas": [0.5],
-                        "seed": 0, "forwards": 1, "tokens": {"image": 1}},
-        "projection": {"exact": True, "dim": 4, "model_dim": 4, "seed": 0},
-        "ridge": 1e-4, "max_interval": 12, "blocks": blocks,
-        "cka_matrix": {"estimator": "x", "description": "x", "states": "x", "tokens_per_forward": 4,
-                       "matrices": {"image": [[1.0] * L for _ in range(L)]}},
-        "angular": {"image": [[0.1] * (L + 1)] * (L + 1)}, "cosine_matrix": {"image": [[1.0] * (L + 1)] * (L + 1)},
-        "intervals": intervals,
-    }
+    data = synthetic_probe_data(blocks, intervals)
     if trained is not None:
         data["trained"] = {
             "steps": 10, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "timesteps": "logit_normal",

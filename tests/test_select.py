@@ -16,6 +16,7 @@ from ppcl.plan import check_intervals, load_plan, predict_params
 from ppcl.probe import ProbeResult, probe_transformer, write_probe
 from ppcl.select import METHODS, Budget, SelectionContext, _flat_runs, _ppcl_candidates, _ppcl_thresholds, select
 from ppcl.arch.tiny import tiny_transformer, tiny_transformer_config
+from tests.probe_data import synthetic_probe_data
 
 
 def _batches(arch, n=2, b=2, seed=0):
@@ -85,17 +86,7 @@ def _synthetic_probe(L=12) -> ProbeResult:
                               "per_stream": {"image": {"r2": r2, "cka": r2, "probe_cka": r2}}})
     ang = [[abs(i - j) * 0.1 for j in range(L + 1)] for i in range(L + 1)]
     ang[1][4] = ang[4][1] = 0.01
-    return ProbeResult.model_validate({
-        "family": "qwenimage", "model": "synthetic", "total_params": 100 * L + 50,
-        "calibration": {"source": "synthetic", "samples": 1, "batch_size": 1, "timesteps": 1, "sigmas": [0.5],
-                        "seed": 0, "forwards": 1, "tokens": {"image": 1}},
-        "projection": {"exact": True, "dim": 4, "model_dim": 4, "seed": 0},
-        "ridge": 1e-4, "max_interval": 12, "blocks": blocks,
-        "cka_matrix": {"estimator": "x", "description": "x", "states": "x", "tokens_per_forward": 4,
-                       "matrices": {"image": [[1.0] * L for _ in range(L)]}},
-        "angular": {"image": ang}, "cosine_matrix": {"image": [[1.0] * (L + 1) for _ in range(L + 1)]},
-        "intervals": intervals,
-    })
+    return ProbeResult.model_validate(synthetic_probe_data(blocks, intervals, ang))
 
 
 def test_methods_pick_what_their_signal_says():
