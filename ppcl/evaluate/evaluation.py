@@ -83,6 +83,41 @@ def _names(teacher: Path, models: list[Path], names: list[str] | None) -> list[s
     return out
 
 
+@dataclass
+class _Meters:
+    """The measuring networks of one evaluation (each None when not asked for) and what metrics.json says of them."""
+
+    scorer: object = None  # CLIP score
+    clip_info: ExtractorInfo | None = None
+    fid_acc: object = None  # FID against the reference images
+    fid_info: ExtractorInfo | None = None
+    ref_info: ReferenceInfo | None = None
+    judge: object = None  # the synth judge: attribute accuracy, judge-FID
+    judge_info: ExtractorInfo | None = None
+    judge_ref: ReferenceInfo | None = None
+
+    def reset(self) -> None:
+        if self.judge:
+            self.judge.reset()
+        if self.scorer:
+            self.scorer.reset()
+        if self.fid_acc:
+            self.fid_acc.reset_generated()
+
+    def update(self, images: torch.Tensor, prompts: list[str]) -> None:
+        if self.scorer:
+            self.scorer.update(images, prompts)
+        if self.fid_acc:
+            self.fid_acc.update(images, real=False)
+        if self.judge:
+            self.judge.update(images)
+
+    def collect(self, run: _Run) -> None:
+        run.clip_score = self.scorer.compute() if self.scorer else None
+        run.fid = self.fid_acc.compute() if self.fid_acc else None
+        run.judge = self.judge.compute() if self.judge else None
+
+
 def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list[str], out: str | Path,
                     settings: EvalSettings | None = None, *, names: list[str] | None = None,
                     progress: bool = True) -> EvalResult:
@@ -98,38 +133,55 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
     Raises:
         PPCLError: bad input, before anything is written.
     """
-    from safetensors.torch import load_file, save_file
-    from ppcl.progress import progress as tqdm
+    from ppcl.evaluate.generate import make_samples
 
-    from ppcl.arch import count_parameters, get_adapter, load_pipeline
-    from ppcl.atomic import atomic_path, write_bytes, write_json
-    from ppcl.evaluate import clip as clip_mod
-    from ppcl.evaluate import fid as fid_mod
-    from ppcl.evaluate.cost import PeakMemory, capture_transformer_call, release_memory
-    from ppcl.evaluate.fidelity import FidelityAccumulator
-    from ppcl.evaluate.generate import batched, generate, make_samples, resolve_device, resolve_dtype
-    from ppcl.evaluate.grid import png_bytes, render_grid
-    from ppcl.evaluate.html import render_report
-
-    settings = settings or EvalSettings()
-    out = Path(out)
-    teacher = Path(teacher)
-    models = [Path(m) for m in models]
+    out, teacher, models = Path(out), Path(teacher), [Path(m) for m in models]
     prompts = [p.strip() for p in prompts if p and p.strip()]
+    # 1. everything validated before any work or output
+    settings, all_names, use_judge = _resolve(models, teacher, prompts, settings or EvalSettings(), names)
+    samples = make_samples(prompts, settings.seeds, settings.seed_offset)
+    device, dtype = torch.device(settings.device), getattr(torch, settings.dtype)
+    # 2. measuring networks, 3. one pipeline at a time, then the paired timing
+    meters = _meters(settings, samples, use_judge, device, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
+    runs: list[_Run] = []
+    try:
+        teacher_call = None
+        for k, (name, path) in enumerate(zip(all_names, [teacher] + models)):
+            run, call = _evaluate_pipeline(_Run(name, path, "teacher" if k == 0 else "model"), samples, settings,
+                                           meters, scratch, device, dtype, progress)
+            if k == 0:
+                teacher_call = call  # the inputs every transformer is timed on
+            runs.append(run)
+        _time_paired(runs, teacher_call, settings, device, dtype)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    # 4. outputs
+    return _write_outputs(out, runs, settings, prompts, samples, teacher, meters)
 
-    # ---- 1. validate everything before any work or output
+
+def _resolve(models: list[Path], teacher: Path, prompts: list[str], settings: EvalSettings,
+             names: list[str] | None) -> tuple[EvalSettings, list[str], bool]:
+    """Check the inputs (one-line errors) and fill ``settings``: FID extractor, device, dtype, the teacher's generation
+    defaults (ppcl.json) where the caller left a value unset. Returns the settings, the display names and whether the
+    judge runs."""
+    from ppcl.arch import generation_defaults
+    from ppcl.evaluate import fid as fid_mod
+    from ppcl.evaluate.generate import resolve_device, resolve_dtype
+    from ppcl.evaluate.judge import judge_weights_path, synth_attributes
+
     if not prompts:
         raise PPCLError("no prompts to evaluate")
     _check_pipeline_dir(teacher, "teacher")
     for m in models:
         _check_pipeline_dir(m, "model")
     all_names = _names(teacher, models, names)
-    samples = make_samples(prompts, settings.seeds, settings.seed_offset)
-    ref_files = None
+    n_samples = len(prompts) * settings.seeds
     if settings.reference:
         ref_files = fid_mod.list_images(settings.reference)
-        if len(samples) < 2 or len(ref_files) < 2:
-            raise PPCLError(f"FID needs at least 2 generated and 2 reference images, got {len(samples)} samples and "
+        if n_samples < 2 or len(ref_files) < 2:
+            raise PPCLError(f"FID needs at least 2 generated and 2 reference images, got {n_samples} samples and "
                             f"{len(ref_files)} reference images ({settings.reference})")
         fid_spec = settings.fid_features or ("clip" if settings.clip else None)
         if fid_spec is None:
@@ -140,8 +192,6 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
         settings = settings.model_copy(update={"fid_features": fid_spec})
     if settings.fid_features and not settings.reference:
         raise PPCLError("--fid-features given without --reference IMAGES: FID needs a reference set")
-    from ppcl.evaluate.judge import judge_weights_path, synth_attributes
-
     use_judge = settings.judge
     if use_judge is None:  # auto: the judge reads synth captions and nothing else
         use_judge = synth_attributes(prompts) is not None and judge_weights_path().is_file()
@@ -153,108 +203,108 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
     settings = settings.model_copy(update={"device": str(device), "dtype": str(dtype).removeprefix("torch.")})
     # The teacher's generation defaults (ppcl.json) fill what the caller left unset; every model is driven the
     # same way, and metrics.json records the values actually used.
-    from ppcl.arch import generation_defaults
-
     defaults = generation_defaults(teacher)
     settings = settings.model_copy(update={k: defaults[k] for k in ("steps", "height", "width", "guidance",
                                                                     "max_sequence_length")
                                            if getattr(settings, k) is None and defaults.get(k) is not None})
     # a folder without them: the sizes this evaluation always used (diffusers' own 1024 px is far too slow here)
     settings = settings.model_copy(update={k: v for k, v in FALLBACK_GENERATION.items() if getattr(settings, k) is None})
+    return settings, all_names, bool(use_judge)
 
-    # ---- 2. measuring networks
-    clip = clip_info = scorer = None
+
+def _meters(settings: EvalSettings, samples, use_judge: bool, device: torch.device, progress: bool) -> _Meters:
+    """The measuring networks ``settings`` asks for: CLIP, the FID extractor with the reference statistics, the
+    judge."""
+    from ppcl.evaluate import clip as clip_mod
+    from ppcl.evaluate import fid as fid_mod
+
+    m = _Meters()
+    clip = None
     if settings.clip:
         clip = clip_mod.load_clip(settings.clip, device)
-        clip_info = ExtractorInfo(name=settings.clip, sha256=fid_mod.state_dict_sha256(clip[0]),
-                                  num_features=int(clip[0].config.projection_dim))
-        scorer = clip_mod.ClipScorer(*clip)
-    fid_acc = fid_info = ref_info = None
+        m.clip_info = ExtractorInfo(name=settings.clip, sha256=fid_mod.state_dict_sha256(clip[0]),
+                                    num_features=int(clip[0].config.projection_dim))
+        m.scorer = clip_mod.ClipScorer(*clip)
     if settings.reference:
         extractor = fid_mod.load_extractor(settings.fid_features, clip, settings.clip)
-        fid_acc = fid_mod.FIDAccumulator(extractor, device)
-        stats = fid_mod.reference_statistics(fid_acc, settings.reference, settings.height, settings.width,
+        m.fid_acc = fid_mod.FIDAccumulator(extractor, device)
+        stats = fid_mod.reference_statistics(m.fid_acc, settings.reference, settings.height, settings.width,
                                              batch_size=settings.batch_size, cache_dir=settings.fid_cache_dir,
                                              progress=progress)
-        fid_info = ExtractorInfo(name=extractor.name, sha256=extractor.sha256,
-                                 num_features=int(fid_acc.metric.real_features_sum.numel()))
-        ref_info = ReferenceInfo(path=str(settings.reference), sha256=stats.sha256, num_images=stats.num_images,
-                                 statistics_cached=stats.cached)
-
-    judge = judge_info = judge_ref = None
+        m.fid_info = ExtractorInfo(name=extractor.name, sha256=extractor.sha256,
+                                   num_features=int(m.fid_acc.metric.real_features_sum.numel()))
+        m.ref_info = ReferenceInfo(path=str(settings.reference), sha256=stats.sha256, num_images=stats.num_images,
+                                   statistics_cached=stats.cached)
     if use_judge:
         from ppcl.evaluate.judge import JudgeScorer
 
-        judge = JudgeScorer([s.prompt for s in samples])
-        judge_info = ExtractorInfo(name="ppcl-judge", sha256=judge.sha256, num_features=judge.num_features)
-        judge_ref = ReferenceInfo(path="synth renders of the prompts' captions (ppcl.evaluate.judge)",
-                                  sha256=judge.reference_sha256, num_images=len(samples), statistics_cached=False)
+        m.judge = JudgeScorer([s.prompt for s in samples])
+        m.judge_info = ExtractorInfo(name="ppcl-judge", sha256=m.judge.sha256, num_features=m.judge.num_features)
+        m.judge_ref = ReferenceInfo(path="synth renders of the prompts' captions (ppcl.evaluate.judge)",
+                                    sha256=m.judge.reference_sha256, num_images=len(samples), statistics_cached=False)
+    return m
 
-    # ---- 3. one pipeline at a time
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
-    runs: list[_Run] = []
+
+def _evaluate_pipeline(run: _Run, samples, settings: EvalSettings, meters: _Meters, scratch: Path,
+                       device: torch.device, dtype, progress: bool):
+    """One pipeline's pass: load it, generate every sample (the teacher's latents and images spilled to ``scratch``,
+    a model's compared against them), feed the meters. Returns ``run`` filled and the transformer call of its
+    first generation (the teacher's is the input every transformer is timed on)."""
+    from safetensors.torch import load_file, save_file
+
+    from ppcl.arch import count_parameters, get_adapter, load_pipeline
+    from ppcl.evaluate.cost import PeakMemory, capture_transformer_call, release_memory
+    from ppcl.evaluate.fidelity import FidelityAccumulator
+    from ppcl.evaluate.generate import batched, generate
+    from ppcl.progress import progress as tqdm
+
     gen_kw = dict(steps=settings.steps, height=settings.height, width=settings.width, guidance=settings.guidance,
                   max_sequence_length=settings.max_sequence_length)
-    try:
-        for k, (name, path) in enumerate(zip(all_names, [teacher] + models)):
-            run = _Run(name, path, "teacher" if k == 0 else "model")
-            release_memory()
-            with PeakMemory(device) as peak:
-                pipe = load_pipeline(path, device=str(device), dtype=dtype)
-                adapter = get_adapter(pipe.transformer)
-                run.parameters = count_parameters(pipe.transformer)
-                with capture_transformer_call(pipe.transformer) as call:
-                    generate(pipe, adapter, samples[:1], **gen_kw)  # also the warm-up of the whole pipeline
-                run.calls_per_step = max(1, round(call.calls / settings.steps))
-                if k == 0:
-                    teacher_call = call  # the inputs every transformer is timed on (step 4)
-                del call
-                if judge:
-                    judge.reset()
-                if scorer:
-                    scorer.reset()
-                if fid_acc:
-                    fid_acc.reset_generated()
-                fidelity = FidelityAccumulator()
-                t0 = time.perf_counter()
-                for b, batch in enumerate(tqdm(list(batched(samples, settings.batch_size)), desc=name,
-                                               unit="batch", disable=not progress)):
-                    latents, images = generate(pipe, adapter, batch, **gen_kw)
-                    if scorer:
-                        scorer.update(images, [s.prompt for s in batch])
-                    if fid_acc:
-                        fid_acc.update(images, real=False)
-                    if judge:
-                        judge.update(images)
-                    spill = scratch / f"{b:06d}.safetensors"
-                    if run.role == "teacher":
-                        save_file({"latents": latents.contiguous(),
-                                   "images": (images * 255).round().to(torch.uint8).contiguous()}, str(spill))
-                    else:
-                        ref = load_file(str(spill))
-                        if ref["latents"].shape != latents.shape:
-                            raise PPCLError(f"model {path} returns latents of shape {tuple(latents.shape)}, the "
-                                            f"teacher {tuple(ref['latents'].shape)}: not comparable")
-                        fidelity.update(ref["latents"], latents, ref["images"].float() / 255.0, images)
-                    for s, img in zip(batch, images):
-                        if s.index < settings.grid_samples:
-                            run.grid_images.append(img.clone())
-                    del latents, images
-                run.generation_s = time.perf_counter() - t0
-            run.memory = peak.result
-            run.clip_score = scorer.compute() if scorer else None
-            run.fid = fid_acc.compute() if fid_acc else None
-            run.judge = judge.compute() if judge else None
-            run.fidelity = fidelity.result() if run.role == "model" else None
-            runs.append(run)
-            del pipe, adapter
-            release_memory()
-        _time_paired(runs, teacher_call, settings, device, dtype)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    release_memory()
+    with PeakMemory(device) as peak:
+        pipe = load_pipeline(run.path, device=str(device), dtype=dtype)
+        adapter = get_adapter(pipe.transformer)
+        run.parameters = count_parameters(pipe.transformer)
+        with capture_transformer_call(pipe.transformer) as call:
+            generate(pipe, adapter, samples[:1], **gen_kw)  # also the warm-up of the whole pipeline
+        run.calls_per_step = max(1, round(call.calls / settings.steps))
+        meters.reset()
+        fidelity = FidelityAccumulator()
+        t0 = time.perf_counter()
+        for b, batch in enumerate(tqdm(list(batched(samples, settings.batch_size)), desc=run.name, unit="batch",
+                                       disable=not progress)):
+            latents, images = generate(pipe, adapter, batch, **gen_kw)
+            meters.update(images, [s.prompt for s in batch])
+            spill = scratch / f"{b:06d}.safetensors"
+            if run.role == "teacher":
+                save_file({"latents": latents.contiguous(),
+                           "images": (images * 255).round().to(torch.uint8).contiguous()}, str(spill))
+            else:
+                ref = load_file(str(spill))
+                if ref["latents"].shape != latents.shape:
+                    raise PPCLError(f"model {run.path} returns latents of shape {tuple(latents.shape)}, the "
+                                    f"teacher {tuple(ref['latents'].shape)}: not comparable")
+                fidelity.update(ref["latents"], latents, ref["images"].float() / 255.0, images)
+            for s, img in zip(batch, images):
+                if s.index < settings.grid_samples:
+                    run.grid_images.append(img.clone())
+            del latents, images
+        run.generation_s = time.perf_counter() - t0
+    run.memory = peak.result
+    meters.collect(run)
+    run.fidelity = fidelity.result() if run.role == "model" else None
+    del pipe, adapter
+    release_memory()
+    return run, call
 
-    # ---- 4. outputs
+
+def _write_outputs(out: Path, runs: list[_Run], settings: EvalSettings, prompts: list[str], samples,
+                   teacher: Path, meters: _Meters) -> EvalResult:
+    """metrics.json, grid.png and report.html of the finished runs (``runs[0]`` is the teacher)."""
+    from ppcl.atomic import atomic_path, write_bytes, write_json
+    from ppcl.evaluate.grid import png_bytes, render_grid
+    from ppcl.evaluate.html import render_report
+
     t = runs[0]
     entries = [
         ModelMetrics(
@@ -270,8 +320,8 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
     ]
     metrics = EvalMetrics(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), settings=settings, prompts=prompts,
-        samples=len(samples), teacher=str(teacher), fid_extractor=fid_info, clip_model=clip_info,
-        reference=ref_info, judge=judge_info, judge_reference=judge_ref, models=entries,
+        samples=len(samples), teacher=str(teacher), fid_extractor=meters.fid_info, clip_model=meters.clip_info,
+        reference=meters.ref_info, judge=meters.judge_info, judge_reference=meters.judge_ref, models=entries,
     )
     shown = samples[: settings.grid_samples]
     grid = render_grid([(r.name, r.grid_images) for r in runs], [f"{s.prompt}  (seed {s.seed})" for s in shown])
