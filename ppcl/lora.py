@@ -553,18 +553,8 @@ def transfer(lora: str | Path, model: str | Path, out: str | Path, *, teacher: s
     (module doc); write it to ``out``. ``teacher`` defaults to the path the export's lineage records; ``data``: a
     latent cache folder, a list of cache-shaped batches, or None for the built-in synthetic set."""
     import torch
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from torch import nn
 
-    from ppcl.arch import get_adapter, load_pipeline
-    from ppcl.distill.losses import output_loss, teacher_pass, unit_step_losses
-    from ppcl.distill.optim import make_optimizer, make_scheduler
-    from ppcl.distill.settings import resolve_settings
-    from ppcl.distill.streams import step_inputs, training_stream
-    from ppcl.distill.units import Unit
     from ppcl.lineage import read_lineage
-    from ppcl.plugs import LOSS_EPS, freeze
 
     s = settings or TransferSettings()
     lineage = read_lineage(model)
@@ -575,8 +565,32 @@ def transfer(lora: str | Path, model: str | Path, out: str | Path, *, teacher: s
     if not teacher:
         raise PPCLError(f"--model {model}: its lineage records no teacher path: pass --teacher")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tpipe, tadapter, canon = _teacher_with_lora(teacher, lineage, lora, device)
+    st = _student_with_adapters(model, lineage, canon, s, device)
+    history = _train_transfer(tpipe, tadapter, st, data, s, teacher, device, progress)
 
-    # The frozen teacher: the teacher pipeline with the LoRA fused by diffusers' own loader.
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(st.pipe.transformer)
+    tensors = {f"transformer.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()}
+    cfg = {f"transformer.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in st.config.to_dict().items()}
+    tail = history[-10:]
+    meta = {"format": "pt", LORA_METADATA_KEY: json.dumps(cfg, indent=2, sort_keys=True, default=str),
+            PPCL_METADATA_KEY: json.dumps({"command": "lora transfer", "lora": str(lora), "lora_sha256": _sha256(lora),
+                                           "teacher": str(teacher), "plan_hash": lineage.plan_hash,
+                                           "settings": s.__dict__, "first_loss": history[0],
+                                           "final_loss": sum(tail) / len(tail)})}
+    save_lora(out, tensors, meta)
+    return TransferResult(Path(out), st.report, sorted(u.name for u in st.units), history[0], sum(tail) / len(tail),
+                          s.steps)
+
+
+def _teacher_with_lora(teacher, lineage, lora, device):
+    """The frozen teacher: the teacher pipeline (checked against the export's lineage) with ``lora`` fused by
+    diffusers' own loader, on ``device``. Returns the pipeline, its adapter and the LoRA in canonical form."""
+    from ppcl.arch import get_adapter, load_pipeline
+    from ppcl.plugs import freeze
+
     tpipe = load_pipeline(teacher)
     tadapter = get_adapter(tpipe)
     have = {name: len(getattr(tpipe.transformer, name)) for name, _ in tadapter.block_lists}
@@ -592,8 +606,33 @@ def transfer(lora: str | Path, model: str | Path, out: str | Path, *, teacher: s
     tpipe.fuse_lora()
     tpipe.unload_lora_weights()
     freeze(tpipe.transformer).to(device)
+    return tpipe, tadapter, canon
 
-    # The student: the pruned model with adapters on the remapped modules and on every plug.
+
+@dataclass
+class _TransferStudent:
+    """The pruned pipeline with LoRA adapters in place, what is trained of it, and the remap report."""
+
+    pipe: Any
+    adapter: Any
+    config: Any  # peft LoraConfig
+    report: Any
+    units: list  # ppcl.distill.units.Unit: the trained blocks
+    params: list  # the trained LoRA tensors
+
+
+def _student_with_adapters(model, lineage, canon, s: TransferSettings, device) -> _TransferStudent:
+    """The student: the pruned model with adapters on the modules the teacher LoRA remaps to (initialised from it)
+    and, at the most common rank, on the adapted modules of every plug and width-modified block (every block when
+    the output-level term trains the whole student)."""
+    import torch
+    from peft import LoraConfig
+    from torch import nn
+
+    from ppcl.arch import get_adapter, load_pipeline
+    from ppcl.distill.units import Unit
+    from ppcl.plugs import freeze
+
     spipe = load_pipeline(model)
     sadapter = get_adapter(spipe)
     freeze(spipe.transformer)
@@ -642,6 +681,20 @@ def transfer(lora: str | Path, model: str | Path, out: str | Path, *, teacher: s
     if not params:
         raise PPCLError(f"--model {model}: no plug or width-modified block to train and output_loss_weight is 0: the "
                         f"remapped LoRA is already exact (use `ppcl lora remap`)")
+    return _TransferStudent(spipe, sadapter, config, report, units, params)
+
+
+def _train_transfer(tpipe, tadapter, st: _TransferStudent, data, s: TransferSettings, teacher, device,
+                    progress: bool) -> list[float]:
+    """The training loop: per step, one teacher+LoRA pass, the teacher-forced D of every trained block and the
+    optional output-level MSE, one AdamW step. Returns the total loss of every step."""
+    import torch
+
+    from ppcl.distill.losses import output_loss, teacher_pass, unit_step_losses
+    from ppcl.distill.optim import make_optimizer, make_scheduler
+    from ppcl.distill.settings import resolve_settings
+    from ppcl.distill.streams import step_inputs, training_stream
+    from ppcl.plugs import LOSS_EPS
 
     dset = resolve_settings(None, dict(
         steps=s.steps, lr=s.lr, batch_size=s.batch_size, warmup_steps=min(s.warmup_steps, s.steps - 1),
@@ -650,7 +703,7 @@ def transfer(lora: str | Path, model: str | Path, out: str | Path, *, teacher: s
         **({"resolution": s.resolution} if s.resolution else _default_resolution(teacher))))
     _, stream = training_stream(tpipe, data, dset)
     noised = step_inputs(tpipe, tadapter, dset, device, torch.float32, 0)
-    optimizer = make_optimizer(params, dset, device)
+    optimizer = make_optimizer(st.params, dset, device)
     scheduler = make_scheduler(optimizer, dset)
     history: list[float] = []
     bar = None
@@ -661,16 +714,16 @@ def transfer(lora: str | Path, model: str | Path, out: str | Path, *, teacher: s
     for step in range(s.steps):
         # batch -> inputs; teacher+LoRA pass (calls entering / streams leaving every trained block's interval)
         inputs = noised(next(stream), step)
-        calls, outs, t_out = teacher_pass(tadapter, inputs, units, full=s.output_loss_weight > 0)
+        calls, outs, t_out = teacher_pass(tadapter, inputs, st.units, full=s.output_loss_weight > 0)
         # per-block D of every trained student block, teacher-forced; optionally the output-level MSE
-        total = sum(v for u in units for v in unit_step_losses(u, calls, outs, LOSS_EPS).values())
+        total = sum(v for u in st.units for v in unit_step_losses(u, calls, outs, LOSS_EPS).values())
         if s.output_loss_weight > 0:
-            total = total + s.output_loss_weight * output_loss(sadapter.forward(inputs), t_out)
+            total = total + s.output_loss_weight * output_loss(st.adapter.forward(inputs), t_out)
         if not torch.isfinite(total):
             raise PPCLError(f"lora transfer: loss is not finite at step {step + 1}: lower --lr")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(st.params, s.max_grad_norm)
         optimizer.step()
         scheduler.step()
         history.append(float(total.detach()))
@@ -679,18 +732,7 @@ def transfer(lora: str | Path, model: str | Path, out: str | Path, *, teacher: s
             bar.set_postfix(loss=f"{history[-1]:.4f}")
     if bar is not None:
         bar.close()
-
-    state = get_peft_model_state_dict(spipe.transformer)
-    tensors = {f"transformer.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()}
-    cfg = {f"transformer.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
-    tail = history[-10:]
-    meta = {"format": "pt", LORA_METADATA_KEY: json.dumps(cfg, indent=2, sort_keys=True, default=str),
-            PPCL_METADATA_KEY: json.dumps({"command": "lora transfer", "lora": str(lora), "lora_sha256": _sha256(lora),
-                                           "teacher": str(teacher), "plan_hash": lineage.plan_hash,
-                                           "settings": s.__dict__, "first_loss": history[0],
-                                           "final_loss": sum(tail) / len(tail)})}
-    save_lora(out, tensors, meta)
-    return TransferResult(Path(out), report, sorted(trained), history[0], sum(tail) / len(tail), s.steps)
+    return history
 
 
 def _get(module, path: str):
