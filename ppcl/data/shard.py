@@ -293,46 +293,15 @@ def shard_source(
     storage.check_bucket(out)  # a wrong bucket or credentials must fail before an hour of reading
 
     fmt_used = detect_format(list_source(source)) if fmt == "auto" else fmt
-    rejected: list[RejectedSample] = []
-    read = 0
     fresh: list[str] = []  # files this run added: removed again if it fails, so the old generation stays
     created = False
     spill_dir = Path(tempfile.mkdtemp(prefix="ppcl-shard-"))
     try:
         # Pass 1: read, validate, route each sample to its shard's spill file.
         spills = [spill_dir / f"{i:05d}.bin" for i in range(num_shards)]
-        handles: dict[int, object] = {}
-        try:
-            samples = iter_samples(
-                source, fmt=fmt_used, caption_column=caption_column, image_column=image_column,
-                key_column=key_column,
-            )  # fmt: skip
-            for s in tqdm(samples, desc="shard: read", unit="sample", disable=not progress):
-                read += 1
-                problem = s.problem
-                if problem is None:
-                    try:
-                        w, h = inspect_image(s.image, min_size)
-                    except ValueError as e:
-                        problem = str(e)
-                if problem is not None:
-                    rejected.append(RejectedSample(key=s.key, location=s.location, reason=problem))
-                    continue
-                i = shard_of(s.key, num_shards)
-                if i not in handles:
-                    handles[i] = open(spills[i], "ab", buffering=1024 * 1024)
-                _spill_write(handles[i], s.key.encode(), s.caption.encode(), s.image, s.location.encode(), w, h)
-        finally:
-            for f in handles.values():
-                f.close()
-        if read == 0:
-            raise PPCLError(f"source {source} contains no samples")
-        if read == len(rejected):
-            first = rejected[0]
-            raise PPCLError(
-                f"source {source} has no valid sample: all {read} rejected "
-                f"(first: '{first.key}' at {first.location}: {first.reason})"
-            )
+        read, rejected = _spill_samples(source, fmt_used, spills, caption_column=caption_column,
+                                        image_column=image_column, key_column=key_column, min_size=min_size,
+                                        progress=progress)
 
         # Pass 2: one shard at a time, sorted by key; skip shards whose bytes did not change.
         existing = _existing(out, num_shards)
@@ -391,6 +360,47 @@ def shard_source(
             if p.name not in keep and _SHARD_FILE.fullmatch(p.name):
                 p.unlink(missing_ok=True)
     return manifest, written
+
+
+def _spill_samples(source: str, fmt: str, spills: list[Path], *, caption_column: str | None,
+                   image_column: str | None, key_column: str | None, min_size: int, progress: bool
+                   ) -> tuple[int, list[RejectedSample]]:
+    """Pass 1 of :func:`shard_source`: read every sample of ``source``, validate it, append the valid ones to the
+    spill file of their shard (``spills[shard_of(key)]``). Returns (samples read, rejected samples); raises
+    PPCLError when the source has no sample or no valid one."""
+    from ppcl.progress import progress as tqdm
+
+    rejected: list[RejectedSample] = []
+    read = 0
+    handles: dict[int, object] = {}
+    try:
+        samples = iter_samples(source, fmt=fmt, caption_column=caption_column, image_column=image_column,
+                               key_column=key_column)
+        for s in tqdm(samples, desc="shard: read", unit="sample", disable=not progress):
+            read += 1
+            problem = s.problem
+            if problem is None:
+                try:
+                    w, h = inspect_image(s.image, min_size)
+                except ValueError as e:
+                    problem = str(e)
+            if problem is not None:
+                rejected.append(RejectedSample(key=s.key, location=s.location, reason=problem))
+                continue
+            i = shard_of(s.key, len(spills))
+            if i not in handles:
+                handles[i] = open(spills[i], "ab", buffering=1024 * 1024)
+            _spill_write(handles[i], s.key.encode(), s.caption.encode(), s.image, s.location.encode(), w, h)
+    finally:
+        for f in handles.values():
+            f.close()
+    if read == 0:
+        raise PPCLError(f"source {source} contains no samples")
+    if read == len(rejected):
+        first = rejected[0]
+        raise PPCLError(f"source {source} has no valid sample: all {read} rejected "
+                        f"(first: '{first.key}' at {first.location}: {first.reason})")
+    return read, rejected
 
 
 #: Files shard owns in its output folder: shards of any generation and temporaries of killed runs.
