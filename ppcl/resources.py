@@ -751,6 +751,25 @@ def _teacher_on(meter: LiveBytes, transformer, dtype: torch.dtype) -> None:
         meter.name([*transformer.parameters(), *transformer.buffers()], "teacher weights")
 
 
+@contextlib.contextmanager
+def _bf16_teacher_counted(adapter, stage: str):
+    """A fresh meter over the meta transformer of ``adapter``, the teacher moved to bf16 under it (the "load"
+    phase); yields ``(meter, device)``; the transformer's dtype is restored on exit. ``stage`` names the command in
+    the error for a transformer that is not on meta."""
+    transformer = adapter.transformer
+    device = next(transformer.parameters()).device
+    if device.type != "meta":
+        raise PPCLError(f"resource planner: {stage} is counted on the meta device only, not on {device}")
+    meter = LiveBytes("meta")
+    dtype0 = transformer.dtype
+    try:
+        with meter:
+            _teacher_on(meter, transformer, torch.bfloat16)
+            yield meter, device
+    finally:
+        transformer.to(dtype0)
+
+
 def probe_memory(adapter, knobs: StageKnobs | None = None) -> MemoryEstimate:
     """Per-GPU memory of ``ppcl probe`` (bf16 teacher on the GPU, the probe settings' defaults) on one batch: the
     real :func:`ppcl.probe.probe_transformer` on meta tensors. Memory is the same for every forward after the first
@@ -761,27 +780,17 @@ def probe_memory(adapter, knobs: StageKnobs | None = None) -> MemoryEstimate:
 
     knobs = knobs or StageKnobs()
     s = ProbeSettings()
-    transformer = adapter.transformer
-    device = next(transformer.parameters()).device
-    if device.type != "meta":
-        raise PPCLError(f"resource planner: the probe is counted on the meta device only, not on {device}")
-    meter = LiveBytes("meta")
-    dtype0 = transformer.dtype
-    try:
-        with meter:
-            _teacher_on(meter, transformer, torch.bfloat16)
-            with meter.during("probe"), CudaAutocast(None):
-                batch = example_batch(adapter, knobs, device, torch.bfloat16)
-                acc, _ = probe_transformer(adapter, {}, [batch], timesteps=1, seed=s.seed, probe_dim=s.probe_dim,
-                                           max_interval=s.max_interval, ridge=s.ridge, hsic_tokens=s.hsic_tokens)
-                stats = [acc.proj] + [t for b in acc.banks.values() for t in (
-                    *b.sum, *b.gram, *(c for w in b.cross for c in w), b.cos_sum, b.ang_sum, b.cos_n, b.hsic_sum,
-                    b.hsic_n)]
-                meter.name(stats, "probe statistics")
-                k = acc.k
-            del acc, batch, stats
-    finally:
-        transformer.to(dtype0)
+    with _bf16_teacher_counted(adapter, "the probe") as (meter, device):
+        with meter.during("probe"), CudaAutocast(None):
+            batch = example_batch(adapter, knobs, device, torch.bfloat16)
+            acc, _ = probe_transformer(adapter, {}, [batch], timesteps=1, seed=s.seed, probe_dim=s.probe_dim,
+                                       max_interval=s.max_interval, ridge=s.ridge, hsic_tokens=s.hsic_tokens)
+            stats = [acc.proj] + [t for b in acc.banks.values() for t in (
+                *b.sum, *b.gram, *(c for w in b.cross for c in w), b.cos_sum, b.ang_sum, b.cos_n, b.hsic_sum,
+                b.hsic_n)]
+            meter.name(stats, "probe statistics")
+            k = acc.k
+        del acc, batch, stats
     est = MemoryEstimate("probe", knobs, _phases(meter, ("load", "probe"), lambda n: {n}),
                          rows=("teacher weights", "probe statistics", "transient"),
                          counted="real code on meta: ppcl.probe.probe_transformer (bf16 teacher, float64 statistics)")
@@ -865,23 +874,13 @@ def evaluate_memory(adapter, knobs: StageKnobs | None = None, model: str | Path 
     from ppcl.calibration import noise_batch
 
     knobs = knobs or StageKnobs()
-    transformer = adapter.transformer
-    device = next(transformer.parameters()).device
-    if device.type != "meta":
-        raise PPCLError(f"resource planner: evaluate is counted on the meta device only, not on {device}")
-    meter = LiveBytes("meta")
-    dtype0 = transformer.dtype
-    try:
-        with meter:
-            _teacher_on(meter, transformer, torch.bfloat16)
-            with meter.during("denoise"), CudaAutocast(None), torch.no_grad():
-                cfg = dataclasses.replace(knobs, batch_size=2 * knobs.batch_size)
-                inputs = noise_batch(adapter, {}, example_batch(adapter, cfg, device, torch.bfloat16),
-                                     generator=torch.Generator().manual_seed(0)).model_inputs
-                out = adapter.forward(inputs)
-                del out, inputs
-    finally:
-        transformer.to(dtype0)
+    with _bf16_teacher_counted(adapter, "evaluate") as (meter, device):
+        with meter.during("denoise"), CudaAutocast(None), torch.no_grad():
+            cfg = dataclasses.replace(knobs, batch_size=2 * knobs.batch_size)
+            inputs = noise_batch(adapter, {}, example_batch(adapter, cfg, device, torch.bfloat16),
+                                 generator=torch.Generator().manual_seed(0)).model_inputs
+            out = adapter.forward(inputs)
+            del out, inputs
     est = MemoryEstimate("evaluate", knobs, _phases(meter, ("load", "denoise"), lambda n: {n}),
                          rows=("teacher weights", "transient"),
                          counted="real transformer forward on meta (no grad, 2 x batch for guidance); other "
