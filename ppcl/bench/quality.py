@@ -292,25 +292,13 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     if s.threads:
         torch.set_num_threads(s.threads)
 
-    from ppcl.arch import generation_defaults, load_pipeline
-    from ppcl.data.encode import encode_shards
-    from ppcl.data.shard import shard_source
-    from ppcl.data.synth import write_synth
-    from ppcl.export import export
     from ppcl.probe import run_probe
 
-    defaults = generation_defaults(teacher_dir)
-    res = defaults.get("height", 32)
-    timings: dict[str, float] = {}
-
     # ---- data, once
-    write_synth(work / "synth", s.data_samples, size=res, seed=s.seed)
-    shard_source(str(work / "synth"), str(work / "shards"), 2, progress=False)
-    encode_shards(str(teacher_dir), str(work / "shards"), str(work / "cache"), resolution=res, batch_size=64,
-                  progress=False)
-    shutil.rmtree(work / "synth")
-    timings["data"] = time.time() - t0
-    _log(f"cache of {s.data_samples} samples at {res} px, text length {defaults.get('max_sequence_length')}", t0)
+    defaults = build_cache(teacher_dir, work, s)
+    timings: dict[str, float] = {"data": time.time() - t0}
+    _log(f"cache of {s.data_samples} samples at {defaults.get('height', 32)} px, text length "
+         f"{defaults.get('max_sequence_length')}", t0)
 
     # ---- probe, once
     probe = run_probe(str(teacher_dir), work / "probe", data=str(work / "cache"), samples=s.probe_samples,
@@ -333,8 +321,69 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     timings["distill"] = time.time() - t_distill
 
     # ---- evaluation
-    ev = _Evaluator(teacher_dir, s)
     t_eval = time.time()
+    rows = evaluate_rows(teacher_dir, work, plans, per_ratio, runs, s, t0)
+    timings["evaluate"] = time.time() - t_eval
+
+    for r in rows:
+        if r.ratio is None or r.name == "ppcl":
+            continue
+        ref = next(x for x in rows if x.name == "ppcl" and x.ratio == r.ratio)
+        r.beats_ppcl = {"judge_accuracy": r.judge_accuracy > ref.judge_accuracy, "judge_fid": r.judge_fid < ref.judge_fid}
+
+    result = {
+        "version": 1,
+        "teacher": str(teacher_dir),
+        "generation": defaults,
+        "settings": {**asdict(s), "ratios": list(s.ratios), "rows": list(s.rows),
+                     "output_loss_ratios": list(s.output_loss_ratios)},
+        "plans": {k: {"intervals": [list(iv) for iv in p.intervals], "keep_fraction": p.params.student / p.params.teacher}
+                  for k, p in {**plans, **{f"ppcl-{r:g}": p for r, p in per_ratio.items()}}.items()},
+        "rows": [asdict(r) for r in rows],
+        "targets": targets([asdict(r) for r in rows], low),
+        "seconds": {**timings, "total": time.time() - t0, "distill_runs": run_seconds},
+        "distill_processes": dict(zip(("processes", "threads_each"), parallel_plan(len(jobs), s.workers, s.threads))),
+        "cpu_seconds": _cpu_seconds() - cpu0,
+        "threads": torch.get_num_threads(),
+    }
+    from ppcl.atomic import write_bytes, write_json
+
+    write_json(out / "quality.json", result)
+    write_bytes(out / "quality.md", markdown(result).encode())
+    write_bytes(out / "quality.png", plot(result))
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    _log(f"done: {out / 'quality.md'}", t0)
+    return result
+
+
+def build_cache(teacher_dir: Path, work: Path, s: QualitySettings) -> dict[str, Any]:
+    """The latent cache every row trains on (``work/cache``): synth images at the teacher's resolution, sharded,
+    encoded with the teacher's VAE and text encoders. Returns the teacher's generation defaults."""
+    from ppcl.arch import generation_defaults
+    from ppcl.data.encode import encode_shards
+    from ppcl.data.shard import shard_source
+    from ppcl.data.synth import write_synth
+
+    defaults = generation_defaults(teacher_dir)
+    res = defaults.get("height", 32)
+    write_synth(work / "synth", s.data_samples, size=res, seed=s.seed)
+    shard_source(str(work / "synth"), str(work / "shards"), 2, progress=False)
+    encode_shards(str(teacher_dir), str(work / "shards"), str(work / "cache"), resolution=res, batch_size=64,
+                  progress=False)
+    shutil.rmtree(work / "synth")
+    return defaults
+
+
+def evaluate_rows(teacher_dir: Path, work: Path, plans: dict[str, Any], per_ratio: dict[float, Any],
+                  runs: dict[str, Path], s: QualitySettings, t0: float) -> list[Row]:
+    """Every row of the table: the teacher, then per ratio each row's export of its run (``work/models``) through
+    the one evaluator."""
+    from ppcl.arch import load_pipeline
+    from ppcl.export import export
+
+    ev = _Evaluator(teacher_dir, s)
+    low = min(s.ratios)
     rows: list[Row] = []
     teacher_pipe = load_pipeline(teacher_dir)
     m = ev(teacher_pipe, "teacher")
@@ -386,38 +435,7 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
                 pipe, ch = exported(f"ppcl-{ratio:g}", per_ratio[ratio], runs[f"ppcl-{ratio:g}"], ratio,
                                     all_intervals=True)
                 add("per-ratio", ratio, pipe, per_ratio[ratio], ch, f"ppcl-{ratio:g}", "plan selected at this ratio, own run")
-    timings["evaluate"] = time.time() - t_eval
-
-    for r in rows:
-        if r.ratio is None or r.name == "ppcl":
-            continue
-        ref = next(x for x in rows if x.name == "ppcl" and x.ratio == r.ratio)
-        r.beats_ppcl = {"judge_accuracy": r.judge_accuracy > ref.judge_accuracy, "judge_fid": r.judge_fid < ref.judge_fid}
-
-    result = {
-        "version": 1,
-        "teacher": str(teacher_dir),
-        "generation": defaults,
-        "settings": {**asdict(s), "ratios": list(s.ratios), "rows": list(s.rows),
-                     "output_loss_ratios": list(s.output_loss_ratios)},
-        "plans": {k: {"intervals": [list(iv) for iv in p.intervals], "keep_fraction": p.params.student / p.params.teacher}
-                  for k, p in {**plans, **{f"ppcl-{r:g}": p for r, p in per_ratio.items()}}.items()},
-        "rows": [asdict(r) for r in rows],
-        "targets": targets([asdict(r) for r in rows], low),
-        "seconds": {**timings, "total": time.time() - t0, "distill_runs": run_seconds},
-        "distill_processes": dict(zip(("processes", "threads_each"), parallel_plan(len(jobs), s.workers, s.threads))),
-        "cpu_seconds": _cpu_seconds() - cpu0,
-        "threads": torch.get_num_threads(),
-    }
-    from ppcl.atomic import write_bytes, write_json
-
-    write_json(out / "quality.json", result)
-    write_bytes(out / "quality.md", markdown(result).encode())
-    write_bytes(out / "quality.png", plot(result))
-    if not keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    _log(f"done: {out / 'quality.md'}", t0)
-    return result
+    return rows
 
 
 def make_plans(probe, teacher_dir: Path, work: Path, s: QualitySettings, timings: dict[str, float], t0: float
