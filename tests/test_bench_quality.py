@@ -37,6 +37,10 @@ def test_smoke_table_has_every_row_and_column(smoke):
                 assert r["params_ratio"] <= ratio
             if r["name"] != "ppcl":
                 assert set(r["beats_ppcl"]) == {"judge_accuracy", "judge_fid"}
+                assert r["judge_fid_diff_se"] >= 0
+                # FID beats ppcl only by more than the SE of the difference
+                ppcl_fid = next(x["judge_fid"] for x in rows if x["name"] == "ppcl" and x["ratio"] == ratio)
+                assert r["beats_ppcl"]["judge_fid"] == (r["judge_fid"] < ppcl_fid - r["judge_fid_diff_se"])
     # no distillation keeps exactly ppcl's intervals and parameter count
     for ratio in (0.7, 0.5):
         p = next(r for r in rows if r["name"] == "ppcl" and r["ratio"] == ratio)
@@ -49,7 +53,8 @@ def test_smoke_table_has_every_row_and_column(smoke):
 def test_smoke_writes_markdown_and_plot(smoke):
     md = (smoke / "quality.md").read_text()
     assert md.startswith("| ratio | row | params |")
-    assert "| 0.5 | ppcl |" in md and "Targets:" in md
+    assert "| 0.5 | ppcl |" in md and "Targets:" in md and "judge-FID (± SE of the difference to ppcl)" in md
+    assert "(±" in md
     assert (smoke / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -96,3 +101,59 @@ def test_bad_training_flags_are_one_line_errors(tmp_path, capsys, flag, value, m
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "q").exists()
+
+
+def test_fid_difference_se_is_the_spread_of_the_paired_difference():
+    import numpy as np
+
+    from ppcl.bench.judge import fid_difference_se
+    from ppcl.errors import PPCLError
+    from ppcl.evaluate.fid import frechet_distance
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(512, 8))
+    near = ref + 0.3 * rng.normal(size=ref.shape)
+    far = ref + 0.3 * rng.normal(size=ref.shape) + 0.5  # a mean shift of 0.5 in every feature: FID + 2.0
+
+    def fid(x):
+        return frechet_distance(x.mean(0), np.cov(x, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
+
+    assert fid_difference_se(near, near, ref) == 0.0  # the same model: no spread at all
+    se = fid_difference_se(far, near, ref)
+    gap = fid(far) - fid(near)
+    assert 1.8 < gap < 2.2 and 0 < se < gap / 5  # a clear gap, measured as clear
+    # two models of the same quality: the difference is within a few SE
+    other = ref + 0.3 * rng.normal(size=ref.shape)
+    assert abs(fid(other) - fid(near)) < 3 * fid_difference_se(other, near, ref)
+    with pytest.raises(PPCLError, match="same length"):
+        fid_difference_se(near[:10], near, ref)
+
+
+def test_a_lower_fid_beats_ppcl_only_beyond_the_standard_error():
+    import numpy as np
+
+    from ppcl.bench.quality import Row, compare_with_ppcl
+    from ppcl.evaluate.fid import frechet_distance
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(256, 8))
+    shift = {"ppcl": 0.2, "same": 0.2, "better": 0.0, "worse": 0.4}
+    f = {(k, 0.5): ref + 0.3 * rng.normal(size=ref.shape) + v for k, v in shift.items()}
+
+    def row(name, acc):
+        x = f[(name, 0.5)]
+        fid = frechet_distance(x.mean(0), np.cov(x, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
+        return Row(name, 0.5, 100, 0.5, 0.5, acc, 0.8, fid, 20.0)
+
+    rows = [Row("teacher", None, 200, 1.0, 1.0, 0.99, 0.9, 10.0, None), row("ppcl", 0.95), row("same", 0.94),
+            row("better", 0.96), row("worse", 0.97)]
+    compare_with_ppcl(rows, f, ref)
+    ppcl, same, better, worse = rows[1:]
+    assert ppcl.beats_ppcl is None and ppcl.judge_fid_diff_se is None
+    for r in (same, better, worse):
+        assert r.judge_fid_diff_se > 0
+        assert r.beats_ppcl["judge_fid"] == (r.judge_fid < ppcl.judge_fid - r.judge_fid_diff_se)
+    # the same quality: the FID gap is noise, a few SE at most, and does not count as a win here
+    assert abs(same.judge_fid - ppcl.judge_fid) < 3 * same.judge_fid_diff_se and not same.beats_ppcl["judge_fid"]
+    assert better.beats_ppcl == {"judge_accuracy": True, "judge_fid": True}
+    assert worse.beats_ppcl == {"judge_accuracy": True, "judge_fid": False}

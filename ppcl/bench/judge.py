@@ -208,6 +208,36 @@ def judge_fid(images: torch.Tensor, reference: torch.Tensor, judge: Judge | None
     return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
+def fid_difference_se(a: np.ndarray, b: np.ndarray, ref: np.ndarray, n_boot: int = 100, seed: int = 0) -> float:
+    """Standard error of ``FID(a, ref) - FID(b, ref)`` by a paired bootstrap over samples.
+
+    ``a``, ``b``, ``ref``: feature rows (N, D) of two models' images and of the reference, row i of each for the same
+    caption and seed (the benchmark's evaluation set). Each of ``n_boot`` resamples draws N sample indices with
+    replacement and uses them in all three sets, so the caption mix is shared and the SE is of the difference itself
+    (much smaller than either FID's own spread). Fréchet distances via the eigenvalues of ``S1 S2`` (real and
+    non-negative for covariances; the trace of its square root is the sum of their roots)."""
+    if not (len(a) == len(b) == len(ref)) or len(a) < 2:
+        raise PPCLError(f"fid_difference_se: needs paired feature sets of the same length >= 2, got {len(a)}, "
+                        f"{len(b)}, {len(ref)}")
+    rng = np.random.default_rng(seed)
+
+    def fd(x: np.ndarray, y: np.ndarray) -> float:
+        s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+        try:  # S1 = L L^T: the eigenvalues of S1 S2 are those of the symmetric L^T S2 L (eigvalsh: faster)
+            chol = np.linalg.cholesky(s1)
+            ev = np.linalg.eigvalsh(chol.T @ s2 @ chol)
+        except np.linalg.LinAlgError:  # singular S1 (fewer samples than features)
+            ev = np.linalg.eigvals(s1 @ s2).real
+        tr_sqrt = np.sqrt(np.clip(ev, 0, None)).sum()
+        return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+    diffs = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(a), len(a))
+        diffs.append(fd(a[i], ref[i]) - fd(b[i], ref[i]))
+    return float(np.std(diffs, ddof=1))
+
+
 def synth_batch(n: int, seed: int, size: int = INPUT_SIZE, start: int = 0) -> tuple[torch.Tensor, list[dict]]:
     """Real synth images (n, 3, size, size) in [0, 1] and their attributes."""
     arr, _, attrs = synth.synth_arrays(n, size=size, seed=seed, start=start)

@@ -130,6 +130,8 @@ class Row:
     run: str | None = None
     beats_ppcl: dict[str, bool] | None = None
     note: str = ""
+    #: standard error of this row's judge-FID minus ppcl's at the same ratio (paired bootstrap, fid_difference_se)
+    judge_fid_diff_se: float | None = None
 
 
 def _log(msg: str, t0: float) -> None:
@@ -194,7 +196,7 @@ class _Evaluator:
         import torch
 
         from ppcl.arch import generation_defaults
-        from ppcl.bench.judge import load_judge, synth_batch
+        from ppcl.bench.judge import judge_features, load_judge, synth_batch
         from ppcl.bench.teacher import EVAL_SEED, eval_prompts
         from ppcl.data.synth import parse_caption
 
@@ -208,6 +210,9 @@ class _Evaluator:
                 raise AssertionError(f"parse_caption disagrees with synth on {p!r}")
         self.real, _ = synth_batch(s.eval_n, EVAL_SEED, 32)
         self.judge = load_judge()
+        self.real_features = judge_features(self.real, self.judge).double().numpy()
+        #: judge features of the images of the last call (for the paired FID comparisons)
+        self.last_features = None
         self.teacher_latents = None
         self.teacher_latency = None
         torch.manual_seed(0)
@@ -216,8 +221,11 @@ class _Evaluator:
         import torch
 
         from ppcl.arch import count_parameters, get_adapter
-        from ppcl.bench.judge import judge_fid, judge_scores
+        import numpy as np
+
+        from ppcl.bench.judge import judge_features, judge_scores
         from ppcl.evaluate.cost import capture_transformer_call, measure_latency
+        from ppcl.evaluate.fid import frechet_distance
         from ppcl.evaluate.fidelity import fidelity
         from ppcl.evaluate.generate import Sample, batched, generate
 
@@ -236,12 +244,14 @@ class _Evaluator:
         one = _first_sample_call(call)
         latency = measure_latency(pipe.transformer, one, warmup=3, repeats=self.s.latency_repeats).median_s
         scores = judge_scores(images, self.attrs, self.judge)
+        a, b = judge_features(images, self.judge).double().numpy(), self.real_features
+        self.last_features = a
         out = {
             "parameters": count_parameters(pipe.transformer),
             "latency_s": latency,
             "judge_accuracy": scores["attribute_accuracy"],
             "image_accuracy": scores["image_accuracy"],
-            "judge_fid": judge_fid(images, self.real, self.judge),
+            "judge_fid": frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)),
         }
         if self.teacher_latents is None:
             self.teacher_latents, self.teacher_latency = latents, latency
@@ -325,12 +335,6 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     rows = evaluate_rows(teacher_dir, work, plans, per_ratio, runs, s, t0)
     timings["evaluate"] = time.time() - t_eval
 
-    for r in rows:
-        if r.ratio is None or r.name == "ppcl":
-            continue
-        ref = next(x for x in rows if x.name == "ppcl" and x.ratio == r.ratio)
-        r.beats_ppcl = {"judge_accuracy": r.judge_accuracy > ref.judge_accuracy, "judge_fid": r.judge_fid < ref.judge_fid}
-
     result = {
         "version": 1,
         "teacher": str(teacher_dir),
@@ -392,8 +396,11 @@ def evaluate_rows(teacher_dir: Path, work: Path, plans: dict[str, Any], per_rati
     del teacher_pipe
     _log(f"teacher: accuracy {m['judge_accuracy']:.4f}, FID {m['judge_fid']:.2f}", t0)
 
+    features: dict[tuple[str, float], Any] = {}
+
     def add(name: str, ratio: float, pipe, plan, chosen: list[int], run: str | None, note: str = "") -> None:
         m = ev(pipe, name)
+        features[(name, ratio)] = ev.last_features
         rows.append(Row(name, ratio, m["parameters"], m["parameters"] / total, m["latency_ratio"],
                         m["judge_accuracy"], m["image_accuracy"], m["judge_fid"], m["latent_psnr_db"],
                         [list(plan.intervals[k]) for k in chosen], run, note=note))
@@ -427,6 +434,7 @@ def evaluate_rows(teacher_dir: Path, work: Path, plans: dict[str, Any], per_rati
             if ratio == low and f"ppcl-{low:g}" not in runs:
                 src = next(r for r in rows if r.name == "ppcl" and r.ratio == ratio)
                 rows.append(Row(**{**asdict(src), "name": "per-ratio", "note": "the 0.5 run is ppcl's own run"}))
+                features[("per-ratio", ratio)] = features[("ppcl", ratio)]
             elif ratio == low:
                 pipe, ch = exported(f"ppcl-{low:g}", plans["ppcl"], runs[f"ppcl-{low:g}"], ratio, all_intervals=True)
                 add("per-ratio", ratio, pipe, plans["ppcl"], ch, f"ppcl-{low:g}",
@@ -435,7 +443,23 @@ def evaluate_rows(teacher_dir: Path, work: Path, plans: dict[str, Any], per_rati
                 pipe, ch = exported(f"ppcl-{ratio:g}", per_ratio[ratio], runs[f"ppcl-{ratio:g}"], ratio,
                                     all_intervals=True)
                 add("per-ratio", ratio, pipe, per_ratio[ratio], ch, f"ppcl-{ratio:g}", "plan selected at this ratio, own run")
+    compare_with_ppcl(rows, features, ev.real_features)
     return rows
+
+
+def compare_with_ppcl(rows: list[Row], features: dict[tuple[str, float], Any], reference) -> None:
+    """Fill ``beats_ppcl`` and ``judge_fid_diff_se`` of every row with a ratio: higher judge accuracy beats ppcl;
+    a lower judge-FID beats it only by more than the standard error of the difference (issue 19: "on judge-FID or
+    within its standard error"), from a paired bootstrap of the 512 samples (:func:`fid_difference_se`)."""
+    from ppcl.bench.judge import fid_difference_se
+
+    for r in rows:
+        if r.ratio is None or r.name == "ppcl":
+            continue
+        ref = next(x for x in rows if x.name == "ppcl" and x.ratio == r.ratio)
+        r.judge_fid_diff_se = fid_difference_se(features[(r.name, r.ratio)], features[("ppcl", r.ratio)], reference)
+        r.beats_ppcl = {"judge_accuracy": r.judge_accuracy > ref.judge_accuracy,
+                        "judge_fid": r.judge_fid < ref.judge_fid - r.judge_fid_diff_se}
 
 
 def make_plans(probe, teacher_dir: Path, work: Path, s: QualitySettings, timings: dict[str, float], t0: float
@@ -597,7 +621,8 @@ def _f(x: float | None, d: int = 3) -> str:
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
-        "| ratio | row | params | latency ratio | judge acc. | image acc. | judge-FID | latent PSNR (dB) | beats PPCL? |",
+        "| ratio | row | params | latency ratio | judge acc. | image acc. | judge-FID (± SE of the difference to ppcl) "
+        "| latent PSNR (dB) | beats PPCL? |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -606,7 +631,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {'' if r['ratio'] is None else format(r['ratio'], 'g')} | {r['name']} | {r['params_ratio']:.3f} "
             f"({r['parameters'] / 1e6:.2f} M) | {r['latency_ratio']:.2f} | {r['judge_accuracy']:.4f} | "
-            f"{r['image_accuracy']:.3f} | {_f(r['judge_fid'], 2)} | {_f(r['latent_psnr_db'], 2)} | {beats} |"
+            f"{r['image_accuracy']:.3f} | {_f(r['judge_fid'], 2)}{_se(r)} | {_f(r['latent_psnr_db'], 2)} | {beats} |"
         )
     t = result["targets"]
     sec = result["seconds"]
@@ -626,6 +651,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"- {k}: {'met' if v['met'] else 'MISSED'} "
                      f"({', '.join(f'{a}={b:.4f}' if isinstance(b, float) else f'{a}={b}' for a, b in v.items() if a != 'met')})")
     return "\n".join(lines) + "\n"
+
+
+def _se(r: dict[str, Any]) -> str:
+    """`` (±SE)`` of a row's judge-FID difference to ppcl, where there is one."""
+    se = r.get("judge_fid_diff_se")
+    return "" if se is None else f" (±{se:.2f})"
 
 
 def _placement(s: dict[str, Any]) -> str:
