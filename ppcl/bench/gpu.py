@@ -205,12 +205,9 @@ def _kept_blocks(adapter, plan) -> dict[str, list[int]]:
 def run_case(case: Case, s: GpuCheckSettings) -> dict[str, Any]:
     """Every measurement of one model (module doc); bytes, milliseconds, FLOPs."""
     from ppcl.arch import get_adapter
-    from ppcl.distill import DistillSettings, build_units, make_optimizer, nonsequential_losses, unit_table
-    from ppcl.distill.losses import total_loss
-    from ppcl.distill.optim import make_scheduler, optimizer_name
+    from ppcl.distill import DistillSettings
     from ppcl.plan import make_plan
     from ppcl.plugs import freeze
-    from ppcl.probe import ProbeAccumulator
     from ppcl.resources import DistillKnobs, distill_memory
 
     device = torch.device(s.device)
@@ -244,65 +241,11 @@ def run_case(case: Case, s: GpuCheckSettings) -> dict[str, Any]:
         freeze(adapter.transformer)
         adapter.transformer.to(dtype)
     teacher_bytes = _tensor_bytes(adapter.transformer)
-    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if cuda else contextlib.nullcontext
-
-    # Training: set-up, then distill's loop (losses under autocast, backward, clip, step); the peak over the
-    # set-up and the warm-up steps (the second starts with the optimiser states in place), then timed steps
-    with Peak(device, held=teacher_bytes) as training:
-        inputs = _inputs(adapter, knobs, settings, device, dtype, 1)
-        units = build_units(adapter, plan, settings.init)
-        table = unit_table(units).to(device)
-        params = [p for p in table.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, settings, device)
-        for g in optimizer.param_groups:  # torch picks foreach for CUDA tensors; on CPU too, so the CPU run has
-            g["foreach"] = True           # the step temporaries the planner counts for CUDA
-        scheduler = make_scheduler(optimizer, settings)
-        table.train()
-
-        def step() -> None:
-            with autocast():
-                losses, out_loss = nonsequential_losses(adapter, inputs, units, settings, step=1)
-            total = total_loss(losses, out_loss, settings.output_loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if settings.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-
-        for _ in range(s.warmup):
-            step()
-    step_ms = median_ms(step, device, 0, s.repeats)
-    optimizer_ran = optimizer_name(optimizer)
-    trainable = sum(p.numel() for p in params)
-    del units, table, params, optimizer, scheduler, step
-    _release(device)
-
-    # Inference as the probe and a deployed student run it: bf16 weights and inputs, no autocast
-    def forward() -> None:
-        with torch.no_grad():
-            adapter.forward(inputs)
-
-    forward_ms = median_ms(forward, device, s.warmup, s.repeats)
-    acc = ProbeAccumulator(adapter)
-
-    def probe() -> None:
-        with torch.no_grad():
-            acc.observe(inputs)
-
-    probe_ms = median_ms(probe, device, s.warmup, s.repeats)
-    del acc
-    _release(device)
-    student = get_adapter(_build(adapter.pruned_config(keep), device).to(dtype))
-    freeze(student.transformer)
-
-    def student_forward() -> None:
-        with torch.no_grad():
-            student.forward(inputs)
-
-    student_ms = median_ms(student_forward, device, s.warmup, s.repeats)
+    training, step_ms, optimizer_ran, trainable, inputs = _measure_training(adapter, plan, knobs, settings, s,
+                                                                            teacher_bytes)
+    forward_ms, probe_ms, student_ms = _measure_inference(adapter, inputs, keep, s)
     blocks, plugs = adapter.num_blocks, len(case.intervals)
-    del student, adapter, inputs
+    del adapter, inputs
     _release(device)
 
     predicted = {ph: est.phases[ph]["tensor_peak"] for ph in ("load", "training")}
@@ -332,6 +275,89 @@ def run_case(case: Case, s: GpuCheckSettings) -> dict[str, Any]:
         "flop_limit": flops_teacher / flops_student,
         "flops": {"teacher_forward": flops_teacher, "student_forward": flops_student},
     }
+
+
+def _measure_training(adapter, plan, knobs, settings, s: GpuCheckSettings, teacher_bytes: int):
+    """The peak over distill's set-up and warm-up steps (losses under autocast, backward, clip, AdamW; the second
+    step starts with the optimiser states in place), then the median timed step. Returns the :class:`Peak`, the step
+    milliseconds, the optimizer's name, the trainable parameter count and the step's inputs (reused by the forward
+    timings)."""
+    from ppcl.distill import build_units, make_optimizer, nonsequential_losses, unit_table
+    from ppcl.distill.losses import total_loss
+    from ppcl.distill.optim import make_scheduler, optimizer_name
+
+    device = torch.device(s.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if cuda else contextlib.nullcontext
+    with Peak(device, held=teacher_bytes) as training:
+        inputs = _inputs(adapter, knobs, settings, device, dtype, 1)
+        units = build_units(adapter, plan, settings.init)
+        table = unit_table(units).to(device)
+        params = [p for p in table.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, settings, device)
+        for g in optimizer.param_groups:  # torch picks foreach for CUDA tensors; on CPU too, so the CPU run has
+            g["foreach"] = True           # the step temporaries the planner counts for CUDA
+        scheduler = make_scheduler(optimizer, settings)
+        table.train()
+
+        def step() -> None:
+            with autocast():
+                losses, out_loss = nonsequential_losses(adapter, inputs, units, settings, step=1)
+            total = total_loss(losses, out_loss, settings.output_loss_weight)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+
+        for _ in range(s.warmup):
+            step()
+    step_ms = median_ms(step, device, 0, s.repeats)
+    result = training, step_ms, optimizer_name(optimizer), sum(p.numel() for p in params), inputs
+    del units, table, params, optimizer, scheduler, step
+    _release(device)
+    return result
+
+
+def _measure_inference(adapter, inputs: dict[str, Any], keep: dict[str, list[int]], s: GpuCheckSettings
+                       ) -> tuple[float, float, float]:
+    """Medians (ms) of a no-grad teacher forward, the same forward through :class:`ppcl.probe.ProbeAccumulator`,
+    and the depth-pruned student's forward (kept blocks ``keep``), as the probe and a deployed student run them:
+    weights and inputs in the compute dtype, no autocast."""
+    from ppcl.arch import get_adapter
+    from ppcl.plugs import freeze
+    from ppcl.probe import ProbeAccumulator
+
+    device = torch.device(s.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def forward() -> None:
+        with torch.no_grad():
+            adapter.forward(inputs)
+
+    forward_ms = median_ms(forward, device, s.warmup, s.repeats)
+    acc = ProbeAccumulator(adapter)
+
+    def probe() -> None:
+        with torch.no_grad():
+            acc.observe(inputs)
+
+    probe_ms = median_ms(probe, device, s.warmup, s.repeats)
+    del acc
+    _release(device)
+    student = get_adapter(_build(adapter.pruned_config(keep), device).to(dtype))
+    freeze(student.transformer)
+
+    def student_forward() -> None:
+        with torch.no_grad():
+            student.forward(inputs)
+
+    student_ms = median_ms(student_forward, device, s.warmup, s.repeats)
+    del student
+    _release(device)
+    return forward_ms, probe_ms, student_ms
 
 
 def _tensor_bytes(module) -> int:
