@@ -490,7 +490,7 @@ def _last_error(log: str) -> str:
     lines = [l for l in lines if l]
     for line in reversed(lines):
         m = re.match(r"^([\w.]*(Error|Exception)|timed out)\b", line)
-        if m and ":" in line or line.startswith("timed out"):
+        if m and (":" in line or m.group(1) == "timed out"):
             return line[:500]
     return lines[-1][:500] if lines else "no output"
 

@@ -138,9 +138,9 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
     out, teacher, models = Path(out), Path(teacher), [Path(m) for m in models]
     prompts = [p.strip() for p in prompts if p and p.strip()]
     # 1. everything validated before any work or output
-    settings, all_names, use_judge = _resolve(models, teacher, prompts, settings or EvalSettings(), names)
+    settings, all_names, use_judge, device, dtype = _resolve(models, teacher, prompts, settings or EvalSettings(),
+                                                             names)
     samples = make_samples(prompts, settings.seeds, settings.seed_offset)
-    device, dtype = torch.device(settings.device), getattr(torch, settings.dtype)
     # 2. measuring networks, 3. one pipeline at a time, then the paired timing
     meters = _meters(settings, samples, use_judge, device, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,10 +162,10 @@ def evaluate_models(models: list[str | Path], teacher: str | Path, prompts: list
 
 
 def _resolve(models: list[Path], teacher: Path, prompts: list[str], settings: EvalSettings,
-             names: list[str] | None) -> tuple[EvalSettings, list[str], bool]:
+             names: list[str] | None) -> tuple[EvalSettings, list[str], bool, torch.device, torch.dtype]:
     """Check the inputs (one-line errors) and fill ``settings``: FID extractor, device, dtype, the teacher's generation
-    defaults (ppcl.json) where the caller left a value unset. Returns the settings, the display names and whether the
-    judge runs."""
+    defaults (ppcl.json) where the caller left a value unset. Returns the settings, the display names, whether the
+    judge runs, and the device and dtype the settings now name."""
     from ppcl.arch import generation_defaults
     from ppcl.evaluate import fid as fid_mod
     from ppcl.evaluate.generate import resolve_device, resolve_dtype
@@ -209,7 +209,7 @@ def _resolve(models: list[Path], teacher: Path, prompts: list[str], settings: Ev
                                            if getattr(settings, k) is None and defaults.get(k) is not None})
     # a folder without them: the sizes this evaluation always used (diffusers' own 1024 px is far too slow here)
     settings = settings.model_copy(update={k: v for k, v in FALLBACK_GENERATION.items() if getattr(settings, k) is None})
-    return settings, all_names, bool(use_judge)
+    return settings, all_names, bool(use_judge), device, dtype
 
 
 def _meters(settings: EvalSettings, samples, use_judge: bool, device: torch.device, progress: bool) -> _Meters:
