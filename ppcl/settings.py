@@ -37,6 +37,7 @@ IntervalScore = Literal["r2", "trained"]
 DistillMode = Literal["nonsequential", "sequential"]
 PlugInit = Literal["middle", "first", "last"]
 TimestepSampler = Literal["uniform", "logit_normal"]
+OutputLossSchedule = Literal["turns", "every_step"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 SourceFormat = Literal["auto", "imagefolder", "parquet", "webdataset"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -217,6 +218,10 @@ class DistillSettings(StageSettings):
                                             "step each, between every plug in place and the plugs export picks at "
                                             "each ratio, so each exported model is trained as it will run (empty: "
                                             "every plug, every step)")
+    output_loss_schedule: OutputLossSchedule = Field("turns", description="with output_loss_ratios: turns (one "
+                                                     "student per step, in turn) or every_step (every student each "
+                                                     "step, their terms summed; costs one student forward and "
+                                                     "backward more per ratio, from its first plug on)")
     gradient_checkpointing: bool = Field(False, description="recompute plug activations in the backward pass")
     mixed_precision: MixedPrecision = Field("auto", description="auto: bf16 autocast on CUDA, none on CPU")
     n_samples: int = Field(16, ge=1, description="size of the built-in synthetic set (used only without a cache)")

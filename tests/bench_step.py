@@ -8,7 +8,12 @@ Measured in ONE run on one machine (the numbers are only comparable within a run
    without ``teacher_calls``; AdamW looping over tensors, torch's CPU default) and as now (the student starts at
    the first plug; foreach AdamW), alternating blocks of steps;
 2. training throughput on the machine's cores: one run on every thread vs one single-threaded run per core side by
-   side (what ``ppcl bench quality`` now does), as total steps per second.
+   side (what ``ppcl bench quality`` now does), as total steps per second;
+3. several runs of the table in one process (one thread): one after another vs in lockstep with one teacher pass per
+   step (:func:`ppcl.distill.distill_many`, what ``ppcl bench quality`` now does in each worker), wall seconds of the
+   calls (set-up included), alternating;
+4. the output-level term's schedules on plan [[3,5],[6,14]] with the 0.7 subset (one thread): ``turns`` vs
+   ``every_step``, median step time, alternating blocks of steps.
 
 Usage: ``python tests/bench_step.py [--steps N]`` (prints a Markdown table and JSON).
 """
@@ -119,14 +124,82 @@ def throughput(cache: Path, plan: Path, steps: int) -> dict[str, float]:
     return out
 
 
+#: four plans of the table's runs (ppcl / angular, shortgpt, uniform, random at keep 0.5 on the reference teacher)
+GROUP = [[[3, 5], [6, 14]], [[1, 2], [4, 5], [6, 14]], [[1, 5], [6, 9]], [[1, 4], [6, 7], [8, 13]]]
+
+
+def lockstep(cache: Path, work: Path, steps: int, rounds: int = 2) -> dict[str, float]:
+    """Wall seconds of the four GROUP runs (the table's recipe: output-level term in turn with the 0.7 subsets) one
+    after another vs in lockstep (:func:`ppcl.distill.distill_many`), one thread, alternating ``rounds`` times;
+    the medians, and whether the lockstep plugs are the separate runs' byte for byte."""
+    import torch
+
+    from ppcl.arch import get_adapter, load_pipeline
+    from ppcl.bench.quality import REFERENCE_TEACHER
+    from ppcl.distill import DistillSettings, distill, distill_many
+    from ppcl.plan import make_plan, save_plan
+
+    torch.set_num_threads(1)
+    adapter = get_adapter(load_pipeline(REFERENCE_TEACHER))
+    plans = []
+    for i, iv in enumerate(GROUP):
+        save_plan(make_plan(adapter, iv), work / f"group{i}.json")
+        plans.append(work / f"group{i}.json")
+    s = DistillSettings(steps=steps, batch_size=16, lr=1e-2, warmup_steps=2, checkpoint_every=10**9,
+                        mixed_precision="no", output_loss_weight=1.0, output_loss_ratios=[0.7])
+    times: dict[str, list[float]] = {"one after another": [], "lockstep": []}
+    same = True
+    for r in range(rounds):
+        for name in ("one after another", "lockstep") if r % 2 == 0 else ("lockstep", "one after another"):
+            out = work / f"{name}{r}"
+            t = time.perf_counter()
+            if name == "lockstep":
+                distill_many(str(REFERENCE_TEACHER), [(p, out / str(i), s) for i, p in enumerate(plans)],
+                             data=str(cache), progress=False)
+            else:
+                for i, p in enumerate(plans):
+                    distill(str(REFERENCE_TEACHER), str(p), out / str(i), data=str(cache), settings=s,
+                            progress=False)
+            times[name].append(time.perf_counter() - t)
+        for i in range(len(plans)):
+            same &= (work / f"lockstep{r}" / str(i) / "plugs.safetensors").read_bytes() == \
+                (work / f"one after another{r}" / str(i) / "plugs.safetensors").read_bytes()
+    return {**{k: statistics.median(v) for k, v in times.items()}, "identical_plugs": same}
+
+
+def schedules(cache: Path, plan: Path, steps: int, rounds: int = 4) -> dict[str, float]:
+    """Median step seconds of ``output_loss_schedule`` turns and every_step (0.7 subset), one thread, alternating
+    ``rounds`` blocks of ``steps`` steps (first 3 of each block dropped)."""
+    import torch
+
+    from ppcl.bench.quality import REFERENCE_TEACHER
+    from ppcl.distill import distill
+
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {"turns": [], "every_step": []}
+    with tempfile.TemporaryDirectory() as d:
+        for r in range(rounds):
+            for name in ("turns", "every_step") if r % 2 == 0 else ("every_step", "turns"):
+                run = Path(d) / f"{name}{r}"
+                distill(str(REFERENCE_TEACHER), str(plan), run, data=str(cache), steps=steps, batch_size=16,
+                        lr=1e-2, warmup_steps=2, checkpoint_every=10**9, mixed_precision="no", progress=False,
+                        output_loss_weight=1.0, output_loss_ratios=[0.7], output_loss_schedule=name)
+                lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+                times[name] += [l["step_time_s"] for l in lines[3:]]
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def measure(steps: int = 60) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         cache, plan = _cache(work), _plan(work)
         st = step_times(cache, plan, steps)
         tp = throughput(cache, plan, 3 * steps)
-    return {"step_s": st, "step_speedup": st["before"] / st["after"], "throughput_steps_per_s": tp,
-            "throughput_gain": tp["runs side by side x 1 thread"] / tp["one run x all threads"]}
+        ls = lockstep(cache, work, 2 * steps)
+        sc = schedules(cache, plan, steps)
+    return {"schedule_step_s": sc, "every_step_cost": sc["every_step"] / sc["turns"],"step_s": st, "step_speedup": st["before"] / st["after"], "throughput_steps_per_s": tp,
+            "throughput_gain": tp["runs side by side x 1 thread"] / tp["one run x all threads"],
+            "lockstep_s": ls, "lockstep_gain": ls["one after another"] / ls["lockstep"]}
 
 
 @pytest.mark.slow
@@ -134,6 +207,7 @@ def test_step_speed():
     r = measure(30)
     print(json.dumps(r, indent=2))
     assert r["step_speedup"] > 1.0
+    assert r["lockstep_gain"] > 1.0 and r["lockstep_s"]["identical_plugs"]
 
 
 if __name__ == "__main__":
@@ -145,4 +219,10 @@ if __name__ == "__main__":
           f"{r['step_speedup']:.2f}x |")
     print(f"| steps/s on {tp['cores']} cores | {tp['one run x all threads']:.2f} (one run) | "
           f"{tp['runs side by side x 1 thread']:.2f} (side by side) | {r['throughput_gain']:.2f}x |")
+    ls = r["lockstep_s"]
+    print(f"| {len(GROUP)} runs x {2 * ap.parse_args().steps} steps, 1 thread | {ls['one after another']:.1f} s "
+          f"(one after another) | {ls['lockstep']:.1f} s (lockstep) | {r['lockstep_gain']:.2f}x |")
+    sc = r["schedule_step_s"]
+    print(f"| step, output term in turns vs every step (1 thread) | {sc['turns'] * 1e3:.1f} ms | "
+          f"{sc['every_step'] * 1e3:.1f} ms | {r['every_step_cost']:.2f}x the cost |")
     print(json.dumps(r, indent=2))

@@ -157,3 +157,58 @@ def test_a_lower_fid_beats_ppcl_only_beyond_the_standard_error():
     assert abs(same.judge_fid - ppcl.judge_fid) < 3 * same.judge_fid_diff_se and not same.beats_ppcl["judge_fid"]
     assert better.beats_ppcl == {"judge_accuracy": True, "judge_fid": True}
     assert worse.beats_ppcl == {"judge_accuracy": True, "judge_fid": False}
+
+
+_PARENT = """
+import concurrent.futures as cf, multiprocessing as mp, sys, time
+from ppcl.bench.quality import _die_with_parent
+
+def work(path):
+    import os
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_die_with_parent)
+    pool.submit(work, sys.argv[1])
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_distillation_workers_die_with_the_benchmark(tmp_path):
+    """Killing ``ppcl bench quality`` (SIGKILL: no handler runs) stops its worker processes too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, pidfile = tmp_path / "parent.py", tmp_path / "worker.pid"
+    script.write_text(_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(pidfile)])
+    try:
+        deadline = time.time() + 60
+        while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        worker = int(pidfile.read_text())
+
+        def gone():  # no such process, or a zombie waiting for a reaper that may not come in a container
+            try:
+                return "\nState:\tZ" in open(f"/proc/{worker}/status").read()
+            except FileNotFoundError:
+                return True
+
+        assert not gone()
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if gone():
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            raise AssertionError("the worker outlived the benchmark's process")
+    finally:
+        parent.kill()

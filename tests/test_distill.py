@@ -516,3 +516,95 @@ def test_ema_plugs_are_the_average_and_resume_exactly(tiny_pipe_dir, tmp_path):
     distill(str(pipe_dir), plan, tmp_path / "cut", stop_after=4, **kw2)
     distill(str(pipe_dir), plan, tmp_path / "cut", resume=True, **kw2)
     assert (tmp_path / "full" / "plugs.safetensors").read_bytes() == (tmp_path / "cut" / "plugs.safetensors").read_bytes()
+
+
+def test_distill_many_shares_the_teacher_pass_and_matches_separate_runs(tiny_pipe_dir, tmp_path):
+    """Runs in lockstep with one teacher pass per step write what each writes alone, byte for byte: different
+    plans, a width op, sequential mode, the output-level term with and without turns, one not needing the teacher's
+    output at all. Runs that cannot share a pass are one-line errors."""
+    from ppcl.distill import DistillSettings, distill_many
+
+    pipe_dir = tiny_pipe_dir["flux"]
+    a = write_plan(pipe_dir, "flux", tmp_path / "a.json", intervals=[[1, 2], [5, 8]], width=[])
+    b = write_plan(pipe_dir, "flux", tmp_path / "b.json", intervals=[[0, 1]])
+    base = {k: v for k, v in FAST.items() if k != "progress"} | {"steps": 4}
+    runs = {
+        "turns": (a, {"output_loss_weight": 0.5, "output_loss_ratios": [0.9]}),
+        "width": (b, {}),
+        "sequential": (a, {"mode": "sequential", "output_loss_weight": 1.0}),
+        "whole": (a, {"output_loss_weight": 0.5}),
+    }
+    for name, (plan, kw) in runs.items():
+        distill(str(pipe_dir), plan, tmp_path / "alone" / name, progress=False, **base, **kw)
+    results = distill_many(str(pipe_dir), [(plan, tmp_path / "many" / name, DistillSettings(**base, **kw))
+                                           for name, (plan, kw) in runs.items()], progress=False)
+    assert [r.steps for r in results] == [4] * 4
+    for name in runs:
+        alone, many = tmp_path / "alone" / name, tmp_path / "many" / name
+        assert (alone / "plugs.safetensors").read_bytes() == (many / "plugs.safetensors").read_bytes(), name
+        strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "step_time_s"}  # noqa: E731
+                           for l in (p / "metrics.jsonl").read_text().splitlines()]
+        assert strip(alone) == strip(many), name
+
+    with pytest.raises(PPCLError, match=r"^distill_many: run 2 \(.*s1\) has seed 1, run 1 0: .* same batches and"):
+        distill_many(str(pipe_dir), [(a, tmp_path / "s0", DistillSettings(**base)),
+                                     (a, tmp_path / "s1", DistillSettings(**base | {"seed": 1}))], progress=False)
+    with pytest.raises(PPCLError, match=r"^distill_many: run 2 .* has steps 5, run 1 4: .* the same steps$"):
+        distill_many(str(pipe_dir), [(a, tmp_path / "t0", DistillSettings(**base)),
+                                     (a, tmp_path / "t1", DistillSettings(**base | {"steps": 5}))], progress=False)
+    assert not any((tmp_path / n).exists() for n in ("s0", "s1", "t0", "t1"))  # refused before anything is written
+    # the per-step check behind it: data given as two different in-memory sets (same settings) -> other inputs
+    batches = list(synthetic_batches(load_pipeline(pipe_dir), n_samples=4, batch_size=2, seed=0))
+    import ppcl.distill.train as T
+
+    real = T.Session.inputs
+    T.Session.inputs = lambda self, step: {**real(self, step), "timestep": real(self, step)["timestep"] * (
+        1 if self.run.name == "u0" else 0.5)}
+    try:
+        with pytest.raises(PPCLError, match=r"^distill_many: run 2 .* draws other inputs than run 1 at step 1"):
+            distill_many(str(pipe_dir), [(a, tmp_path / "u0", DistillSettings(**base)),
+                                         (a, tmp_path / "u1", DistillSettings(**base))], data=batches, progress=False)
+    finally:
+        T.Session.inputs = real
+    assert not (tmp_path / "u0" / "plugs.safetensors").exists()
+
+
+def test_output_loss_every_step_sums_the_turns_terms_and_their_gradients(tiny_pipe_dir):
+    """``output_loss_schedule="every_step"``: on one batch the term is the sum of the terms the turns take on
+    consecutive steps (the whole plan, then the subset exported at the ratio), and its gradients are the sum of
+    theirs, each student backpropagated before the next runs."""
+    from ppcl.calibration import noise_batch
+    from ppcl.distill import DistillSettings, build_units, export_placements, nonsequential_losses
+    from ppcl.plugs import freeze
+    from ppcl.subsets import subset_accounting
+
+    pipe_dir = tiny_pipe_dir["flux"]
+    pipe = load_pipeline(pipe_dir)
+    adapter = get_adapter(pipe)
+    freeze(adapter.transformer)
+    units = build_units(adapter, make_plan(adapter, [[1, 2], [5, 8]], allow_ends=True))
+    teacher, _, savings = subset_accounting(adapter, units)
+    ratio = (teacher - savings[1]) / teacher + 1e-6  # the subset keeping only the [5, 8] plug
+    assert len(export_placements(adapter, units, [ratio])) == 2
+    params = [p for u in units for p in u.module.parameters()]
+    batch = list(synthetic_batches(pipe, n_samples=2, batch_size=2, seed=5))[0]
+    inputs = noise_batch(adapter, dict(pipe.scheduler.config), batch, generator=torch.Generator().manual_seed(1)
+                         ).model_inputs
+
+    def run(schedule, step, weight=0.5):
+        for p in params:
+            p.grad = None
+        s = DistillSettings(output_loss_weight=weight, output_loss_ratios=[ratio] if weight else [],
+                            output_loss_schedule=schedule)
+        _, out = nonsequential_losses(adapter, inputs, units, s, step=step, backward=lambda l: l.backward())
+        return (None if out is None else float(out)), [p.grad.clone() for p in params]
+
+    whole, g_whole = run("turns", 0)
+    subset, g_subset = run("turns", 1)
+    both, g_both = run("every_step", 0)
+    _, g_d = run("turns", 0, weight=0.0)  # the D terms alone (the same in every run: same batch)
+    assert whole != pytest.approx(subset, rel=1e-3)
+    assert both == pytest.approx(whole + subset, rel=1e-6)
+    for gb, gw, gs, gd in zip(g_both, g_whole, g_subset, g_d):
+        assert torch.allclose(gb, gw + gs - gd, rtol=1e-4, atol=1e-7), float((gb - (gw + gs - gd)).abs().max())
+    assert any(not torch.allclose(gb, gw) for gb, gw in zip(g_both, g_whole))

@@ -41,14 +41,17 @@ Rows (``plan`` = intervals; ``run`` = one distillation):
 
 The distillations run side by side, one single-threaded process per core (:func:`parallel_plan`): a run of this
 1.5 M-parameter teacher gains little from a second thread, so two runs at once train 1.4-1.9x the steps per second
-of one run on both cores (two measurements, ``python tests/bench_step.py``; docs/benchmark.md). Each run is deterministic, so
-neither the order nor the number of processes changes a number in the table.
+of one run on both cores (two measurements, ``python tests/bench_step.py``; docs/benchmark.md). Each process trains
+its share of the runs in lockstep (:func:`ppcl.distill.distill_many`, shares balanced by :func:`groups`): every run
+draws the same batches and noise, so one teacher pass per step serves all of them, bit for bit what each run would
+compute alone. Each run is deterministic, so neither the order nor the grouping changes a number in the table.
 
 Each row records whether it beats ``ppcl`` at the same ratio on judge accuracy (higher) and judge-FID (lower).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -95,6 +98,9 @@ class QualitySettings:
     #: (``DistillSettings.output_loss_ratios``): one run then serves both ratios (docs/benchmark.md, "one run for
     #: every ratio": 0.7 within 0.3 points of its own run, 0.5 within 0.8)
     output_loss_ratios: tuple[float, ...] = (0.7,)
+    #: ``turns`` (one of those students per step) or ``every_step`` (all of them each step, the terms summed)
+    #: (``DistillSettings.output_loss_schedule``)
+    output_loss_schedule: str = "every_step"
     eval_n: int = 512
     eval_steps: int = 10
     guidance: float = 3.0
@@ -322,12 +328,13 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     dkw = dict(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, timesteps=s.timesteps,
                seed=s.seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False,
                output_loss_weight=s.output_loss_weight, output_loss_keep=s.output_loss_keep,
-               output_loss_ratios=list(s.output_loss_ratios), ema_decay=s.ema_decay)
+               output_loss_ratios=list(s.output_loss_ratios), output_loss_schedule=s.output_loss_schedule,
+               ema_decay=s.ema_decay)
     runs, jobs = plan_runs(plans, per_ratio, work, s, dkw, t0)
 
     # ---- distillation runs, all with the same settings, run side by side (one process per core)
     t_distill = time.time()
-    run_seconds = distill_runs(teacher_dir, work, jobs, dkw, s, t0)
+    run_seconds, run_groups = distill_runs(teacher_dir, work, jobs, dkw, s, t0)
     timings["distill"] = time.time() - t_distill
 
     # ---- evaluation
@@ -346,7 +353,9 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
         "rows": [asdict(r) for r in rows],
         "targets": targets([asdict(r) for r in rows], low),
         "seconds": {**timings, "total": time.time() - t0, "distill_runs": run_seconds},
-        "distill_processes": dict(zip(("processes", "threads_each"), parallel_plan(len(jobs), s.workers, s.threads))),
+        "distill_processes": {**dict(zip(("processes", "threads_each"),
+                                         parallel_plan(len(jobs), s.workers, s.threads))),
+                              "processes": len(run_groups), "lockstep_groups": run_groups},
         "cpu_seconds": _cpu_seconds() - cpu0,
         "threads": torch.get_num_threads(),
     }
@@ -550,42 +559,95 @@ def parallel_plan(jobs: int, workers: int | None, threads: int | None) -> tuple[
     return procs, max(1, total // procs)
 
 
-def _distill_job(teacher_dir: str, plan_file: str, run: str, data: str, kw: dict[str, Any], threads: int
-                 ) -> tuple[float, float, int]:
-    """One distillation in a worker process: ``(seconds, final total loss, steps)``."""
+def groups(costs: dict[str, float], n: int) -> list[list[str]]:
+    """``costs`` (run name -> estimated cost of a step beyond the shared teacher pass) split into ``n`` lockstep
+    groups of about equal cost: the costliest first, each to the cheapest group so far. Empty groups dropped."""
+    out: list[list[str]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    for name in sorted(costs, key=lambda k: -costs[k]):
+        i = load.index(min(load))
+        out[i].append(name)
+        load[i] += costs[name]
+    return [g for g in out if g]
+
+
+def step_cost(plan_file: str, kw: dict[str, Any]) -> float:
+    """A run's cost per step beyond the shared teacher pass, in blocks run forward and backward: its plugs (one
+    block each), plus the output-level term's student from the first plug on (each interval one block), once per
+    student a step runs (``output_loss_schedule`` every_step: the whole plan and one per ratio, each counted as the
+    whole plan's, an upper bound; sequential mode runs one). Blocks, not parameters: a step of this small teacher is bound by per-kernel
+    overhead, and a dual block costs about what a single one does (block counts predicted the first lockstep
+    table's two groups at 36 : 45, measured 2.9 : 2.2 steps/s; parameters predicted them equal). Only the balance
+    of :func:`groups` uses it."""
+    plan = json.loads(Path(plan_file).read_text())
+    n = plan["teacher"]["num_blocks"]
+    intervals = [tuple(iv) for iv in plan["intervals"]]
+    if not intervals or not kw.get("output_loss_weight", 0):
+        return float(len(intervals))
+    first = min(a for a, _ in intervals)
+    inside = {i for a, b in intervals for i in range(a, b + 1)}
+    student = len(intervals) + sum(1 for i in range(first, n) if i not in inside)
+    ratios = kw.get("output_loss_ratios") or []
+    every = ratios and kw.get("output_loss_schedule") == "every_step" and kw.get("mode") != "sequential"
+    students = 1 + len(ratios) if every else 1
+    return float(len(intervals) + students * student)
+
+
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, the kernel sends this process SIGTERM when the benchmark's process dies, so
+    killing ``ppcl bench quality`` stops its distillations too (they would otherwise train on for many minutes,
+    writing into a folder nobody reads). Elsewhere: nothing (the workers end with their current run)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def _distill_group(teacher_dir: str, jobs: list[tuple[str, str, str, dict[str, Any]]], data: str, threads: int
+                   ) -> dict[str, tuple[float, float, int]]:
+    """Runs ``(name, plan file, run folder, settings)`` in lockstep in a worker process (one teacher pass per step
+    for all): per run ``(seconds of the group, final total loss, steps)``."""
     import torch
 
     torch.set_num_threads(threads)
-    from ppcl.distill import distill
+    from ppcl.distill import DistillSettings, distill_many
 
     t = time.time()
-    res = distill(teacher_dir, plan_file, run, data=data, **kw)
-    return time.time() - t, sum(v for v in res.final_losses.values() if v is not None), res.steps
+    results = distill_many(teacher_dir, [(plan, run, DistillSettings(**kw)) for _, plan, run, kw in jobs],
+                           data=data, progress=False)
+    sec = time.time() - t
+    return {name: (sec, sum(v for v in r.final_losses.values() if v is not None), r.steps)
+            for (name, *_), r in zip(jobs, results)}
 
 
 def distill_runs(teacher_dir: Path, work: Path, jobs: dict[str, tuple[str, dict[str, Any]]], dkw: dict[str, Any],
-                 s: QualitySettings, t0: float) -> dict[str, float]:
-    """Every distillation of the table, ``parallel_plan`` processes at a time (spawned: no torch state shared
-    with this process; each run is deterministic, so the order they run in changes nothing). Returns each run's
-    seconds."""
+                 s: QualitySettings, t0: float) -> tuple[dict[str, float], list[list[str]]]:
+    """Every distillation of the table: ``parallel_plan`` processes (spawned: no torch state shared with this
+    process), each training one group of runs in lockstep. Returns each run's seconds (its group's) and the
+    groups."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     procs, threads = parallel_plan(len(jobs), s.workers, s.threads)
-    _log(f"{len(jobs)} distillations of {s.steps} steps, {procs} at a time x {threads} thread(s)", t0)
+    parts = groups({name: step_cost(plan_file, {**dkw, **kw}) for name, (plan_file, kw) in jobs.items()}, procs)
+    _log(f"{len(jobs)} distillations of {s.steps} steps, {len(parts)} process(es) x {threads} thread(s), each "
+         f"training its runs in lockstep: {' | '.join(', '.join(g) for g in parts)}", t0)
     seconds: dict[str, float] = {}
     if not jobs:
-        return seconds
-    with cf.ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_distill_job, str(teacher_dir), plan_file, str(work / "runs" / name),
-                               str(work / "cache"), {**dkw, **kw}, threads): name
-                   for name, (plan_file, kw) in jobs.items()}
+        return seconds, parts
+    skw = {k: v for k, v in dkw.items() if k != "progress"}
+    with cf.ProcessPoolExecutor(len(parts), mp_context=mp.get_context("spawn"), initializer=_die_with_parent) as pool:
+        futures = [pool.submit(_distill_group, str(teacher_dir),
+                               [(name, jobs[name][0], str(work / "runs" / name), {**skw, **jobs[name][1]})
+                                for name in g], str(work / "cache"), threads) for g in parts]
         for f in cf.as_completed(futures):
-            name = futures[f]
-            sec, loss, steps = f.result()
-            seconds[name] = sec
-            _log(f"distilled {name}: {steps} steps in {sec:.0f}s, final loss {loss:.4f}", t0)
-    return seconds
+            for name, (sec, loss, steps) in f.result().items():
+                seconds[name] = sec
+                _log(f"distilled {name}: {steps} steps in {sec:.0f}s (its group), final loss {loss:.4f}", t0)
+    return seconds, parts
 
 
 def _cpu_seconds() -> float:
@@ -662,14 +724,18 @@ def _se(r: dict[str, Any]) -> str:
 def _placement(s: dict[str, Any]) -> str:
     """What the output-level term runs with, in words."""
     if s.get("output_loss_ratios"):
-        return ("the whole plan in turn with the subsets exported at "
-                + ", ".join(f"{r:g}" for r in s["output_loss_ratios"]))
+        how = ("the whole plan and the subsets exported at {}, every step" if s.get("output_loss_schedule")
+               == "every_step" else "the whole plan in turn with the subsets exported at {}")
+        return how.format(", ".join(f"{r:g}" for r in s["output_loss_ratios"]))
     keep = s.get("output_loss_keep", 1.0)
     return "every plug in place" if keep >= 1 else f"each plug in place with probability {keep:g}"
 
 
 def _procs(result: dict[str, Any]) -> str:
     p = result.get("distill_processes") or {"processes": 1, "threads_each": result["threads"]}
+    if "lockstep_groups" in p:
+        return (f"{p['processes']} process(es) x {p['threads_each']} thread(s), each training its runs in lockstep "
+                f"with one teacher pass per step: " + " | ".join(", ".join(g) for g in p["lockstep_groups"]))
     return f"{p['processes']} run(s) at a time x {p['threads_each']} thread(s)"
 
 

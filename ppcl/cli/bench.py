@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--output-loss-ratios", default=None,
                    help="comma-separated ratios whose exported subsets the output-level loss also trains, in turn "
                         f"with the whole plan, or none (default {','.join(map(str, d.output_loss_ratios)) or 'none'})")
+    q.add_argument("--output-loss-schedule", choices=("turns", "every_step"), default=None,
+                   help="with --output-loss-ratios: one student per step in turn, or all of them every step "
+                        f"(default {d.output_loss_schedule})")
     q.add_argument("--rows", default=None,
                    help="comma-separated rows besides teacher and ppcl (default: all of "
                         f"{','.join(r for r in d.rows if r != 'ppcl')}; optional: {','.join(OPTIONAL_ROWS)}); "
@@ -86,6 +89,7 @@ _OVERRIDES = (
     ("threads", "--threads", lambda v: v >= 1, "must be >= 1"),
     ("workers", "--workers", lambda v: v >= 1, "must be >= 1"),
     ("timesteps", "--timesteps", lambda v: True, ""),
+    ("output_loss_schedule", "--output-loss-schedule", lambda v: True, ""),
     ("ema_decay", "--ema-decay", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("trained_probe_steps", "--trained-probe-steps", lambda v: v >= 0, "must be >= 0"),
 )

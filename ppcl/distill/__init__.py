@@ -7,7 +7,7 @@ leaving it, so any subset of the trained plugs can be exported afterwards.
 Where to read what:
 - :mod:`ppcl.distill.train`: :func:`distill`, the training loop (prepare -> start -> per step: batch, inputs,
   losses with each plug's backward, clip, step, log, maybe checkpoint -> finish), one code path for 1 to N
-  processes.
+  processes; :func:`distill_many`, several runs on the same data in lockstep with one teacher pass per step.
 - :mod:`ppcl.distill.sharding`: the processes, and the units' state sharded over all ranks with FSDP2 (one FSDP
   unit per plug, :func:`shard_units`); one process trains unsharded.
 - :mod:`ppcl.distill.losses`: the method: what each unit is fed and compared with, loss D, the sequential
@@ -42,7 +42,7 @@ from ppcl.distill.projections import fit_width_units
 from ppcl.distill.settings import MODES, DistillSettings
 from ppcl.distill.sharding import shard_units
 from ppcl.distill.streams import BatchStream, cache_stream, memory_stream
-from ppcl.distill.train import RUN_VERSION, DistillResult, distill, load_teacher
+from ppcl.distill.train import RUN_VERSION, DistillResult, distill, distill_many, load_teacher
 from ppcl.distill.units import (
     Unit,
     build_units,

@@ -35,7 +35,9 @@ the full plan and costs 1.2 points to a plug exported alone; docs/benchmark.md).
 random subset of the depth plugs in place for that term each step (:func:`output_loss_units`), so each plug is also
 trained in the contexts a subset export creates. ``output_loss_ratios`` instead takes turns, one step each, between
 the whole plan and exactly the subsets ``export --keep-params`` will build at those ratios
-(:func:`export_placements`): no step is spent on a subset nobody exports. The student of that term starts at its
+(:func:`export_placements`): no step is spent on a subset nobody exports; with ``output_loss_schedule
+"every_step"`` every one of those students runs each step and the term is the sum of theirs (each exported model
+gets the output-level signal on every step, for one more student forward and backward per ratio). The student of that term starts at its
 first unit from the call the teacher pass captured there (:func:`student_forward`): the blocks before it are the
 teacher's own on the teacher's states, so running them again would redo the teacher pass's work.
 
@@ -61,6 +63,8 @@ from ppcl.distill.units import Unit, student_layout
 from ppcl.plugs import LOSS_EPS, StudentView, plug_loss
 
 Losses = dict[str, dict[str, torch.Tensor]]  # unit name -> stream -> loss D (a scalar tensor)
+#: what :func:`teacher_pass` returns: calls entering unit starts, streams leaving unit ends, the model output or None
+TeacherStates = tuple[dict[int, BlockCall], dict[int, dict[str, torch.Tensor]], torch.Tensor | None]
 
 
 # ---------------------------------------------------------------------------------------------------- the teacher pass
@@ -78,7 +82,7 @@ def _detach(x: Any) -> Any:
 
 def teacher_pass(
     adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], full: bool = False
-) -> tuple[dict[int, BlockCall], dict[int, dict[str, torch.Tensor]], torch.Tensor | None]:
+) -> TeacherStates:
     """One stock teacher forward (no grad): calls entering every unit start, streams leaving every unit end, and
     (``full=True``) the model output. Without ``full`` the forward stops after the last end block."""
     starts = set().union(*(u.inputs for u in units)) if units else set()
@@ -190,19 +194,26 @@ def unit_step_losses(
 def nonsequential_losses(
     adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], settings: DistillSettings, step: int = 0,
     backward: Callable[[torch.Tensor], None] | None = None, placements: list[list[Unit]] | None = None,
+    teacher: TeacherStates | None = None,
 ) -> tuple[Losses, torch.Tensor | None]:
     """Per-unit, per-stream losses of one batch, every unit fed the TEACHER state entering it. The output-level
     term (weight > 0) runs the student with the units of :func:`output_loss_units`, drawn from a generator seeded
     by ``(seed, step)``: a resumed run draws what the uninterrupted one drew, and every rank draws the same. With
     ``settings.output_loss_ratios`` it runs with ``placements[step % len(placements)]`` instead
-    (:func:`export_placements`, computed once per run by the caller, or here when None).
+    (:func:`export_placements`, computed once per run by the caller, or here when None), or, with
+    ``output_loss_schedule "every_step"``, with every placement in turn within the step (the term returned is the
+    sum of theirs).
 
     ``backward`` (per-plug backward): called on each unit's summed loss as soon as it exists, then on the weighted
     output-level term last; the losses returned are then detached. A unit's loss depends only on detached teacher
     states and its own weights, so the gradients summed over these calls are those of one backward of
-    :func:`total_loss`, while only one unit's activations are alive at a time (scale.md, "for free" 1)."""
+    :func:`total_loss`, while only one unit's activations are alive at a time (scale.md, "for free" 1).
+
+    ``teacher``: this batch's teacher pass, already run (:func:`ppcl.distill.train.distill_many` runs one for
+    several runs' units); None runs it here."""
     full = settings.output_loss_weight > 0
-    calls, outs, teacher_out = teacher_pass(adapter, model_inputs, units, full=full)
+    calls, outs, teacher_out = teacher if teacher is not None else teacher_pass(adapter, model_inputs, units,
+                                                                                 full=full)
     losses: Losses = {}
     for u in units:
         per = unit_step_losses(u, calls, outs, LOSS_EPS, settings.gradient_checkpointing)
@@ -215,15 +226,19 @@ def nonsequential_losses(
         if settings.output_loss_ratios:
             turns = placements if placements is not None else export_placements(adapter, units,
                                                                                  settings.output_loss_ratios)
-            placed = turns[step % len(turns)]
+            students = turns if settings.output_loss_schedule == "every_step" else [turns[step % len(turns)]]
         else:
             g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 7_919 + 104_729)
-            placed = output_loss_units(units, settings.output_loss_keep, g)
-        student_out, _ = student_forward(adapter, model_inputs, placed, capture=False, teacher_calls=calls)
-        out_loss = output_loss(student_out, teacher_out)
-        if backward is not None:
-            backward(settings.output_loss_weight * out_loss)
-            out_loss = out_loss.detach()
+            students = [output_loss_units(units, settings.output_loss_keep, g)]
+        terms = []
+        for placed in students:  # "every_step": one student at a time, each backpropagated before the next runs
+            student_out, _ = student_forward(adapter, model_inputs, placed, capture=False, teacher_calls=calls)
+            term = output_loss(student_out, teacher_out)
+            if backward is not None:
+                backward(settings.output_loss_weight * term)
+                term = term.detach()
+            terms.append(term)
+        out_loss = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
     return losses, out_loss
 
 
@@ -355,12 +370,15 @@ def student_forward(
 
 
 def sequential_losses(
-    adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], settings: DistillSettings, step: int = 0
+    adapter: Adapter, model_inputs: dict[str, Any], units: list[Unit], settings: DistillSettings, step: int = 0,
+    teacher: TeacherStates | None = None,
 ) -> tuple[Losses, torch.Tensor | None]:
     """The ablation: each unit fed what the student produced before it; loss at each unit's end (the output-level
-    term uses the same full student: ``output_loss_keep`` does not apply)."""
+    term uses the same full student: ``output_loss_keep`` does not apply). ``teacher``: as in
+    :func:`nonsequential_losses`."""
     full = settings.output_loss_weight > 0
-    calls, outs, teacher_out = teacher_pass(adapter, model_inputs, units, full=full)
+    calls, outs, teacher_out = teacher if teacher is not None else teacher_pass(adapter, model_inputs, units,
+                                                                                 full=full)
     student_out, captured = student_forward(adapter, model_inputs, units, capture=True, stop_early=not full,
                                             teacher_calls=calls)
     losses = {}

@@ -1,9 +1,10 @@
 """The training loop: every plug of a plan trained against the frozen teacher, one teacher pass per step.
 
-:func:`distill` reads top to bottom: prepare (settings, plan, the checkpoint to resume, teacher, units, data) ->
-start (fit width projections or restore the checkpoint; shard the units; optimiser) -> per step: batch, inputs,
-losses with each plug's backward, clip, step, log, maybe checkpoint -> finish (``plugs.safetensors`` and
-``run.json``). What the losses are is :mod:`ppcl.distill.losses`.
+:func:`distill` reads top to bottom through one :class:`Session`: open (settings, plan, the checkpoint to resume,
+teacher, units, data; fit width projections or restore the checkpoint; shard the units; optimiser) -> per step
+(:meth:`Session.train_step`): batch, inputs, losses with each plug's backward, clip, step, log, maybe checkpoint ->
+finish (``plugs.safetensors`` and ``run.json``). :func:`distill_many` drives several sessions in lockstep with one
+teacher pass per step for all of them. What the losses are is :mod:`ppcl.distill.losses`.
 
 Choices where method.md is silent (all parameters of :class:`DistillSettings`):
 - One code path for 1 to N processes (``torchrun`` / ``accelerate launch``; the process group is joined from the
@@ -47,7 +48,15 @@ from ppcl import outputs
 from ppcl.arch.common import Adapter
 from ppcl.atomic import atomic_path, write_json
 from ppcl.distill.checkpoint import PendingCheckpoint, resume_point, restore_training, save_checkpoint, trim_metrics
-from ppcl.distill.losses import Losses, export_placements, nonsequential_losses, sequential_losses, total_loss
+from ppcl.distill.losses import (
+    Losses,
+    TeacherStates,
+    export_placements,
+    nonsequential_losses,
+    sequential_losses,
+    teacher_pass,
+    total_loss,
+)
 from ppcl.distill.optim import make_optimizer, make_scheduler, optimizer_name, uses_8bit_adam
 from ppcl.distill.sharding import (
     SHARDING,
@@ -110,61 +119,185 @@ def distill(
             own ranks' shards, so the hook coordinates who copies what (``ppcl.distill_s3`` mirrors it to S3 here).
     Returns: :class:`DistillResult` (``final_losses``: mean over the last 10 steps, per ``unit/stream``).
     """
-    # Prepare: every input validated before anything is written, then the teacher, units, data and optimiser,
-    # restored from the checkpoint being resumed (or, fresh, the width projections fitted by least squares).
     settings = resolve_settings(settings, overrides)
-    run = Path(out)
-    run_lock = outputs.hold(run) if outputs.rank_writes() else None  # noqa: F841 - a second writer is refused
-    plan_obj = as_plan(plan)
-    phash = plan_hash(plan_obj)
-    last_ckpt, loaded = resume_point(run, phash, resume)
-    t = prepare(model, plan_obj, data, settings)
-    start_step = start_or_resume(run, t, last_ckpt, loaded, settings)
-    end_step = settings.steps if stop_after is None else min(settings.steps, int(stop_after))
-    procs = t.procs
-    history: list[dict[str, float]] = []
-    ckpts = Checkpoints(run, t, phash, settings, on_checkpoint, last_ckpt)
-    with StepLog(run / "metrics.jsonl", procs.is_main_process, progress, settings.steps, start_step,
-                 on_step) as log:
-        t.table.train()
-        for step in range(start_step, end_step):
+    session = Session(model, plan, out, data, settings, resume=resume, stop_after=stop_after, on_step=on_step,
+                      on_checkpoint=on_checkpoint, progress=progress)
+    with session:
+        for step in range(session.start, session.end):
             t0 = time.perf_counter()
-            # Batch -> this step's model inputs (noise seeded by (seed, step), this rank's rows of the global batch)
-            inputs = t.noised(next(t.stream), step)
-            # Losses D per unit and stream (+ the weighted output-level term), each plug's backward as it comes
-            t.optimizer.zero_grad(set_to_none=True)
-            losses, out_loss = step_losses(t, inputs, settings, step)
-            # The mean over the ranks of what was minimised: what is logged and checked
-            total, flat, out_value = mean_over_ranks(losses, out_loss, settings.output_loss_weight)
-            check_finite(total, step, ckpts.last)
-            # Clip (the global norm over every rank's gradient shards) and step (the schedule steps with it)
-            if settings.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(t.params, settings.max_grad_norm)
-            t.optimizer.step()
-            t.scheduler.step()
-            update_ema(t, step, settings.ema_decay)
-            # Log: one line of metrics.jsonl, the progress bar, on_step (rank 0)
-            done = step + 1
-            record = step_record(done, total, t.scheduler.get_last_lr()[0], flat, out_value, t0)
-            history.append(record["losses"])
-            log.write(done, record)
-            # Maybe checkpoint: every checkpoint_every steps and at the last step (every rank writes its shard)
-            ckpts.after_step(done)
-        ckpts.close()
+            session.train_step(step, session.inputs(step), t0=t0)
+    return session.finish()
 
-    # Finish: final losses; a complete run (not stopped early) writes plugs.safetensors, then run.json
-    final_losses = mean_of_last(history, 10)
-    plug_info = plug_records(t.adapter, t.units, final_losses)
-    if end_step < settings.steps:
-        return DistillResult(run, end_step, final_losses, plug_info)
-    with ema_weights(t):  # the averaged weights, when the run keeps them, are the plugs
-        full_state = gather_full_state(t)  # every rank takes part; rank 0 gets the whole fp32 state
-    sharding = sharding_record(SHARDING if t.mesh is not None else None, t.params, t.optimizer, t.units,
-                               t.param_dtype)
-    if procs.is_main_process:
-        write_run(run, model, plan_obj, phash, data, settings, t, plug_info, final_losses, full_state, sharding)
-    procs.wait_for_everyone()
-    return DistillResult(run, settings.steps, final_losses, plug_info)
+
+def distill_many(
+    model: Any,
+    runs: list[tuple[Any, str | Path, DistillSettings]],
+    *,
+    data: str | Path | list[dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> list[DistillResult]:
+    """Several distillations of one teacher on the same data, in lockstep with ONE teacher pass per step for all.
+
+    Each run is ``(plan, out, settings)`` and writes exactly what :func:`distill` writes for it alone (bit for bit
+    on the CPU: ``tests/test_distill.py``): the data order and each step's noise depend only on the seed, batch
+    size, timestep sampler and data, so the teacher pass of step k is the same for every run, and here it runs once
+    for the union of the runs' units (hooks at every block any of them starts or ends at). The teacher is loaded
+    once and shared. What a run costs beyond that pass (its plugs, the output-level term's student, backward,
+    AdamW) is unchanged, so N runs cost one teacher pass + N times the rest per step instead of N times both: the
+    reference benchmark trains its table's runs this way (docs/benchmark.md).
+
+    The runs are fresh (no resume) and must share the settings a step's inputs depend on and the steps
+    (``_LOCKSTEP_FIELDS``: a one-line error before anything is written); the inputs themselves are compared on every
+    step too, and a run whose inputs differ stops the group with a one-line error. Each run's ``metrics.jsonl``
+    counts the shared teacher pass in its ``step_time_s``. One progress bar for the group."""
+    if not runs:
+        return []
+    for i, (_, out, settings) in enumerate(runs[1:], 2):  # checked before anything is written
+        for field in _LOCKSTEP_FIELDS:
+            mine, lead = getattr(settings, field), getattr(runs[0][2], field)
+            if mine != lead:
+                what = "steps" if field == "steps" else "batches and noise"
+                raise PPCLError(f"distill_many: run {i} ({out}) has {field} {mine!r}, run 1 {lead!r}: runs in "
+                                f"lockstep share one teacher pass per step, so they need the same {what}")
+    sessions: list[Session] = []
+    try:
+        for i, (plan, out, settings) in enumerate(runs):
+            shared = (sessions[0].t.pipe, sessions[0].t.adapter) if sessions else None
+            sessions.append(Session(model, plan, out, data, settings, progress=progress and i == 0,
+                                    teacher=shared, desc=f"distill x{len(runs)}"))
+        first = sessions[0]
+        union = [u for s in sessions for u in s.t.units]
+        full = any(s.settings.output_loss_weight > 0 for s in sessions)
+        for s in sessions:
+            s.__enter__()
+        for step in range(first.start, first.end):
+            t0 = time.perf_counter()
+            inputs = [s.inputs(step) for s in sessions]
+            for i, (s, x) in enumerate(zip(sessions[1:], inputs[1:]), 2):
+                if not _same_inputs(inputs[0], x):
+                    raise PPCLError(f"distill_many: run {i} ({s.run}) draws other inputs than run 1 at step "
+                                    f"{step + 1}: the runs need the same seed, batch size, timesteps and data")
+            with first.t.procs.autocast(), torch.no_grad():
+                teacher = teacher_pass(first.t.adapter, inputs[0], union, full=full)
+            shared_s = time.perf_counter() - t0
+            for s in sessions:
+                s.train_step(step, inputs[0], teacher, t0=time.perf_counter() - shared_s)
+        for s in sessions:
+            s.__exit__(None, None, None)
+        return [s.finish() for s in sessions]
+    except BaseException as e:
+        for s in sessions:
+            s.__exit__(type(e), e, None)
+        raise
+
+
+#: the settings every run of :func:`distill_many` must share: the steps, and what a step's inputs depend on
+#: (:func:`ppcl.distill.streams.training_stream` and :func:`~ppcl.distill.streams.step_inputs`)
+_LOCKSTEP_FIELDS = ("steps", "seed", "batch_size", "timesteps", "guidance", "n_samples", "resolution",
+                    "mixed_precision")
+
+
+def _same_inputs(a: Any, b: Any) -> bool:
+    """Whether two steps' model inputs are the same (tensors equal in dtype, shape and every value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_inputs(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_inputs(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class Session:
+    """One run between its start and its outputs: :func:`distill` drives one, :func:`distill_many` several in
+    lockstep. Opening validates every input before anything is written, then prepares the teacher (or shares
+    ``teacher``: ``(pipe, adapter)`` of another session), units, data and optimiser, restored from the checkpoint
+    being resumed (or, fresh, with the width projections fitted by least squares). Inside ``with``:
+    :meth:`train_step` per step; then :meth:`finish` writes the outputs."""
+
+    def __init__(self, model: Any, plan: Any, out: str | Path, data: Any, settings: DistillSettings, *,
+                 resume: bool = False, stop_after: int | None = None,
+                 on_step: Callable[[int, dict[str, Any]], None] | None = None,
+                 on_checkpoint: Callable[[Path], None] | None = None, progress: bool = True,
+                 teacher: tuple[Any, Adapter] | None = None, desc: str = "distill"):
+        self.model, self.data, self.settings = model, data, settings
+        self.run = Path(out)
+        self._lock = outputs.hold(self.run) if outputs.rank_writes() else None  # a second writer is refused
+        self.plan = as_plan(plan)
+        self.phash = plan_hash(self.plan)
+        last_ckpt, loaded = resume_point(self.run, self.phash, resume)
+        self.t = prepare(model, self.plan, data, settings, teacher=teacher)
+        self.start = start_or_resume(self.run, self.t, last_ckpt, loaded, settings)
+        self.end = settings.steps if stop_after is None else min(settings.steps, int(stop_after))
+        self.history: list[dict[str, float]] = []
+        self.ckpts = Checkpoints(self.run, self.t, self.phash, settings, on_checkpoint, last_ckpt)
+        self.log = StepLog(self.run / "metrics.jsonl", self.t.procs.is_main_process, progress, settings.steps,
+                           self.start, on_step, desc)
+
+    def __enter__(self) -> Session:
+        self.t.table.train()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self.ckpts.close()
+        finally:
+            self.log.__exit__(exc_type, exc, tb)
+            if exc_type is not None and self._lock is not None:
+                self._lock.close()
+
+    def inputs(self, step: int) -> dict[str, Any]:
+        """The next batch -> this step's model inputs (noise seeded by (seed, step), this rank's rows of the global
+        batch)."""
+        return self.t.noised(next(self.t.stream), step)
+
+    def train_step(self, step: int, inputs: dict[str, Any], teacher: TeacherStates | None = None, *,
+                   t0: float) -> None:
+        """One optimiser step (0-based ``step``) on ``inputs``; ``teacher``: the step's teacher pass when already
+        run (else run here); ``t0``: when the step began, for ``step_time_s``."""
+        t, settings = self.t, self.settings
+        # Losses D per unit and stream (+ the weighted output-level term), each plug's backward as it comes
+        t.optimizer.zero_grad(set_to_none=True)
+        losses, out_loss = step_losses(t, inputs, settings, step, teacher)
+        # The mean over the ranks of what was minimised: what is logged and checked
+        total, flat, out_value = mean_over_ranks(losses, out_loss, settings.output_loss_weight)
+        check_finite(total, step, self.ckpts.last)
+        # Clip (the global norm over every rank's gradient shards) and step (the schedule steps with it)
+        if settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(t.params, settings.max_grad_norm)
+        t.optimizer.step()
+        t.scheduler.step()
+        update_ema(t, step, settings.ema_decay)
+        # Log: one line of metrics.jsonl, the progress bar, on_step (rank 0)
+        done = step + 1
+        record = step_record(done, total, t.scheduler.get_last_lr()[0], flat, out_value, t0)
+        self.history.append(record["losses"])
+        self.log.write(done, record)
+        # Maybe checkpoint: every checkpoint_every steps and at the last step (every rank writes its shard)
+        self.ckpts.after_step(done)
+
+    def finish(self) -> DistillResult:
+        """Final losses; a complete run (not stopped early) writes plugs.safetensors, then run.json."""
+        try:
+            t, settings = self.t, self.settings
+            final_losses = mean_of_last(self.history, 10)
+            plug_info = plug_records(t.adapter, t.units, final_losses)
+            if self.end < settings.steps:
+                return DistillResult(self.run, self.end, final_losses, plug_info)
+            with ema_weights(t):  # the averaged weights, when the run keeps them, are the plugs
+                full_state = gather_full_state(t)  # every rank takes part; rank 0 gets the whole fp32 state
+            sharding = sharding_record(SHARDING if t.mesh is not None else None, t.params, t.optimizer, t.units,
+                                       t.param_dtype)
+            if t.procs.is_main_process:
+                write_run(self.run, self.model, self.plan, self.phash, self.data, settings, t, plug_info,
+                          final_losses, full_state, sharding)
+            t.procs.wait_for_everyone()
+            return DistillResult(self.run, settings.steps, final_losses, plug_info)
+        finally:
+            if self._lock is not None:
+                self._lock.close()
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -227,9 +360,11 @@ def load_teacher(model: Any, device: Any = None, dtype: torch.dtype = torch.floa
     return pipe, get_adapter(pipe)
 
 
-def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings) -> Training:
-    """The processes (group, device, mixed precision), the frozen teacher on the device, the plan's units (fp32
-    master weights, not yet sharded), the batch stream; nothing is written."""
+def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings,
+            teacher: tuple[Any, Adapter] | None = None) -> Training:
+    """The processes (group, device, mixed precision), the frozen teacher on the device (``teacher``: the
+    ``(pipe, adapter)`` already loaded by another run of :func:`distill_many`), the plan's units (fp32 master
+    weights, not yet sharded), the batch stream; nothing is written."""
     mp = settings.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
@@ -239,7 +374,8 @@ def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings) -> 
     uses_8bit_adam(settings, device, procs.num_processes)
 
     teacher_dtype = torch.bfloat16 if mp == "bf16" else torch.float32
-    pipe, adapter = load_teacher(model, device, teacher_dtype, encoders=data is None)
+    pipe, adapter = teacher if teacher is not None else load_teacher(model, device, teacher_dtype,
+                                                                     encoders=data is None)
     check_plan_family(plan_obj, adapter, "distill")
     freeze(adapter.transformer)
 
@@ -315,10 +451,11 @@ def check_finite(total: torch.Tensor, step: int, last_ckpt: Path | None) -> None
         raise PPCLError(f"loss is not finite at step {step + 1}: training stopped{where}")
 
 
-def step_losses(t: Training, inputs: dict[str, Any], settings: DistillSettings, step: int
-                ) -> tuple[Losses, torch.Tensor | None]:
+def step_losses(t: Training, inputs: dict[str, Any], settings: DistillSettings, step: int,
+                teacher: TeacherStates | None = None) -> tuple[Losses, torch.Tensor | None]:
     """One step's losses with their gradients accumulated: non-sequential mode backpropagates each unit's loss
-    as soon as it exists (then the output-level term); sequential mode one backward of the total."""
+    as soon as it exists (then the output-level term); sequential mode one backward of the total. ``teacher``:
+    the step's teacher pass when already run (:func:`distill_many`)."""
     device_type = t.procs.device.type
 
     def backward(loss: torch.Tensor) -> None:
@@ -327,10 +464,10 @@ def step_losses(t: Training, inputs: dict[str, Any], settings: DistillSettings, 
 
     with t.procs.autocast():
         if settings.mode == "sequential":
-            losses, out_loss = sequential_losses(t.adapter, inputs, t.units, settings, step=step)
+            losses, out_loss = sequential_losses(t.adapter, inputs, t.units, settings, step=step, teacher=teacher)
         else:
             losses, out_loss = nonsequential_losses(t.adapter, inputs, t.units, settings, step=step,
-                                                    backward=backward, placements=t.placements)
+                                                    backward=backward, placements=t.placements, teacher=teacher)
     if settings.mode == "sequential":
         backward(total_loss(losses, out_loss, settings.output_loss_weight))
     return losses, out_loss
@@ -374,12 +511,12 @@ class StepLog:
     """Rank 0's per-step outputs: a line appended to metrics.jsonl, the progress bar, the ``on_step`` hook."""
 
     def __init__(self, path: Path, main: bool, progress: bool, total: int, initial: int,
-                 on_step: Callable[[int, dict[str, Any]], None] | None):
+                 on_step: Callable[[int, dict[str, Any]], None] | None, desc: str = "distill"):
         self.main, self.on_step, self.bar = main, on_step, None
         if progress and main:
             from ppcl.progress import progress as progress_bar
 
-            self.bar = progress_bar(total=total, initial=initial, desc="distill", unit="step")
+            self.bar = progress_bar(total=total, initial=initial, desc=desc, unit="step")
         self.file = open(path, "a") if main else None
 
     def write(self, done: int, record: dict[str, Any]) -> None:
