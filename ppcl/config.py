@@ -223,8 +223,8 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def demo_config_data(override: dict[str, Any] | None = None) -> dict[str, Any]:
     """``DEMO_DEFAULTS`` with ``override`` merged over it (``ppcl demo --config``). Unless the override names
-    ``distill.output_loss_ratios``, the demo's one run trains every ratio above the smallest in turn in its
-    output-level term: it serves all its ratios (docs/benchmark.md, "The demo": without it the keep-0.8 model
+    ``distill.output_loss_ratios``, the demo's one run also trains every ratio above the smallest in its
+    output-level term (every step: ``output_loss_schedule`` every_step): it serves all its ratios (docs/benchmark.md, "The demo": without it the keep-0.8 model
     scored below the keep-0.6 one). The ratios are derived here, after the merge, so a config that changes
     ``ratios`` never inherits ratios of another run."""
     override = override or {}
@@ -289,7 +289,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "encode": {"resolution": 32, "batch_size": 64},
     "probe": {"samples": 64, "timesteps": 2, "batch_size": 16, "hsic_tokens": 16},
     "distill": {"steps": 800, "lr": 1e-2, "batch_size": 16, "warmup_steps": 20, "timesteps": "logit_normal",
-                "output_loss_weight": 1.0, "checkpoint_every": 400},
+                "output_loss_weight": 1.0, "output_loss_schedule": "every_step", "checkpoint_every": 400},
     "evaluate": {
         "steps": 10, "height": 32, "width": 32, "seeds": 1, "batch_size": 64,
         # pairs of teacher/model forwards (paired speedup); a forward of this model takes milliseconds

@@ -40,6 +40,7 @@ def test_demo_settings_give_a_pruned_model_the_judge_accepts(tmp_path, no_tracki
     cfg = validate_config(demo_config_data({"teacher": str(teacher),
                                             "evaluate": {"latency_warmup": 1, "latency_repeats": 2}}))
     assert cfg.distill.output_loss_ratios == [0.8]  # the demo's one run serves both its ratios
+    assert cfg.distill.output_loss_schedule == "every_step"
     low = min(cfg.ratios)
     assert len(cfg.evaluate.prompts) >= 64 and cfg.evaluate.steps == 10
 
