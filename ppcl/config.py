@@ -224,8 +224,9 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def demo_config_data(override: dict[str, Any] | None = None) -> dict[str, Any]:
     """``DEMO_DEFAULTS`` with ``override`` merged over it (``ppcl demo --config``). Unless the override names
     ``distill.output_loss_ratios``, the demo's one run also trains every ratio above the smallest in its
-    output-level term (every step: ``output_loss_schedule`` every_step): it serves all its ratios (docs/benchmark.md, "The demo": without it the keep-0.8 model
-    scored below the keep-0.6 one). The ratios are derived here, after the merge, so a config that changes
+    output-level term (every step: ``output_loss_schedule`` every_step): it serves all its ratios
+    (docs/benchmark.md, "The demo": without it the keep-0.8 model scored below the keep-0.6 one). The ratios
+    are derived here, after the merge, so a config that changes
     ``ratios`` never inherits ratios of another run."""
     override = override or {}
     data = merge(DEMO_DEFAULTS, override)

@@ -197,7 +197,8 @@ def measure(steps: int = 60) -> dict[str, object]:
         tp = throughput(cache, plan, 3 * steps)
         ls = lockstep(cache, work, 2 * steps)
         sc = schedules(cache, plan, steps)
-    return {"schedule_step_s": sc, "every_step_cost": sc["every_step"] / sc["turns"],"step_s": st, "step_speedup": st["before"] / st["after"], "throughput_steps_per_s": tp,
+    return {"schedule_step_s": sc, "every_step_cost": sc["every_step"] / sc["turns"], "step_s": st,
+            "step_speedup": st["before"] / st["after"], "throughput_steps_per_s": tp,
             "throughput_gain": tp["runs side by side x 1 thread"] / tp["one run x all threads"],
             "lockstep_s": ls, "lockstep_gain": ls["one after another"] / ls["lockstep"]}
 

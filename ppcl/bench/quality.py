@@ -353,9 +353,9 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
         "rows": [asdict(r) for r in rows],
         "targets": targets([asdict(r) for r in rows], low),
         "seconds": {**timings, "total": time.time() - t0, "distill_runs": run_seconds},
-        "distill_processes": {**dict(zip(("processes", "threads_each"),
-                                         parallel_plan(len(jobs), s.workers, s.threads))),
-                              "processes": len(run_groups), "lockstep_groups": run_groups},
+        "distill_processes": {"processes": len(run_groups),
+                              "threads_each": parallel_plan(len(jobs), s.workers, s.threads)[1],
+                              "lockstep_groups": run_groups},
         "cpu_seconds": _cpu_seconds() - cpu0,
         "threads": torch.get_num_threads(),
     }
@@ -575,10 +575,10 @@ def step_cost(plan_file: str, kw: dict[str, Any]) -> float:
     """A run's cost per step beyond the shared teacher pass, in blocks run forward and backward: its plugs (one
     block each), plus the output-level term's student from the first plug on (each interval one block), once per
     student a step runs (``output_loss_schedule`` every_step: the whole plan and one per ratio, each counted as the
-    whole plan's, an upper bound; sequential mode runs one). Blocks, not parameters: a step of this small teacher is bound by per-kernel
-    overhead, and a dual block costs about what a single one does (block counts predicted the first lockstep
-    table's two groups at 36 : 45, measured 2.9 : 2.2 steps/s; parameters predicted them equal). Only the balance
-    of :func:`groups` uses it."""
+    whole plan's, an upper bound; sequential mode runs one). Blocks, not parameters: a step of this small teacher
+    is bound by per-kernel overhead, and a dual block costs about what a single one does (block counts predicted
+    the first lockstep table's two groups at 36 : 45, measured 2.9 : 2.2 steps/s; parameters predicted them
+    equal). Only the balance of :func:`groups` uses it."""
     plan = json.loads(Path(plan_file).read_text())
     n = plan["teacher"]["num_blocks"]
     intervals = [tuple(iv) for iv in plan["intervals"]]

@@ -37,9 +37,10 @@ trained in the contexts a subset export creates. ``output_loss_ratios`` instead 
 the whole plan and exactly the subsets ``export --keep-params`` will build at those ratios
 (:func:`export_placements`): no step is spent on a subset nobody exports; with ``output_loss_schedule
 "every_step"`` every one of those students runs each step and the term is the sum of theirs (each exported model
-gets the output-level signal on every step, for one more student forward and backward per ratio). The student of that term starts at its
-first unit from the call the teacher pass captured there (:func:`student_forward`): the blocks before it are the
-teacher's own on the teacher's states, so running them again would redo the teacher pass's work.
+gets the output-level signal on every step, for one more student forward and backward per ratio). The student of
+that term starts at its first unit from the call the teacher pass captured there (:func:`student_forward`): the
+blocks before it are the teacher's own on the teacher's states, so running them again would redo the teacher pass's
+work.
 
 The objective of one step is :func:`total_loss`: the sum of every unit's D over its streams, plus the weighted
 output-level term.

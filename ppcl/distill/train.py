@@ -160,16 +160,14 @@ def distill_many(
                 raise PPCLError(f"distill_many: run {i} ({out}) has {field} {mine!r}, run 1 {lead!r}: runs in "
                                 f"lockstep share one teacher pass per step, so they need the same {what}")
     sessions: list[Session] = []
-    try:
+    with contextlib.ExitStack() as stack:  # a failure anywhere closes every session opened so far
         for i, (plan, out, settings) in enumerate(runs):
             shared = (sessions[0].t.pipe, sessions[0].t.adapter) if sessions else None
-            sessions.append(Session(model, plan, out, data, settings, progress=progress and i == 0,
-                                    teacher=shared, desc=f"distill x{len(runs)}"))
+            sessions.append(stack.enter_context(Session(model, plan, out, data, settings, teacher=shared,
+                                                        progress=progress and i == 0, desc=f"distill x{len(runs)}")))
         first = sessions[0]
         union = [u for s in sessions for u in s.t.units]
         full = any(s.settings.output_loss_weight > 0 for s in sessions)
-        for s in sessions:
-            s.__enter__()
         for step in range(first.start, first.end):
             t0 = time.perf_counter()
             inputs = [s.inputs(step) for s in sessions]
@@ -182,13 +180,7 @@ def distill_many(
             shared_s = time.perf_counter() - t0
             for s in sessions:
                 s.train_step(step, inputs[0], teacher, t0=time.perf_counter() - shared_s)
-        for s in sessions:
-            s.__exit__(None, None, None)
-        return [s.finish() for s in sessions]
-    except BaseException as e:
-        for s in sessions:
-            s.__exit__(type(e), e, None)
-        raise
+    return [s.finish() for s in sessions]
 
 
 #: the settings every run of :func:`distill_many` must share: the steps, and what a step's inputs depend on
