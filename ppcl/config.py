@@ -290,7 +290,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "encode": {"resolution": 32, "batch_size": 64},
     "probe": {"samples": 64, "timesteps": 2, "batch_size": 16, "hsic_tokens": 16},
     "distill": {"steps": 800, "lr": 1e-2, "batch_size": 16, "warmup_steps": 20, "timesteps": "logit_normal",
-                "output_loss_weight": 1.0, "output_loss_schedule": "every_step", "checkpoint_every": 400},
+                "output_loss_weight": 1.0, "output_loss_schedule": "every_step", "uncond_ratio": 0.1,
+                "checkpoint_every": 400},
     "evaluate": {
         "steps": 10, "height": 32, "width": 32, "seeds": 1, "batch_size": 64,
         # pairs of teacher/model forwards (paired speedup); a forward of this model takes milliseconds

@@ -107,6 +107,9 @@ class EncodeSettings(StageSettings):
                                             "same setting")
     batch_size: int = Field(8, ge=1, description="samples per encoder call")
     dtype: DType | None = Field(None, description="encoder precision (none: as saved)")
+    negative_prompt: str | None = Field(None, description="prompt of classifier-free guidance's unconditional "
+                                        "branch, encoded once into the cache for distill's uncond_ratio (none: the "
+                                        "family's: empty, Qwen-Image a blank)")
 
 
 class ProbeSettings(StageSettings):
@@ -222,6 +225,10 @@ class DistillSettings(StageSettings):
                                                      "student per step, in turn) or every_step (every student each "
                                                      "step, their terms summed; costs one student forward and "
                                                      "backward more per ratio, from its first plug on)")
+    uncond_ratio: float = Field(0.0, ge=0, lt=1, description="share of training samples whose text is replaced "
+                                "by the family's negative prompt (a latent cache's uncond.safetensors), so the "
+                                "student learns the unconditional branch classifier-free guidance runs (0: off, "
+                                "every sample keeps its caption; e.g. 0.1 for a teacher sampled with true CFG)")
     gradient_checkpointing: bool = Field(False, description="recompute plug activations in the backward pass")
     mixed_precision: MixedPrecision = Field("auto", description="auto: bf16 autocast on CUDA, none on CPU")
     n_samples: int = Field(16, ge=1, description="size of the built-in synthetic set (used only without a cache)")

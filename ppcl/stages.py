@@ -149,7 +149,7 @@ def encode(teacher: str, data: str, out: str, settings: dict[str, Any] | None = 
     check_family(model, (settings or {}).get("family"))
     manifest = encode_shards(model, data, out, resolution=cfg.resolution, batch_size=cfg.batch_size,
                              dtype=cfg.dtype, max_sequence_length=cfg.max_sequence_length,
-                             progress=progress)  # fmt: skip
+                             negative_prompt=cfg.negative_prompt, progress=progress)  # fmt: skip
     metrics = {"samples": manifest.samples, "shards": len(manifest.shards), "resolution": manifest.resolution}
     return _finish("encode", out, metrics, cfg.model_dump(mode="json"))
 

@@ -331,6 +331,93 @@ def test_distill_from_encoded_cache(tiny_pipe_dir, tmp_path):
         v for k, v in before.items() if k.startswith("interval_0/"))
 
 
+def test_uncond_ratio_trains_on_the_negative_prompt_the_cache_stores(tiny_pipe_dir, tmp_path):
+    """``ppcl encode`` stores the family's negative prompt's text tensors (verified like a shard); with
+    ``uncond_ratio`` a share of each step's rows get them in place of their caption's, drawn after the noise, so the
+    latents, noise and timesteps are those of a run without it; caches without them and lists of batches are
+    one-line errors."""
+    from ppcl.arch import generation_defaults
+    from ppcl.data.cache import iter_cache_batches, read_cache_manifest, read_uncond
+    from ppcl.data.encode import encode_shards
+    from ppcl.data.shard import shard_source
+    from ppcl.data.synth import write_synth
+    from ppcl.distill import DistillSettings
+    from ppcl.distill.streams import step_inputs, training_uncond
+
+    pipe_dir = tiny_pipe_dir["flux"]
+    write_synth(tmp_path / "src", 8, size=32)
+    shard_source(str(tmp_path / "src"), str(tmp_path / "shards"), 2, progress=False)
+    cache = tmp_path / "cache"
+    encode_shards(str(pipe_dir), str(tmp_path / "shards"), str(cache), resolution=32, batch_size=4, progress=False)
+    pipe = load_pipeline(pipe_dir)
+    adapter = get_adapter(pipe)
+    prompt, uncond = read_uncond(cache)
+    assert prompt == adapter.negative_prompt == "" and set(uncond) == {"prompt_embeds", "pooled_prompt_embeds"}
+    length = generation_defaults(pipe_dir).get("max_sequence_length")
+    with torch.inference_mode():
+        want = adapter.encode_prompts(pipe, [""], **({} if length is None else {"max_sequence_length": length}))
+    for k, v in want.items():  # stored in float16 like the captions' tensors
+        assert uncond[k].shape == v.shape[1:] and torch.equal(uncond[k], v[0].half().float()), k
+    batch = next(iter_cache_batches(str(cache), 4))
+    assert uncond["prompt_embeds"].shape == batch["prompt_embeds"].shape[1:]
+
+    device = torch.device("cpu")
+    plain = step_inputs(pipe, adapter, DistillSettings(), device, torch.float32, 0)
+    half = DistillSettings(uncond_ratio=0.5)
+    assert training_uncond(pipe, adapter, None, DistillSettings()) is None
+    swapped = step_inputs(pipe, adapter, half, device, torch.float32, 0, uncond=training_uncond(pipe, adapter, cache,
+                                                                                               half))
+    dropped = kept = 0
+    for step in range(6):
+        a, b = plain(batch, step), swapped(batch, step)
+        assert torch.equal(a["hidden_states"], b["hidden_states"]) and torch.equal(a["timestep"], b["timestep"])
+        for r in range(4):
+            if torch.equal(a["encoder_hidden_states"][r], b["encoder_hidden_states"][r]):
+                kept += 1
+                assert torch.equal(a["pooled_projections"][r], b["pooled_projections"][r])
+            else:
+                dropped += 1
+                assert torch.equal(b["encoder_hidden_states"][r], uncond["prompt_embeds"])
+                assert torch.equal(b["pooled_projections"][r], uncond["pooled_prompt_embeds"])
+        assert torch.equal(b["encoder_hidden_states"], swapped(batch, step)["encoder_hidden_states"])  # seeded
+    assert dropped > 4 and kept > 4, (dropped, kept)
+
+    plan = write_plan(pipe_dir, "flux", tmp_path / "plan.json", intervals=[[1, 2]], width=[])
+    distill(str(pipe_dir), plan, tmp_path / "run", data=cache, **{**FAST, "steps": 3, "uncond_ratio": 0.2})
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["uncond_ratio"] == 0.2
+    with pytest.raises(PPCLError, match="^uncond_ratio > 0 needs the negative prompt's embeddings: train on a latent"):
+        distill(str(pipe_dir), plan, tmp_path / "list", data=[batch], **{**FAST, "uncond_ratio": 0.2})
+    (cache / "uncond.safetensors").write_bytes(b"x" * (cache / "uncond.safetensors").stat().st_size)
+    with pytest.raises(PPCLError, match=r"uncond\.safetensors: sha256 differs from the cache manifest"):
+        read_uncond(cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    del manifest["uncond"]  # a cache written before the negative prompt was stored
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert read_cache_manifest(str(cache)).uncond is None
+    with pytest.raises(PPCLError, match=r"holds no negative-prompt embeddings .* re-run `ppcl encode`"):
+        distill(str(pipe_dir), plan, tmp_path / "old", data=cache, **{**FAST, "uncond_ratio": 0.2})
+    assert not (tmp_path / "old").exists() and not (tmp_path / "list").exists()
+    distill(str(pipe_dir), plan, tmp_path / "old0", data=cache, **{**FAST, "steps": 3})  # ratio 0: still trains
+
+
+def test_with_uncond_pads_a_differing_text_length_like_collate():
+    """Qwen-Image's text length differs between encodings: the swapped rows and the batch are zero-padded to the
+    longer, masks with 0 (masked), as :func:`ppcl.data.cache.collate` pads."""
+    from ppcl.data.cache import with_uncond
+
+    batch = {"latents": torch.ones(3, 2), "prompt_embeds": torch.ones(3, 4, 2),
+             "prompt_embeds_mask": torch.ones(3, 4, dtype=torch.long)}
+    short = {"prompt_embeds": torch.full((2, 2), 7.0), "prompt_embeds_mask": torch.ones(2, dtype=torch.long)}
+    out = with_uncond(batch, torch.tensor([False, True, False]), short)
+    assert out["prompt_embeds"].shape == (3, 4, 2) and torch.equal(out["latents"], batch["latents"])
+    assert out["prompt_embeds_mask"][1].tolist() == [1, 1, 0, 0] and out["prompt_embeds"][1, 2:].abs().sum() == 0
+    assert out["prompt_embeds"][1, :2].eq(7).all() and out["prompt_embeds_mask"][0].tolist() == [1, 1, 1, 1]
+    long = {"prompt_embeds": torch.full((6, 2), 7.0), "prompt_embeds_mask": torch.ones(6, dtype=torch.long)}
+    out = with_uncond(batch, torch.tensor([True, False, False]), long)
+    assert out["prompt_embeds_mask"].tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]]
+    assert with_uncond(batch, torch.zeros(3, dtype=torch.bool), long) is batch
+
+
 def test_sequential_mode_runs_with_plugs_inside_a_frozen_text_interval(tiny_pipe_dir, tmp_path):
     """The ablation with a composed plan: the student holds the source plug [2, 2], the frozen plug [3, 4] and the
     kept frozen blocks 5, 6 (the one at b = 6 carries the text loss); every unit gets a loss. At step 1 the source

@@ -135,6 +135,9 @@ class Adapter(ABC):
     #: kohya-style LoRA key prefixes that diffusers' LoRA loader of this family accepts, each naming a block list:
     #: ``<prefix><i>_<module>...`` is a LoRA on block ``i`` of that list (``ppcl lora remap`` renames ``i``).
     lora_kohya_blocks: ClassVar[dict[str, str]] = {}
+    #: the negative prompt this family's classifier-free guidance pairs with a prompt (the unconditional branch);
+    #: ``ppcl encode`` stores its embeddings in the cache so distillation can train that branch (``uncond_ratio``)
+    negative_prompt: ClassVar[str] = ""
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer

@@ -119,7 +119,7 @@ class FluxAdapter(Adapter):
             if self.transformer.config.guidance_embeds:
                 kw["guidance_scale"] = guidance_scale
             elif guidance_scale > 1:
-                kw.update(true_cfg_scale=guidance_scale, negative_prompt="")
+                kw.update(true_cfg_scale=guidance_scale, negative_prompt=self.negative_prompt)
         if max_sequence_length is not None:
             kw["max_sequence_length"] = max_sequence_length
         return kw

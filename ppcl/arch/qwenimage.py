@@ -58,6 +58,8 @@ class QwenImageAdapter(Adapter):
     family = "qwenimage"
     block_lists = (("transformer_blocks", "dual"),)
     transformer_class = QwenImageTransformer2DModel
+    #: the released inference's blank negative prompt (the pipeline runs true CFG only when one is given)
+    negative_prompt = " "
     #: the structure of the width ops for the exported, ppcl-free model code (:mod:`ppcl.width_runtime`); must agree
     #: with :meth:`ffn_module_name`, :meth:`text_stream_parts` and :meth:`frozen_text_modulation` below
     width_code = {"block_lists": ["transformer_blocks"],
@@ -136,7 +138,7 @@ class QwenImageAdapter(Adapter):
         if guidance_scale is None:
             return kw
         if guidance_scale > 1:
-            return {**kw, "true_cfg_scale": guidance_scale, "negative_prompt": " "}
+            return {**kw, "true_cfg_scale": guidance_scale, "negative_prompt": self.negative_prompt}
         return {**kw, "true_cfg_scale": guidance_scale}
 
     def ffn_module_name(self, block, stream):

@@ -101,6 +101,10 @@ class QualitySettings:
     #: ``turns`` (one of those students per step) or ``every_step`` (all of them each step, the terms summed)
     #: (``DistillSettings.output_loss_schedule``)
     output_loss_schedule: str = "every_step"
+    #: share of samples trained on the empty (negative) prompt, the unconditional branch the evaluation's true
+    #: CFG runs (``DistillSettings.uncond_ratio``): the teacher's own 10% caption dropout (docs/benchmark.md,
+    #: "The unconditional branch": keep 0.5 went 0.9600 -> 0.9764)
+    uncond_ratio: float = 0.1
     eval_n: int = 512
     eval_steps: int = 10
     guidance: float = 3.0
@@ -329,7 +333,7 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
                seed=s.seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False,
                output_loss_weight=s.output_loss_weight, output_loss_keep=s.output_loss_keep,
                output_loss_ratios=list(s.output_loss_ratios), output_loss_schedule=s.output_loss_schedule,
-               ema_decay=s.ema_decay)
+               ema_decay=s.ema_decay, uncond_ratio=s.uncond_ratio)
     runs, jobs = plan_runs(plans, per_ratio, work, s, dkw, t0)
 
     # ---- distillation runs, all with the same settings, run side by side (one process per core)
@@ -701,7 +705,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Settings: {s['data_samples']} cached samples, probe {s['probe_samples']} x {s['probe_timesteps']}, "
         f"{s['steps']} distillation steps x batch {s['batch_size']} (lr {s['lr']:g}, {s['timesteps']}, "
-        f"output-level loss weight {s.get('output_loss_weight', 0.0):g}, {_placement(s)}), "
+        f"output-level loss weight {s.get('output_loss_weight', 0.0):g}, {_placement(s)}, "
+        f"{s.get('uncond_ratio', 0.0):g} of the samples on the empty prompt), "
         f"{s['eval_n']} evaluation prompts x {s['eval_steps']} steps, true CFG {s['guidance']:g}.",
         f"Time: {sec['total'] / 60:.1f} min wall ({result['cpu_seconds'] / 60:.1f} CPU-min, "
         f"{result['threads']} torch threads); data {sec['data']:.0f}s, probe {sec['probe']:.0f}s, "

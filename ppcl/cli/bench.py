@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--output-loss-schedule", choices=("turns", "every_step"), default=None,
                    help="with --output-loss-ratios: one student per step in turn, or all of them every step "
                         f"(default {d.output_loss_schedule})")
+    q.add_argument("--uncond-ratio", type=float, default=None,
+                   help="share of training samples on the empty prompt, the unconditional branch true CFG runs "
+                        f"(default {d.uncond_ratio:g})")
     q.add_argument("--rows", default=None,
                    help="comma-separated rows besides teacher and ppcl (default: all of "
                         f"{','.join(r for r in d.rows if r != 'ppcl')}; optional: {','.join(OPTIONAL_ROWS)}); "
@@ -91,6 +94,7 @@ _OVERRIDES = (
     ("timesteps", "--timesteps", lambda v: True, ""),
     ("output_loss_schedule", "--output-loss-schedule", lambda v: True, ""),
     ("ema_decay", "--ema-decay", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("uncond_ratio", "--uncond-ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("trained_probe_steps", "--trained-probe-steps", lambda v: v >= 0, "must be >= 0"),
 )
 

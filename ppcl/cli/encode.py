@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest = encode_shards(
         args.model, args.data, args.out, resolution=cfg.resolution, batch_size=cfg.batch_size, device=device,
-        dtype=cfg.dtype, max_sequence_length=cfg.max_sequence_length, progress=not args.no_progress,
+        dtype=cfg.dtype, max_sequence_length=cfg.max_sequence_length, negative_prompt=cfg.negative_prompt,
+        progress=not args.no_progress,
     )  # fmt: skip
     from ppcl.tracking import log_command
 

@@ -6,6 +6,10 @@ Layout (a local folder or an s3:// prefix)::
     CACHE/shard-00000-of-00004.parquet  same names and keys as the data shards; columns:
         key (str), and per tensor NAME: NAME (binary: the row's tensor, C-order, the manifest's dtype)
         and NAME.shape (list<int32>: its shape, batch dimension removed)
+    CACHE/uncond.safetensors            the text tensors of the family's negative prompt (one sample, no batch
+        dimension, stored dtypes): the unconditional branch of classifier-free guidance, which distillation
+        trains on a share of its samples (``DistillSettings.uncond_ratio``); the manifest's ``uncond`` names
+        the prompt, size and sha256. Caches written before it have none.
 
 Tensors: ``latents`` (C, h, w) normalised as the transformer expects before packing, plus the family's text
 tensors (e.g. FLUX ``prompt_embeds`` (T, D) and ``pooled_prompt_embeds`` (D,); Qwen-Image
@@ -34,10 +38,11 @@ from pydantic import BaseModel
 
 from ppcl import storage
 from ppcl.errors import PPCLError
-from ppcl.integrity import read_manifest
+from ppcl.integrity import read_manifest, verify_files
 
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
+UNCOND = "uncond.safetensors"
 
 
 class TensorSpec(BaseModel):
@@ -52,6 +57,15 @@ class CacheShardInfo(BaseModel):
     sha256: str
 
 
+class UncondInfo(BaseModel):
+    """The negative prompt's text tensors (``CACHE/uncond.safetensors``)."""
+
+    prompt: str
+    name: str = UNCOND
+    bytes: int
+    sha256: str
+
+
 class CacheManifest(BaseModel):
     version: Literal[1] = 1
     kind: Literal["ppcl.latent_cache"] = "ppcl.latent_cache"
@@ -62,6 +76,8 @@ class CacheManifest(BaseModel):
     tensors: dict[str, TensorSpec]
     samples: int
     shards: list[CacheShardInfo]
+    #: the negative prompt's embeddings; None in caches written before ppcl stored them
+    uncond: UncondInfo | None = None
 
 
 def read_cache_manifest(path: str, *, verify: bool = True) -> CacheManifest:
@@ -70,8 +86,52 @@ def read_cache_manifest(path: str, *, verify: bool = True) -> CacheManifest:
     mpath = storage.join(path, MANIFEST)
     if not storage.exists(mpath):
         raise PPCLError(f"{mpath} not found: is {path} the output of `ppcl encode`?")
-    return read_manifest(CacheManifest, mpath, path, what="cache manifest", remedy="re-run `ppcl encode`",
-                         verify=verify)
+    manifest = read_manifest(CacheManifest, mpath, path, what="cache manifest", remedy="re-run `ppcl encode`",
+                             verify=verify)
+    if verify and manifest.uncond is not None:
+        u = manifest.uncond
+        verify_files(path, [(u.name, u.bytes, u.sha256)], what="cache manifest", remedy="re-run `ppcl encode`")
+    return manifest
+
+
+def read_uncond(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(prompt, tensors)``: the negative prompt a cache stores and its text tensors (one sample, no batch
+    dimension; floating ones as float32), verified against the manifest. A cache without them is one line saying
+    to re-encode it."""
+    from safetensors.torch import load
+
+    path = str(path)
+    manifest = read_cache_manifest(path)
+    if manifest.uncond is None:
+        raise PPCLError(f"{path}: this cache holds no negative-prompt embeddings (written before ppcl stored them): "
+                        f"re-run `ppcl encode` to train the unconditional branch (uncond_ratio > 0)")
+    tensors = load(storage.read_bytes(storage.join(path, manifest.uncond.name)))
+    return manifest.uncond.prompt, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def with_uncond(batch: dict, drop: torch.Tensor, uncond: dict[str, torch.Tensor]) -> dict:
+    """``batch`` with the text tensors of the rows where ``drop`` (B,) is True replaced by ``uncond`` (one
+    sample). A dimension that differs (Qwen-Image's padded text length) is zero-padded on both sides to the larger,
+    as :func:`collate` pads (masks padded with 0 = masked)."""
+    if not bool(drop.any()):
+        return batch
+    out = dict(batch)
+    for name, u in uncond.items():
+        t = batch[name]
+        u = u.to(t.device, t.dtype)
+        if u.ndim != t.ndim - 1:
+            raise PPCLError(f"negative-prompt tensor {name} has {u.ndim} dims, the batch's rows {t.ndim - 1}")
+        shape = [max(a, b) for a, b in zip(t.shape[1:], u.shape)]
+
+        def padded(x, lead):
+            pad = []
+            for d in reversed(range(x.ndim - lead)):
+                pad.extend([0, shape[d] - x.shape[d + lead]])
+            return torch.nn.functional.pad(x, pad) if any(pad) else x
+
+        t, u = padded(t, 1), padded(u, 0)
+        out[name] = torch.where(drop.to(t.device).view(-1, *([1] * u.ndim)), u.unsqueeze(0), t)
+    return out
 
 
 def _unreadable(path: str, e: Exception) -> PPCLError:

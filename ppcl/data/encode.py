@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ppcl import storage
-from ppcl.data.cache import MANIFEST, CacheManifest, CacheShardInfo, TensorSpec
+from ppcl.data.cache import MANIFEST, UNCOND, CacheManifest, CacheShardInfo, TensorSpec, UncondInfo
 from ppcl.errors import PPCLError
 
 #: Samples per Parquet row group in a cache shard (unit of shuffling and of DataLoader work splitting).
@@ -79,11 +79,14 @@ def encode_shards(
     dtype: str | None = None,
     max_sequence_length: int | None = None,
     progress: bool = True,
+    negative_prompt: str | None = None,
 ) -> CacheManifest:
     """Encode every shard of ``data`` (output of ``ppcl shard``) with pipeline ``model`` into ``out``.
 
     ``resolution`` None: the folder's ``ppcl.json`` height, else the pipeline's default sample size.
-    ``max_sequence_length`` None: the folder's ``ppcl.json`` default, else the pipeline's."""
+    ``max_sequence_length`` None: the folder's ``ppcl.json`` default, else the pipeline's. ``negative_prompt``
+    (None: the family's, :attr:`ppcl.arch.common.Adapter.negative_prompt`) is encoded once more, at the same text
+    length, into ``uncond.safetensors``: the unconditional branch distillation can train (``uncond_ratio``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -147,13 +150,45 @@ def encode_shards(
         shutil.rmtree(work, ignore_errors=True)
     if cut.truncated:
         print(f"encode: {cut.message()}", file=sys.stderr)
+    uncond = _write_uncond(pipe, adapter, out, local_out, specs,
+                           adapter.negative_prompt if negative_prompt is None else negative_prompt, max_sequence_length)
 
     manifest = CacheManifest(
         model=str(model), family=str(getattr(adapter, "family", type(adapter).__name__)), resolution=resolution,
-        data=str(data), tensors=specs, samples=sum(i.samples for i in infos), shards=infos,
+        data=str(data), tensors=specs, samples=sum(i.samples for i in infos), shards=infos, uncond=uncond,
     )  # fmt: skip
     storage.write_bytes(storage.join(out, MANIFEST), (manifest.model_dump_json(indent=2) + "\n").encode())
     return manifest
+
+
+def _write_uncond(pipe, adapter, out: str, local_out: Path | None, specs: dict[str, TensorSpec], prompt: str,
+                  max_sequence_length: int | None) -> UncondInfo:
+    """Encode ``prompt`` like a caption (same text length, same stored dtypes) into ``out``/uncond.safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.inference_mode(), _quiet_truncation(pipe):
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        text = adapter.encode_prompts(pipe, [prompt], **kw)
+    tensors = {}
+    for name, t in text.items():
+        if specs and name not in specs:
+            raise PPCLError(f"the negative prompt's encoding has tensor {name!r}, the captions' do not")
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(_stored(t[0])))
+    folder = local_out if local_out is not None else Path(tempfile.mkdtemp(prefix="ppcl-uncond-"))
+    tmp = folder / f".{UNCOND}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        save_file(tensors, str(tmp), metadata={"prompt": prompt})
+        digest, nbytes = storage.sha256_file(tmp), tmp.stat().st_size
+        if local_out is not None:
+            os.replace(tmp, local_out / UNCOND)
+        else:
+            storage.upload_file(tmp, storage.join(out, UNCOND), sha256=digest)
+    finally:
+        tmp.unlink(missing_ok=True)
+        if local_out is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return UncondInfo(prompt=prompt, bytes=nbytes, sha256=digest)
 
 
 def local_path(model: str) -> bool:

@@ -139,16 +139,44 @@ def training_stream(
     return batches, stream
 
 
+def training_uncond(pipe: Any, adapter: Adapter, data: str | Path | list[dict[str, Any]] | None,
+                    settings: DistillSettings) -> dict[str, torch.Tensor] | None:
+    """The negative prompt's text tensors ``uncond_ratio`` swaps in (None when it is 0): a latent cache's
+    ``uncond.safetensors``, or, for the built-in synthetic set, the family's negative prompt through the
+    pipeline's own text encoders (the set's text length). A list of batches carries none: refused."""
+    if settings.uncond_ratio <= 0:
+        return None
+    if data is None:  # encoded as synthetic_batches encodes its prompts (same text length)
+        from ppcl.arch import generation_defaults
+
+        length = generation_defaults(pipe).get("max_sequence_length")
+        with torch.inference_mode():
+            text = adapter.encode_prompts(pipe, [adapter.negative_prompt],
+                                          **({} if length is None else {"max_sequence_length": length}))
+        return {k: v[0].detach().float().cpu() if v.is_floating_point() else v[0].detach().cpu()
+                for k, v in text.items()}
+    if isinstance(data, list):
+        raise PPCLError("uncond_ratio > 0 needs the negative prompt's embeddings: train on a latent cache "
+                        "(`ppcl encode` stores them) or on the built-in set, not on a list of batches")
+    from ppcl.data.cache import read_uncond
+
+    return read_uncond(data)[1]
+
+
 def step_inputs(
     pipe: Any, adapter: Adapter, settings: DistillSettings, device: torch.device, dtype: torch.dtype, rank: int,
-    world: int = 1,
+    world: int = 1, uncond: dict[str, torch.Tensor] | None = None,
 ) -> Callable[[dict[str, Any], int], dict[str, Any]]:
     """``noised(batch, step)``: the model inputs of one step, the batch on ``device`` noised at sampled timesteps.
 
     The sigmas and noise of step ``t`` are drawn for the GLOBAL batch (``world`` x this rank's batch, in rank order)
     from a generator seeded with ``(seed, t)``, and rank ``r`` takes rows ``r*B .. (r+1)*B``: a run of N processes
     with batch B draws exactly what one process with batch N*B draws, a resumed run what the uninterrupted one drew
-    (no generator state to restore); negative ``t``: the least-squares fit. One process draws as it always did."""
+    (no generator state to restore); negative ``t``: the least-squares fit. One process draws as it always did.
+
+    ``uncond`` (:func:`training_uncond`) with ``uncond_ratio`` > 0: each row's text is replaced by the negative
+    prompt's with that probability, drawn from the same generator after the noise (so a run with the ratio at 0
+    draws exactly what it drew before the setting existed)."""
     from ppcl.arch import shift_sigmas
     from ppcl.calibration import noise_batch, sample_sigmas
 
@@ -163,6 +191,12 @@ def step_inputs(
         sigma = sample_sigmas(n * world, settings.timesteps, g)
         sigma = shift_sigmas(sigma, scheduler_config, adapter.image_seq_len(x0))[rows]
         noise = torch.randn((n * world, *x0.shape[1:]), generator=g, dtype=torch.float32)[rows]
+        if uncond is not None and settings.uncond_ratio > 0:
+            from ppcl.data.cache import with_uncond
+
+            drop = torch.rand(n * world, generator=g)[rows] < settings.uncond_ratio
+            b = with_uncond(b, drop, {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                                      for k, v in uncond.items()})
         return noise_batch(adapter, scheduler_config, b, sigma=sigma, shift=False, noise=noise,
                            guidance=settings.guidance).model_inputs
 

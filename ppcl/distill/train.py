@@ -69,7 +69,7 @@ from ppcl.distill.sharding import (
 )
 from ppcl.distill.projections import fit_width_units
 from ppcl.distill.settings import DistillSettings, resolve_settings
-from ppcl.distill.streams import BatchStream, step_inputs, take, training_stream
+from ppcl.distill.streams import BatchStream, step_inputs, take, training_stream, training_uncond
 from ppcl.distill.units import Unit, build_units, check_plan_family, plan_dict, plan_hash, unit_table
 from ppcl.errors import PPCLError
 from ppcl.integrity import teacher_fingerprint
@@ -186,7 +186,7 @@ def distill_many(
 #: the settings every run of :func:`distill_many` must share: the steps, and what a step's inputs depend on
 #: (:func:`ppcl.distill.streams.training_stream` and :func:`~ppcl.distill.streams.step_inputs`)
 _LOCKSTEP_FIELDS = ("steps", "seed", "batch_size", "timesteps", "guidance", "n_samples", "resolution",
-                    "mixed_precision")
+                    "mixed_precision", "uncond_ratio")
 
 
 def _same_inputs(a: Any, b: Any) -> bool:
@@ -377,7 +377,7 @@ def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings,
     table = unit_table(units).to(device)
     batches, stream = training_stream(pipe, data, settings)
     noised = step_inputs(pipe, adapter, settings, device, teacher_dtype, procs.process_index,
-                         procs.num_processes)
+                         procs.num_processes, uncond=training_uncond(pipe, adapter, data, settings))
     # the exported subsets the output-level term trains in turn: an unreachable ratio is refused before any step
     placements = export_placements(adapter, units, settings.output_loss_ratios) \
         if settings.output_loss_ratios and settings.output_loss_weight > 0 else None
