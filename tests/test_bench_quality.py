@@ -47,6 +47,7 @@ def test_smoke_table_has_every_row_and_column(smoke):
         n = next(r for r in rows if r["name"] == "no-distill" and r["ratio"] == ratio)
         assert (n["intervals"], n["parameters"]) == (p["intervals"], p["parameters"])
     assert set(result["targets"]) == {"ppcl_within_3pct_at_low", "ppcl_beats_all", "one_run_within_1pt"}
+    assert result["settings"]["uncond_ratio"] == 0.1  # the evaluation runs true CFG: every run trains that branch
     assert not (smoke / "work").exists()
 
 
@@ -94,6 +95,7 @@ def test_pipeline_generation_defaults_set_text_length(tiny_pipe_dir, tmp_path):
     ("--output-loss-weight", "-1", "--output-loss-weight must be >= 0"),
     ("--output-loss-keep", "0", "--output-loss-keep must be in (0, 1]"),
     ("--eval-n", "1", "--eval-n must be >= 2"),
+    ("--uncond-ratio", "1", "--uncond-ratio must be in [0, 1)"),
     ("--rows", "ppcl,nope", "--rows: unknown row 'nope'"),
 ])
 def test_bad_training_flags_are_one_line_errors(tmp_path, capsys, flag, value, message):

@@ -385,6 +385,11 @@ def test_uncond_ratio_trains_on_the_negative_prompt_the_cache_stores(tiny_pipe_d
     plan = write_plan(pipe_dir, "flux", tmp_path / "plan.json", intervals=[[1, 2]], width=[])
     distill(str(pipe_dir), plan, tmp_path / "run", data=cache, **{**FAST, "steps": 3, "uncond_ratio": 0.2})
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["uncond_ratio"] == 0.2
+    # the built-in set: the negative prompt through the pipeline's own encoders
+    synth = training_uncond(pipe, adapter, None, half)
+    assert torch.allclose(synth["prompt_embeds"], want["prompt_embeds"][0].float())
+    assert not synth["prompt_embeds"].is_inference()
+    distill(str(pipe_dir), plan, tmp_path / "synth", **{**FAST, "steps": 3, "uncond_ratio": 0.5})
     with pytest.raises(PPCLError, match="^uncond_ratio > 0 needs the negative prompt's embeddings: train on a latent"):
         distill(str(pipe_dir), plan, tmp_path / "list", data=[batch], **{**FAST, "uncond_ratio": 0.2})
     (cache / "uncond.safetensors").write_bytes(b"x" * (cache / "uncond.safetensors").stat().st_size)

@@ -153,8 +153,8 @@ def training_uncond(pipe: Any, adapter: Adapter, data: str | Path | list[dict[st
         with torch.inference_mode():
             text = adapter.encode_prompts(pipe, [adapter.negative_prompt],
                                           **({} if length is None else {"max_sequence_length": length}))
-        return {k: v[0].detach().float().cpu() if v.is_floating_point() else v[0].detach().cpu()
-                for k, v in text.items()}
+        # cloned outside inference mode: ordinary tensors, usable in the training graph's inputs
+        return {k: (v[0].float() if v.is_floating_point() else v[0]).cpu().clone() for k, v in text.items()}
     if isinstance(data, list):
         raise PPCLError("uncond_ratio > 0 needs the negative prompt's embeddings: train on a latent cache "
                         "(`ppcl encode` stores them) or on the built-in set, not on a list of batches")
