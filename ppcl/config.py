@@ -279,8 +279,9 @@ def synth_eval_prompts(n: int) -> list[str]:
 #: synthetic data, CPU-sized settings chosen by measurement (issue 20; numbers in docs/benchmark.md, "The demo"):
 #: the keep-0.6 branch must draw what the teacher draws (judge attribute accuracy >= 0.90 on 64 prompts, the
 #: teacher ~0.99) within 5 minutes on 2 cores. Almost all of that budget goes to distillation, where it pays: the
-#: benchmark's recipe (lr 1e-2, output-level loss weight 1, batch 16) on a cache of 2048 synth images (encoding
-#: them costs seconds); evaluation is cheap at 32 px (64 prompts, 10 Euler steps; text length 16 and true CFG 3
+#: benchmark's recipe (lr 1e-2, output-level loss weight 1, batch 16, 10% of the samples on the empty prompt so
+#: the student learns the unconditional branch true CFG runs) on a cache of 2048 synth images (encoding them costs
+#: seconds); evaluation is cheap at 32 px (64 prompts, 10 Euler steps; text length 16 and true CFG 3
 #: come from the reference teacher's ``ppcl.json``, :func:`ppcl.arch.generation_defaults`).
 #: tests/test_demo_quality.py holds these settings to the accuracy floor.
 DEMO_DEFAULTS: dict[str, Any] = {

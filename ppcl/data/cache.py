@@ -122,14 +122,7 @@ def with_uncond(batch: dict, drop: torch.Tensor, uncond: dict[str, torch.Tensor]
         if u.ndim != t.ndim - 1:
             raise PPCLError(f"negative-prompt tensor {name} has {u.ndim} dims, the batch's rows {t.ndim - 1}")
         shape = [max(a, b) for a, b in zip(t.shape[1:], u.shape)]
-
-        def padded(x, lead):
-            pad = []
-            for d in reversed(range(x.ndim - lead)):
-                pad.extend([0, shape[d] - x.shape[d + lead]])
-            return torch.nn.functional.pad(x, pad) if any(pad) else x
-
-        t, u = padded(t, 1), padded(u, 0)
+        t, u = zero_pad(t, [t.shape[0], *shape]), zero_pad(u, shape)
         out[name] = torch.where(drop.to(t.device).view(-1, *([1] * u.ndim)), u.unsqueeze(0), t)
     return out
 
@@ -300,16 +293,16 @@ def collate(rows: list[dict]) -> dict:
             continue
         ts = [r[name] for r in rows]
         shape = [max(t.shape[d] for t in ts) for d in range(ts[0].ndim)]
-        if any(list(t.shape) != shape for t in ts):
-            padded = []
-            for t in ts:
-                pad = []
-                for d in reversed(range(t.ndim)):
-                    pad.extend([0, shape[d] - t.shape[d]])
-                padded.append(torch.nn.functional.pad(t, pad))
-            ts = padded
-        out[name] = torch.stack(ts)
+        out[name] = torch.stack([zero_pad(t, shape) for t in ts])
     return out
+
+
+def zero_pad(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """``t`` zero-padded at the end of each dimension to ``shape`` (itself when it already has that shape)."""
+    pad = []
+    for d in reversed(range(t.ndim)):
+        pad.extend([0, shape[d] - t.shape[d]])
+    return torch.nn.functional.pad(t, pad) if any(pad) else t
 
 
 def iter_cache_batches(
