@@ -104,3 +104,23 @@ def test_missing_s3_inputs_fail_in_one_line(s3, inputs, tmp_path, capsys):
     assert main([*argv[:-4], "--out", "s3://no-such-bucket/x", "--scratch", str(tmp_path / "s")]) == 2
     assert "no-such-bucket" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_cache_encoded_to_s3_carries_the_negative_prompt_to_distill(s3, inputs, tmp_path):
+    """``ppcl encode --out s3://...`` uploads uncond.safetensors with its sha256, reads back as the local cache's,
+    and a distillation from that S3 cache with ``--uncond-ratio`` trains on it (the scratch copy holds it)."""
+    from ppcl.data.cache import read_uncond
+    from ppcl.data.encode import encode_shards
+
+    bucket = s3.make_bucket("encode-s3")
+    encode_shards(str(inputs["model"]), str(inputs["cache"].parent / "shards"), f"{bucket}/cache", resolution=32,
+                  batch_size=4, progress=False)  # fmt: skip
+    assert storage.head(f"{bucket}/cache/uncond.safetensors")["metadata"]["sha256"]
+    local_prompt, local = read_uncond(inputs["cache"])
+    prompt, remote = read_uncond(f"{bucket}/cache")
+    assert prompt == local_prompt and set(remote) == set(local)
+    assert all(torch.equal(remote[k], local[k]) for k in local)
+    argv = ["distill", "--model", str(inputs["model"]), "--plan", str(inputs["plan"]), "--data", f"{bucket}/cache",
+            "--out", str(tmp_path / "run"), "--scratch", str(tmp_path / "s"), *ARGS, "--uncond-ratio", "0.5"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["uncond_ratio"] == 0.5
