@@ -181,6 +181,11 @@ def step_inputs(
     from ppcl.calibration import noise_batch, sample_sigmas
 
     scheduler_config = dict(pipe.scheduler.config) if hasattr(pipe, "scheduler") else {}
+    swap = None  # the negative prompt's tensors, moved to the device once
+    if uncond is not None and settings.uncond_ratio > 0:
+        from ppcl.data.cache import with_uncond
+
+        swap = to_device(uncond, device, dtype)
 
     def noised(batch: dict[str, Any], step: int):
         g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 7_919)
@@ -191,12 +196,9 @@ def step_inputs(
         sigma = sample_sigmas(n * world, settings.timesteps, g)
         sigma = shift_sigmas(sigma, scheduler_config, adapter.image_seq_len(x0))[rows]
         noise = torch.randn((n * world, *x0.shape[1:]), generator=g, dtype=torch.float32)[rows]
-        if uncond is not None and settings.uncond_ratio > 0:
-            from ppcl.data.cache import with_uncond
-
+        if swap is not None:
             drop = torch.rand(n * world, generator=g)[rows] < settings.uncond_ratio
-            b = with_uncond(b, drop, {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-                                      for k, v in uncond.items()})
+            b = with_uncond(b, drop, swap)
         return noise_batch(adapter, scheduler_config, b, sigma=sigma, shift=False, noise=noise,
                            guidance=settings.guidance).model_inputs
 
