@@ -26,6 +26,27 @@ OFFLINE_ENV: dict[str, str] = {
 }
 os.environ.update(OFFLINE_ENV)
 
+# Under pytest-xdist (`make test`: one worker per core) each worker's torch, and the commands tests start,
+# get their share of the cores instead of all of them each: N workers x N threads on N cores oversubscribes.
+# Set before anything imports torch; a value the caller exported wins.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _share)
+
+# The files that take longest (`make test`'s --durations), run first: under `--dist loadfile` the workers start on
+# them side by side instead of one worker finishing a 2-minute file alone at the end.
+LONGEST_FILES: tuple[str, ...] = ("test_pipeline.py", "test_demo_quality.py", "test_tracking.py",
+                                  "test_bench_quality.py", "test_evaluate_cli.py", "test_components.py")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order files by LONGEST_FILES first, the rest as collected (a stable sort: within a file, tests keep their
+    order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 FAMILIES: tuple[str, ...] = ("flux", "sd3", "qwenimage")  # == ppcl.arch.tiny.FAMILIES, without importing torch here
 
 
