@@ -95,3 +95,30 @@ def test_judge_scores_against_parsed_prompts():
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
     parsed = [synth.parse_caption(c) for c in caps]
     assert J.judge_scores(images, parsed) == J.judge_scores(images, attrs)
+
+
+def test_teacher_script_trains_stops_and_continues_as_a_recorded_stage(tmp_path):
+    """`python -m ppcl.bench.teacher` (the script behind the committed teacher), at toy size: a run stopped with
+    --stop-after saves a loadable pipeline and says so in its record; --init continues it as a second stage whose
+    record chains both commands and adds up the steps."""
+    from diffusers import FluxPipeline
+
+    from ppcl.bench import teacher as T
+
+    tiny = ["--seed", "0", "--n-images", "64", "--batch", "4", "--save-every", "5", "--eval-n", "2", "--warmup", "1"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert T.main(["--out", str(first), "--vae-steps", "2", "--steps", "3", "--stop-after", "2", *tiny]) == 0
+    record = json.loads((first / "ppcl_reference.json").read_text())
+    assert record["steps_done"] == 2 and record["finished"] is False
+    assert record["stage_command"] == "python -m ppcl.bench.teacher --out DIR --seed 0 --steps 3 --stop-after 2"
+    assert record["judge"]["n"] == 2 and "true_cfg_3" in record["judge"]["runs"]
+    assert (tmp_path / "first.train.log").read_text().count("saved") == 1
+    pipe = FluxPipeline.from_pretrained(first)
+    assert pipe.transformer.config.num_layers == T.TRANSFORMER_CONFIG["num_layers"]
+
+    assert T.main(["--init", str(first), "--out", str(second), "--steps", "1", *tiny]) == 0
+    record2 = json.loads((second / "ppcl_reference.json").read_text())
+    assert record2["finished"] is True and record2["steps_total"] == 3 and len(record2["stages"]) == 1
+    assert record2["command"].startswith(record["stage_command"] + " && python -m ppcl.bench.teacher --init DIR")
+    assert record2["vae_l1"] == record["vae_l1"]  # the VAE is the first stage's, not retrained
+    FluxPipeline.from_pretrained(second)

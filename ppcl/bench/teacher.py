@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -324,7 +325,7 @@ def evaluate(pipe_dir: Path, n: int = 256, steps: int = 20, cfg_scales: tuple[fl
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -343,34 +344,38 @@ def main(argv: list[str] | None = None) -> int:
                    help="continue training from a saved teacher (its VAE and transformer); recorded as a stage")
     p.add_argument("--evaluate-only", action="store_true", help="only score an existing --out with the judge")
     p.add_argument("--eval-n", type=int, default=256)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.evaluate_only:
-        evaluate(args.out, n=args.eval_n)
-        return 0
+    return p
 
-    import copy
 
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+@dataclass
+class _Setup:
+    """What training needs: the pipeline's parts, the encoded captions and the scaled latents of the images."""
+    parts: dict[str, Any]  # FluxPipeline's keyword arguments; ``transformer`` is the one being trained
+    pe_all: torch.Tensor  # every caption's (and, last, the empty caption's) T5 states
+    pooled_all: torch.Tensor
+    cap_ids: torch.Tensor  # each image's caption index
+    empty_id: int
+    x0_all: torch.Tensor
+    vae_l1: float
+    vae_seconds: float
+    prior: dict[str, Any] | None  # the record of the teacher --init continues from
 
-    torch.set_num_threads(args.threads)
-    t_start = time.time()
-    log_path = args.out.parent / f"{args.out.name}.train.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    logf = open(log_path, "a")
+    def pipeline(self, transformer):
+        from diffusers import FluxPipeline
 
-    def log(msg: str) -> None:
-        line = f"[{time.time() - t_start:7.1f}s] {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
+        return FluxPipeline(**{**self.parts, "transformer": transformer})
+
+
+def _prepare(args: argparse.Namespace, log) -> _Setup:
+    """Synth images, tokenizers, frozen text encoders, the VAE (trained, or --init's) and the transformer."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     torch.manual_seed(args.seed)
     imgs_np, caps, _ = synth.synth_arrays(args.n_images, size=RESOLUTION, seed=args.seed)
     images = to_tensor(imgs_np)
     log(f"synth: {len(images)} images {RESOLUTION}px")
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tok_dir:
         clip_tok, t5_tok = build_tokenizers(Path(tok_dir))
@@ -379,16 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     vae = AutoencoderKL(**VAE_CONFIG)
     torch.manual_seed(args.seed)
     transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
-    pipe = FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
-        tokenizer_2=t5_tok, transformer=transformer,
-    )
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False), vae=vae,
+                 text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok)
 
     # Conditioning: every caption + the empty one, encoded once by the pipeline's own encode_prompt.
+    from diffusers import FluxPipeline
+
     cap_list = all_captions() + [""]
     cap_index = {c: i for i, c in enumerate(cap_list)}
-    pe_all, pooled_all = encode_captions(pipe, cap_list)
+    pe_all, pooled_all = encode_captions(FluxPipeline(**parts, transformer=transformer), cap_list)
     rel = check_distinct(pe_all, pooled_all, cap_list)
     log(f"caption embeddings: {len(cap_list)} distinct, min relative distance {rel:.3f}")
     cap_ids = torch.tensor([cap_index[c] for c in caps])
@@ -398,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         # Continue from a saved teacher: its VAE (with its latent scaling) and its (EMA) transformer.
         vae = AutoencoderKL.from_pretrained(args.init / "vae")
         transformer = FluxTransformer2DModel.from_pretrained(args.init / "transformer")
-        pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
-                            text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+        parts["vae"] = vae
         prior = json.loads((args.init / "ppcl_reference.json").read_text())
         prior.pop("judge", None)
         vae.eval().requires_grad_(False)
@@ -418,9 +421,59 @@ def main(argv: list[str] | None = None) -> int:
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         vae_seconds = time.time() - t_vae
         log(f"vae trained in {vae_seconds:.0f}s, held-in L1 {vae_l1:.4f} (images in [-1,1]); latents {tuple(latents.shape)}")
-    x0_all = (latents - shift) * scale
+    parts["transformer"] = transformer
+    return _Setup(parts, pe_all, pooled_all, cap_ids, cap_index[""], (latents - shift) * scale, vae_l1, vae_seconds,
+                  prior)
 
-    h = w = RESOLUTION // pipe.vae_scale_factor
+
+def _new_record(args: argparse.Namespace, setup: _Setup) -> tuple[dict[str, Any], str]:
+    """``ppcl_reference.json`` before training (settings, VAE; earlier stages when continuing) and this stage's
+    command."""
+    record: dict[str, Any] = {
+        "version": 1,
+        "seed": args.seed,
+        "resolution": RESOLUTION,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "generation": {"height": RESOLUTION, "width": RESOLUTION, "max_sequence_length": MAX_SEQUENCE_LENGTH},
+        "transformer_config": TRANSFORMER_CONFIG,
+        "vae_config": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE_CONFIG.items()},
+        "settings": {
+            "n_images": args.n_images, "vae_steps": args.vae_steps, "steps_planned": args.steps,
+            "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "schedule": "cosine to 0.1x",
+            "optimizer": "AdamW(0.9, 0.99), wd 0.01", "ema": 0.999, "timesteps": "logit-normal(0, 1)",
+            "caption_dropout": 0.1, "threads": args.threads, "text_encoders": "random-init, frozen",
+        },
+        "vae_l1": setup.vae_l1,
+        "vae_seconds": setup.vae_seconds,
+    }
+    stage_cmd = "python -m ppcl.bench.teacher --out DIR --seed %d --steps %d" % (args.seed, args.steps)
+    prior = setup.prior
+    if prior is not None:
+        # A continued run: earlier stages first, this one last; totals add up over stages.
+        stages = prior.pop("stages", None) or []
+        stages.append(prior)
+        for st in stages:
+            if "stage_command" not in st:  # records written before stage_command existed
+                st["stage_command"] = st.get("command", "?")
+                if st.get("steps_done", 0) < st.get("settings", {}).get("steps_planned", 0):
+                    st["stage_command"] += " --stop-after %d" % st["steps_done"]
+        record["stages"] = stages
+        record["vae_seconds"] = prior.get("vae_seconds", 0.0)
+        stage_cmd = "python -m ppcl.bench.teacher --init DIR --out DIR --seed %d --steps %d --lr %g --warmup %d" % (
+            args.seed, args.steps, args.lr, args.warmup)
+    return record, stage_cmd
+
+
+def _train(args: argparse.Namespace, setup: _Setup, record: dict[str, Any], stage_cmd: str, log,
+           t_start: float) -> None:
+    """Rectified-flow training with 10% caption dropout and an EMA, saving the EMA pipeline and the record every
+    ``--save-every`` steps, at the end, and where ``--max-minutes`` / ``--stop-after`` stop it."""
+    import copy
+
+    from diffusers import FluxPipeline
+
+    transformer, x0_all, cap_ids = setup.parts["transformer"], setup.x0_all, setup.cap_ids
+    h = w = RESOLUTION // setup.pipeline(transformer).vae_scale_factor
     img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
     txt_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3)
     c = x0_all.shape[1]
@@ -434,46 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         lambda s: min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) * 0.9 + 0.1),
     )
     g = torch.Generator().manual_seed(args.seed + 1)
-    record: dict[str, Any] = {
-        "version": 1,
-        "seed": args.seed,
-        "resolution": RESOLUTION,
-        "max_sequence_length": MAX_SEQUENCE_LENGTH,
-        "generation": {"height": RESOLUTION, "width": RESOLUTION, "max_sequence_length": MAX_SEQUENCE_LENGTH},
-        "transformer_config": TRANSFORMER_CONFIG,
-        "vae_config": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE_CONFIG.items()},
-        "settings": {
-            "n_images": args.n_images, "vae_steps": args.vae_steps, "steps_planned": args.steps,
-            "batch": args.batch, "lr": args.lr, "warmup": warmup, "schedule": "cosine to 0.1x",
-            "optimizer": "AdamW(0.9, 0.99), wd 0.01", "ema": 0.999, "timesteps": "logit-normal(0, 1)",
-            "caption_dropout": 0.1, "threads": args.threads, "text_encoders": "random-init, frozen",
-        },
-        "vae_l1": vae_l1,
-        "vae_seconds": vae_seconds,
-    }
-    stage_cmd = "python -m ppcl.bench.teacher --out DIR --seed %d --steps %d" % (args.seed, args.steps)
-    if prior is not None:
-        # A continued run: earlier stages first, this one last; totals add up over stages.
-        stages = prior.pop("stages", None) or []
-        stages.append(prior)
-        for st in stages:
-            if "stage_command" not in st:  # records written before stage_command existed
-                st["stage_command"] = st.get("command", "?")
-                if st.get("steps_done", 0) < st.get("settings", {}).get("steps_planned", 0):
-                    st["stage_command"] += " --stop-after %d" % st["steps_done"]
-        record["stages"] = stages
-        record["vae_seconds"] = prior.get("vae_seconds", 0.0)
-        stage_cmd = "python -m ppcl.bench.teacher --init DIR --out DIR --seed %d --steps %d --lr %g --warmup %d" % (
-            args.seed, args.steps, args.lr, warmup)
-
     t_train = time.time()
     losses: list[float] = []
-    step = 0
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, x0_all.shape[0], (args.batch,), generator=g)
         x0 = x0_all[idx]
         ci = cap_ids[idx].clone()
-        ci[torch.rand(args.batch, generator=g) < 0.1] = cap_index[""]
+        ci[torch.rand(args.batch, generator=g) < 0.1] = setup.empty_id
         noise = torch.randn(x0.shape, generator=g)
         sigma = torch.sigmoid(torch.randn(args.batch, generator=g))
         s4 = sigma.view(-1, 1, 1, 1)
@@ -481,8 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         packed = FluxPipeline._pack_latents(xt, args.batch, c, h, w)
         target = FluxPipeline._pack_latents(noise - x0, args.batch, c, h, w)
         pred = transformer(
-            hidden_states=packed, timestep=sigma, pooled_projections=pooled_all[ci],
-            encoder_hidden_states=pe_all[ci], txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+            hidden_states=packed, timestep=sigma, pooled_projections=setup.pooled_all[ci],
+            encoder_hidden_states=setup.pe_all[ci], txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
         )[0]
         loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
@@ -514,15 +534,32 @@ def main(argv: list[str] | None = None) -> int:
                 train_seconds_total=elapsed + sum(s_.get("train_seconds", 0.0) for s_ in earlier),
                 final_loss=float(np.mean(losses[-200:])), finished=step == args.steps,
             )
-            save_pipeline(
-                FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
-                             text_encoder_2=t5, tokenizer_2=t5_tok, transformer=ema),
-                args.out, record,
-            )
+            save_pipeline(setup.pipeline(ema), args.out, record)
             log(f"saved {args.out} at step {step}")
         if stop:
             log(f"stopped at step {step} of {args.steps}")
             break
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.evaluate_only:
+        evaluate(args.out, n=args.eval_n)
+        return 0
+    t_start = time.time()
+    log_path = args.out.parent / f"{args.out.name}.train.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as logf:
+        def log(msg: str) -> None:
+            line = f"[{time.time() - t_start:7.1f}s] {msg}"
+            print(line, flush=True)
+            logf.write(line + "\n")
+            logf.flush()
+
+        setup = _prepare(args, log)
+        record, stage_cmd = _new_record(args, setup)
+        _train(args, setup, record, stage_cmd, log, t_start)
     if ASSETS_JUDGE.is_file():
         evaluate(args.out, n=args.eval_n)
     return 0
