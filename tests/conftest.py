@@ -26,11 +26,42 @@ OFFLINE_ENV: dict[str, str] = {
 }
 os.environ.update(OFFLINE_ENV)
 
-# Under pytest-xdist (`make test`: one worker per core) each worker's torch, and the commands tests start,
-# get their share of the cores instead of all of them each: N workers x N threads on N cores oversubscribes.
-# Set before anything imports torch; a value the caller exported wins.
+#: host memory one pytest worker may need at its peak (the DAG and demo tests run whole pipelines: ~3 GiB)
+WORKER_MEMORY = 4 * 2**30
+
+
+def usable_cores() -> int:
+    """The cores this process may really use: its CPU affinity, capped by a cgroup CPU quota (a container limited
+    to 2 CPUs on a 64-core host sees 64 in ``os.cpu_count()``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:  # cgroup v2: "max 100000" (no quota) or "200000 100000" (2 CPUs)
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """What ``-n auto`` (``make test``) means: one worker per usable core, fewer if the memory available would not
+    hold them (``WORKER_MEMORY`` each). ``PYTEST_XDIST_AUTO_NUM_WORKERS`` sets it outright."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    workers = usable_cores()
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        workers = min(workers, max(1, int(meminfo["MemAvailable"].split()[0]) * 1024 // WORKER_MEMORY))
+    except (OSError, KeyError, ValueError):
+        pass
+    return workers
+
+
+# Under pytest-xdist each worker's torch, and the commands tests start, get their share of the cores instead of
+# all of them each: N workers x N threads on N cores oversubscribes. Set before anything imports torch; a value
+# the caller exported wins.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _share = str(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, _share)
 
