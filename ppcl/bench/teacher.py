@@ -370,7 +370,7 @@ def _prepare(args: argparse.Namespace, log) -> _Setup:
     """Synth images, tokenizers, frozen text encoders, the VAE (trained, or --init's) and the transformer."""
     import tempfile
 
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(args.seed)
     imgs_np, caps, _ = synth.synth_arrays(args.n_images, size=RESOLUTION, seed=args.seed)
@@ -388,8 +388,6 @@ def _prepare(args: argparse.Namespace, log) -> _Setup:
                  text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok)
 
     # Conditioning: every caption + the empty one, encoded once by the pipeline's own encode_prompt.
-    from diffusers import FluxPipeline
-
     cap_list = all_captions() + [""]
     cap_index = {c: i for i, c in enumerate(cap_list)}
     pe_all, pooled_all = encode_captions(FluxPipeline(**parts, transformer=transformer), cap_list)
