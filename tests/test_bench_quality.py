@@ -41,6 +41,7 @@ def test_smoke_table_has_every_row_and_column(smoke):
                 # FID beats ppcl only by more than the SE of the difference
                 ppcl_fid = next(x["judge_fid"] for x in rows if x["name"] == "ppcl" and x["ratio"] == ratio)
                 assert r["beats_ppcl"]["judge_fid"] == (r["judge_fid"] < ppcl_fid - r["judge_fid_diff_se"])
+                assert r["judge_accuracy_diff_se"] >= 0
     # no distillation keeps exactly ppcl's intervals and parameter count
     for ratio in (0.7, 0.5):
         p = next(r for r in rows if r["name"] == "ppcl" and r["ratio"] == ratio)
@@ -55,7 +56,7 @@ def test_smoke_writes_markdown_and_plot(smoke):
     md = (smoke / "quality.md").read_text()
     assert md.startswith("| ratio | row | params |")
     assert "| 0.5 | ppcl |" in md and "Targets:" in md and "judge-FID (± SE of the difference to ppcl)" in md
-    assert "(±" in md
+    assert "(±" in md and "judge acc. (± SE of the difference to ppcl)" in md
     assert (smoke / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -96,6 +97,7 @@ def test_pipeline_generation_defaults_set_text_length(tiny_pipe_dir, tmp_path):
     ("--output-loss-keep", "0", "--output-loss-keep must be in (0, 1]"),
     ("--eval-n", "1", "--eval-n must be >= 2"),
     ("--uncond-ratio", "1", "--uncond-ratio must be in [0, 1)"),
+    ("--train-seed", "-1", "--train-seed must be >= 0"),
     ("--rows", "ppcl,nope", "--rows: unknown row 'nope'"),
 ])
 def test_bad_training_flags_are_one_line_errors(tmp_path, capsys, flag, value, message):
@@ -131,6 +133,34 @@ def test_fid_difference_se_is_the_spread_of_the_paired_difference():
         fid_difference_se(near[:10], near, ref)
 
 
+def test_accuracy_difference_se_matches_a_paired_bootstrap():
+    import numpy as np
+
+    from ppcl.bench.judge import accuracy_difference_se
+    from ppcl.errors import PPCLError
+
+    rng = np.random.default_rng(0)
+    n = 512
+    checks = rng.integers(1, 5, n)
+    hard = rng.random(n) < 0.1  # captions both models tend to miss: the pairing cancels them
+    a = np.array([rng.binomial(c, 0.5 if h else 0.99) for c, h in zip(checks, hard)])
+    b = np.array([rng.binomial(c, 0.5 if h else 0.97) for c, h in zip(checks, hard)])
+    assert accuracy_difference_se(a, a, checks) == 0.0  # the same model: no spread at all
+    se = accuracy_difference_se(a, b, checks)
+    boot = []
+    for _ in range(2000):
+        i = rng.integers(0, n, n)
+        boot.append(a[i].sum() / checks[i].sum() - b[i].sum() / checks[i].sum())
+    assert abs(se - np.std(boot, ddof=1)) < 0.1 * se
+    # paired: smaller than the unpaired SE of the two accuracies, which the hard captions inflate
+    unpaired = np.sqrt(sum(np.var(x / checks.mean(), ddof=1) for x in (a, b)) / n)
+    assert se < unpaired
+    with pytest.raises(PPCLError, match="same length"):
+        accuracy_difference_se(a[:10], b, checks)
+    with pytest.raises(PPCLError, match="0..checks"):
+        accuracy_difference_se(checks + 1, b, checks)
+
+
 def test_a_lower_fid_beats_ppcl_only_beyond_the_standard_error():
     import numpy as np
 
@@ -149,9 +179,11 @@ def test_a_lower_fid_beats_ppcl_only_beyond_the_standard_error():
 
     rows = [Row("teacher", None, 200, 1.0, 1.0, 0.99, 0.9, 10.0, None), row("ppcl", 0.95), row("same", 0.94),
             row("better", 0.96), row("worse", 0.97)]
-    compare_with_ppcl(rows, f, ref)
+    hits = {(k, 0.5): (np.full(256, 3 - i % 2), np.full(256, 3)) for i, k in enumerate(shift)}
+    compare_with_ppcl(rows, f, ref, hits)
     ppcl, same, better, worse = rows[1:]
-    assert ppcl.beats_ppcl is None and ppcl.judge_fid_diff_se is None
+    assert ppcl.beats_ppcl is None and ppcl.judge_fid_diff_se is None and ppcl.judge_accuracy_diff_se is None
+    assert same.judge_accuracy_diff_se == 0.0 and better.judge_accuracy_diff_se == 0.0  # constant paired differences
     for r in (same, better, worse):
         assert r.judge_fid_diff_se > 0
         assert r.beats_ppcl["judge_fid"] == (r.judge_fid < ppcl.judge_fid - r.judge_fid_diff_se)
@@ -214,3 +246,33 @@ def test_distillation_workers_die_with_the_benchmark(tmp_path):
             raise AssertionError("the worker outlived the benchmark's process")
     finally:
         parent.kill()
+
+
+def test_targets_say_which_accuracy_leads_exceed_their_paired_se():
+    from ppcl.bench.quality import targets
+
+    def row(name, ratio, acc, beats=None, se=None):
+        return {"name": name, "ratio": ratio, "judge_accuracy": acc, "beats_ppcl": beats,
+                "judge_accuracy_diff_se": se}
+
+    rows = [row("teacher", None, 0.99), row("ppcl", 0.5, 0.970),
+            row("a", 0.5, 0.980, {"judge_accuracy": True, "judge_fid": False}, 0.002),
+            row("b", 0.5, 0.971, {"judge_accuracy": True, "judge_fid": False}, 0.002),
+            row("c", 0.5, 0.960, {"judge_accuracy": False, "judge_fid": False}, 0.002)]
+    t = targets(rows, 0.5)["ppcl_beats_all"]
+    assert not t["met"] and t["rows_beating_ppcl_on_a_metric"] == ["a@0.5", "b@0.5"]
+    assert t["accuracy_leads_in_paired_se"] == {"a@0.5": 5.0, "b@0.5": 0.5}  # a: a real lead; b: within noise
+
+
+def test_train_seed_changes_the_distillation_runs_only(tmp_path):
+    """``--train-seed``: the runs train with that seed; the cache, the probe and the plans keep the benchmark's."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = tmp_path / "q"
+    assert main(["bench", "quality", "--smoke", "--rows", "ppcl", "--train-seed", "7", "--out", str(out)]) == 0
+    result = json.loads((out / "quality.json").read_text())
+    assert result["settings"]["train_seed"] == 7 and result["settings"]["seed"] == 0
+    run = json.loads((out / "work" / "runs" / "ppcl" / "run.json").read_text())
+    assert run["settings"]["seed"] == 7
+    assert "distillation seed 7" in (out / "quality.md").read_text()

@@ -157,12 +157,15 @@ def judge_predict(images: torch.Tensor, judge: Judge | None = None, batch_size: 
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def judge_scores(images: torch.Tensor, attributes: list[dict[str, Any]], judge: Judge | None = None) -> dict[str, Any]:
+def judge_scores(images: torch.Tensor, attributes: list[dict[str, Any]], judge: Judge | None = None, *,
+                 per_image: bool = False) -> dict[str, Any]:
     """Scores of ``images`` (B, 3, H, W) in [0, 1] against the attributes their captions state.
 
     ``attributes``: one synth attribute dict per image (a metadata.jsonl row, or
     :func:`ppcl.data.synth.parse_caption` of the prompt). Returns ``attribute_accuracy`` (correct checks / all
-    checks), ``image_accuracy`` (images with every stated attribute right), ``per_head`` accuracy, ``n``.
+    checks), ``image_accuracy`` (images with every stated attribute right), ``per_head`` accuracy, ``n``; with
+    ``per_image`` also ``per_image_hits`` and ``per_image_checks`` (lists of ints, one per image: correct checks and
+    stated attributes), what :func:`accuracy_difference_se` pairs.
     """
     if len(images) != len(attributes):
         raise PPCLError(f"judge: {len(images)} images but {len(attributes)} attribute rows")
@@ -170,19 +173,23 @@ def judge_scores(images: torch.Tensor, attributes: list[dict[str, Any]], judge: 
         raise PPCLError("judge: no images to score")
     pred = judge_predict(images, judge)
     hits = {k: [] for k in HEADS}
-    per_image = []
+    rows = []
     for i, a in enumerate(attributes):
         ok = [bool(pred[k][i] == v) for k, v in stated_labels(a).items()]
         for (k, _), o in zip(stated_labels(a).items(), ok):
             hits[k].append(o)
-        per_image.append(ok)
-    checks = [o for ok in per_image for o in ok]
-    return {
+        rows.append(ok)
+    checks = [o for ok in rows for o in ok]
+    out = {
         "attribute_accuracy": float(np.mean(checks)),
-        "image_accuracy": float(np.mean([all(ok) for ok in per_image])),
+        "image_accuracy": float(np.mean([all(ok) for ok in rows])),
         "per_head": {k: float(np.mean(v)) for k, v in hits.items() if v},
         "n": len(images),
     }
+    if per_image:
+        out["per_image_hits"] = [sum(ok) for ok in rows]
+        out["per_image_checks"] = [len(ok) for ok in rows]
+    return out
 
 
 def judge_accuracy(images: torch.Tensor, attributes: list[dict[str, Any]], judge: Judge | None = None) -> float:
@@ -206,6 +213,26 @@ def judge_fid(images: torch.Tensor, reference: torch.Tensor, judge: Judge | None
     if len(a) < 2 or len(b) < 2:
         raise PPCLError("judge-FID needs at least 2 images per set")
     return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def accuracy_difference_se(hits_a: np.ndarray, hits_b: np.ndarray, checks: np.ndarray) -> float:
+    """Standard error of ``accuracy(a) - accuracy(b)``, the attribute accuracies (micro averages) of two models on
+    the same images' captions: ``hits_a[i]``, ``hits_b[i]`` correct checks of image i, ``checks[i]`` its stated
+    attributes (the same for both: same caption).
+
+    The difference is the ratio ``sum(z) / sum(checks)`` with ``z = hits_a - hits_b``; its linearised (delta-method)
+    variance over images is ``n / (n - 1) * sum((z - d * checks)^2) / sum(checks)^2``. Paired: a caption both
+    models get wrong adds nothing, so this is much smaller than either accuracy's own spread."""
+    a, b, c = (np.asarray(x, dtype=np.float64) for x in (hits_a, hits_b, checks))
+    if not (len(a) == len(b) == len(c)) or len(a) < 2:
+        raise PPCLError(f"accuracy_difference_se: needs paired per-image counts of the same length >= 2, got "
+                        f"{len(a)}, {len(b)}, {len(c)}")
+    if c.sum() <= 0 or (a > c).any() or (b > c).any() or (a < 0).any() or (b < 0).any():
+        raise PPCLError("accuracy_difference_se: hits must lie in 0..checks and some image must state an attribute")
+    z = a - b
+    d = z.sum() / c.sum()
+    n = len(z)
+    return float(np.sqrt(n / (n - 1) * ((z - d * c) ** 2).sum()) / c.sum())
 
 
 def fid_difference_se(a: np.ndarray, b: np.ndarray, ref: np.ndarray, n_boot: int = 100, seed: int = 0) -> float:

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--uncond-ratio", type=float, default=None,
                    help="share of training samples on the empty prompt, the unconditional branch true CFG runs "
                         f"(default {d.uncond_ratio:g})")
+    q.add_argument("--train-seed", type=int, default=None,
+                   help="seed of the distillation runs only (default: the benchmark's seed, 0); data, probe and "
+                        "evaluation stay the same, so two tables differ by what training alone varies")
     q.add_argument("--rows", default=None,
                    help="comma-separated rows besides teacher and ppcl (default: all of "
                         f"{','.join(r for r in d.rows if r != 'ppcl')}; optional: {','.join(OPTIONAL_ROWS)}); "
@@ -96,6 +99,7 @@ _OVERRIDES = (
     ("ema_decay", "--ema-decay", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("uncond_ratio", "--uncond-ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("trained_probe_steps", "--trained-probe-steps", lambda v: v >= 0, "must be >= 0"),
+    ("train_seed", "--train-seed", lambda v: v >= 0, "must be >= 0"),
 )
 
 
