@@ -337,8 +337,9 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     # ---- plans (every selector on the one probe), then the runs they need (each distinct run once)
     low = min(s.ratios)
     plans, per_ratio = make_plans(probe, teacher_dir, work, s, timings, t0)
+    train_seed = s.seed if s.train_seed is None else s.train_seed
     dkw = dict(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, timesteps=s.timesteps,
-               seed=s.seed if s.train_seed is None else s.train_seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False,
+               seed=train_seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False,
                output_loss_weight=s.output_loss_weight, output_loss_keep=s.output_loss_keep,
                output_loss_ratios=list(s.output_loss_ratios), output_loss_schedule=s.output_loss_schedule,
                ema_decay=s.ema_decay, uncond_ratio=s.uncond_ratio)
@@ -689,7 +690,7 @@ def targets(rows: list[dict], low: float) -> dict[str, Any]:
               and r["name"] not in ("per-ratio",)]
     if any(r.get("beats_ppcl") is not None and r["name"] != "per-ratio" for r in rows):  # nothing to beat: no claim
         out["ppcl_beats_all"] = {"met": not losers, "rows_beating_ppcl_on_a_metric": losers}
-        # which accuracy leads over ppcl are larger than their paired standard error (the rest: within noise)
+        # each accuracy lead over ppcl in units of its paired standard error (below ~2: inside the noise)
         ref = {r["ratio"]: r["judge_accuracy"] for r in rows if r["name"] == "ppcl"}
         leads = {f"{r['name']}@{r['ratio']:g}": (r["judge_accuracy"] - ref[r["ratio"]]) / r["judge_accuracy_diff_se"]
                  for r in rows if r.get("beats_ppcl") and r["beats_ppcl"]["judge_accuracy"]
