@@ -29,7 +29,9 @@ from loaded modules (quality benchmarks; the test oracle of the streamed export,
 - ``keep_params=F`` rule: among all subsets of intervals (exhaustive up to 16 intervals, greedy beyond), pick the
   one whose exported parameter count is the LARGEST that does not exceed ``F x teacher parameters`` (the least
   pruning that meets the budget); ties go to the smaller sum of the plugs' final training losses. If even all
-  intervals cannot reach F, it is an error that says the smallest reachable fraction.
+  intervals cannot reach F, it is an error that says the smallest reachable fraction. A ratio the plan records in
+  ``serves`` (a selection for several ratios, ``ppcl select --serve``) exports the subset recorded for it instead:
+  the selector chose it by the plugs' scored effect, and distillation trained that exact subset.
 - Lineage: the export folder also holds the plan it was built from (``plan.json``, byte for byte) and the block
   map ``ppcl_lineage.json`` (:mod:`ppcl.lineage`: each student block -> the teacher block it is, or the interval
   its plug replaces); the model card shows the map as a table. Both are written inside the atomic folder.
@@ -274,7 +276,8 @@ def export(
         for p in run.get("plugs", []):
             if p.get("kind") == "interval":
                 losses[index[p["name"]]] = sum((p.get("final_loss") or {}).values())
-        chosen = choose_intervals(float(keep_params), teacher_params, width_saving, savings, losses)
+        chosen = choose_intervals(float(keep_params), teacher_params, width_saving, savings, losses,
+                                  plan_obj.serves)
 
     selected = [u for u in units if u.kind != "interval" or u.index in chosen]
     _, keep, position = student_layout(adapter, selected)

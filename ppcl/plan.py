@@ -12,6 +12,7 @@ with exact parameter accounting (method.md sections 1-3).
      "init": "middle", "allow_ends": false, "protect": [],
      "params": {"teacher": ..., "student": ...},
      "plug_sources": [4, 6, ...],                 # teacher block each plug starts from, one per interval
+     "serves": {"0.7": [1, 3]},                   # optional: the plugs a ratio the plan was selected for exports
      "selection": {...}}                          # free-form metadata of the selector (method, budget, scores)
 
 Rules (checked on construction, on load and before anything is written):
@@ -21,6 +22,10 @@ Rules (checked on construction, on load and before anything is written):
   in place and removes nothing.
 - an interval that removes blocks (``s < e``) may not contain the first or last block unless ``allow_ends``, nor a
   protected block: a protected block is one kept exactly as the teacher has it.
+- ``serves`` (written by a selection for several ratios, :func:`ppcl.select.select` ``serve``): keep ratio (a
+  string, ``"0.7"``) -> the interval indices (``plan.intervals[k]``, sorted, distinct, at least one) whose plugs
+  the model at that ratio keeps. ``export --keep-params 0.7`` and distillation's ``output_loss_ratios`` use the
+  recorded subset for a ratio it names (:func:`ppcl.subsets.choose_intervals`), the size rule for any other.
 - width ops: ``ffn_linear`` names a block that no depth interval replaces (not inside any interval, ``[s, s]``
   included: that block's plug is a plain copy) and a stream that block has; at most one op per (block, stream).
   ``text_freeze [a, b]`` needs ``a < b``, dual blocks with a text stream throughout, and no overlap with another
@@ -130,6 +135,8 @@ class Plan(_Model):
     protect: list[int] = Field(default_factory=list)
     params: Params
     plug_sources: list[int] = Field(default_factory=list)
+    #: keep ratio ("0.7") -> the interval indices the model at that ratio keeps (module docstring)
+    serves: dict[str, list[int]] = Field(default_factory=dict)
     selection: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("family")
@@ -226,9 +233,24 @@ def check_plan(plan: Plan) -> None:
     for src, (s, e) in zip(plan.plug_sources, plan.intervals):
         if not s <= src <= e:
             raise PPCLError(f"interval [{s}, {e}]: plug source {src} lies outside the interval")
+    check_serves(plan.serves, len(plan.intervals))
     check_width(plan.intervals, plan.width, t)
     if plan.params.teacher != t.total_params:
         raise PPCLError(f"params.teacher {plan.params.teacher} differs from teacher.total_params {t.total_params}")
+
+
+def check_serves(serves: dict[str, list[int]], n_intervals: int) -> None:
+    """The ``serves`` rule of the module docstring; raises a one-line PPCLError naming the ratio."""
+    for key, ids in serves.items():
+        try:
+            ratio = float(key)
+        except ValueError:
+            ratio = float("nan")
+        if not 0 < ratio <= 1:
+            raise PPCLError(f"serves: key {key!r} is not a keep ratio in (0, 1]")
+        if not ids or list(ids) != sorted(set(ids)) or not all(0 <= k < n_intervals for k in ids):
+            raise PPCLError(f"serves {key}: {list(ids)} is not a sorted, non-empty list of distinct interval indices "
+                            f"0..{n_intervals - 1}")
 
 
 def check_width(intervals, width, teacher: Teacher) -> None:
@@ -500,6 +522,14 @@ def format_plan(plan: Plan) -> str:
                 lines.append(f"  ffn_linear   block {op.block} ({op.stream} stream)")
             else:
                 lines.append(f"  text_freeze  [{op.interval[0]}, {op.interval[1]}]")
+    if plan.serves:
+        lines.append("")
+        for key, ids in sorted(plan.serves.items(), key=lambda kv: -float(kv[0])):
+            kept = plan.params.teacher - sum(
+                sum(b.params for b in t.blocks[s:e + 1]) - (t.blocks[src].params if src is not None else 0)
+                for (s, e), src in ((plan.intervals[k], sources[k]) for k in ids))
+            lines.append(f"serves keep {key} with intervals {[list(plan.intervals[k]) for k in ids]} "
+                         f"({kept / max(plan.params.teacher, 1):.1%} kept without width ops)")
     return "\n".join(lines)
 
 

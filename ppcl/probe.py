@@ -627,7 +627,8 @@ def run_probe(
         # on the CPU in float32 (the plugs' fp32 training): the loaded teacher when it already is, else reloaded
         on_cpu = device == "cpu" and dtype == torch.float32
         result.trained = trained_interval_scores(pipe if on_cpu else model, data, steps=s.trained_steps, seed=seed,
-                                                 max_interval=s.max_interval, progress=progress)
+                                                 max_interval=s.max_interval, uncond_ratio=s.trained_uncond_ratio,
+                                                 output_guidance=s.trained_output_guidance, progress=progress)
     write_probe(result, out, plots=plots)
     return result
 

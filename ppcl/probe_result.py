@@ -102,6 +102,9 @@ class TrainedInterval(_Model):
     trained_quality: float
     #: stream -> ``{"trained", "initial", "identity"}`` loss D on that stream
     per_stream: dict[str, dict[str, float]]
+    #: relative squared error of the (guided) model output with only this trained plug in place (None: written
+    #: before the field existed)
+    output_error: float | None = None
 
 
 class TrainedProbe(_Model):
@@ -126,6 +129,10 @@ class TrainedProbe(_Model):
     #: wall seconds of the whole trained probe (teacher load, scoring before and after, training)
     seconds: float
     intervals: list[TrainedInterval]
+    #: share of training samples on the negative prompt
+    uncond_ratio: float = 0.0
+    #: the guidance scale of each interval's ``output_error`` (1: the conditional output)
+    output_guidance: float = 1.0
 
     def interval(self, start: int, end: int) -> TrainedInterval | None:
         for iv in self.intervals:

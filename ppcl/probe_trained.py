@@ -36,6 +36,18 @@ Choices (recorded in probe.json's ``trained``):
   skipping the interval, > 1 worse). An interval whose output equals its input to within the floor (D < 1e-6:
   token cosines above 1 - 5e-7) does nothing measurable, so the ratio is taken against the floor: a plug
   reproducing it to within the floor scores ~0, one that does not is ranked by its own loss, never divided by ~0.
+- ``output_error`` per interval (the ``"output"`` score of :mod:`ppcl.select`): what the trained plug does to the
+  MODEL's output. On the same held-out inputs, the teacher with only this plug in place
+  (:func:`ppcl.distill.losses.student_forward`, starting from the teacher's captured call at the plug) against the
+  teacher: ``mean_b ||g_student - g_teacher||^2 / ||g_teacher||^2`` with ``g = w * v(cond) - (w - 1) * v(uncond)``,
+  the velocity the sampler follows under true classifier-free guidance of scale ``w = output_guidance`` (1: the
+  conditional output alone, for guidance-distilled models and pipelines without a negative prompt). Why
+  (docs/benchmark.md, "The output score"): on the reference teacher the local ratio above and the linear probe's
+  R^2 both call one long plug over nine single-stream blocks the cheapest removal; its output error is the largest
+  of any plan's, and the judge agrees (0.975 against 0.986-0.991 for the short-plug plans at keep 0.7). Summed over
+  a plan's intervals it predicts the plan's error to first order (the errors of far-apart plugs add).
+- ``uncond_ratio``: the share of training samples on the negative prompt, as distill's setting (the unconditional
+  branch a guided output error measures must have been trained).
 """
 
 from __future__ import annotations
@@ -46,9 +58,9 @@ from typing import Any
 
 import torch
 
-from ppcl.distill.losses import teacher_pass, unit_call, unit_step_losses, unit_target
+from ppcl.distill.losses import student_forward, teacher_pass, unit_call, unit_step_losses, unit_target
 from ppcl.distill.optim import lr_factor
-from ppcl.distill.streams import step_inputs, take, training_stream
+from ppcl.distill.streams import step_inputs, take, training_stream, training_uncond
 from ppcl.distill.train import load_teacher
 from ppcl.distill.units import Unit
 from ppcl.errors import PPCLError
@@ -91,6 +103,11 @@ def candidate_units(adapter: Any, candidates: list[tuple[int, int]], init: str =
         units.append(Unit(f"interval_{s}_{e}", "interval", s, e, spec.source, make_depth_plug(adapter, spec),
                           index=k, interval=[s, e]))
     return units
+
+
+def _rows(batch: dict[str, Any]) -> int:
+    """Samples in a cache-shaped batch."""
+    return int(batch["latents"].shape[0])
 
 
 class _PlugClip:
@@ -144,6 +161,28 @@ def _score(adapter: Any, units: list[Unit], inputs: list[dict[str, Any]]) -> dic
     return {name: {s: (v[0], v[1]) for s, v in per.items()} for name, per in sums.items()}
 
 
+@torch.no_grad()
+def _output_errors(adapter: Any, units: list[Unit], cond: list[dict[str, Any]], uncond: list[dict[str, Any]] | None,
+                   guidance: float) -> dict[str, float]:
+    """Per unit: the relative squared error of the guided output with only that unit in place (module docstring),
+    the mean over the held-out batches ``cond`` (and their negative-prompt copies ``uncond`` when ``guidance`` > 1)."""
+    def guided(c: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        return c.float() if u is None else guidance * c.float() - (guidance - 1) * u.float()
+
+    sums = {u.name: 0.0 for u in units}
+    for j, inputs in enumerate(cond):
+        sides = [inputs] + ([uncond[j]] if uncond is not None else [])
+        passes = [teacher_pass(adapter, x, units, full=True) for x in sides]
+        teacher = guided(passes[0][2], passes[1][2] if len(passes) > 1 else None)
+        scale = float(teacher.pow(2).mean())
+        for u in units:
+            outs = [student_forward(adapter, x, [u], capture=False, teacher_calls=p[0])[0]
+                    for x, p in zip(sides, passes)]
+            student = guided(outs[0], outs[1] if len(outs) > 1 else None)
+            sums[u.name] += float((student - teacher).pow(2).mean()) / max(scale, 1e-12) / len(cond)
+    return sums
+
+
 def trained_interval_scores(
     model: Any,
     data: str | Path | list[dict[str, Any]] | None,
@@ -158,6 +197,8 @@ def trained_interval_scores(
     max_interval: int | None = None,
     init: str = "middle",
     max_grad_norm: float | None = 1.0,
+    uncond_ratio: float = 0.0,
+    output_guidance: float = 1.0,
     progress: bool = True,
 ) -> TrainedScores:
     """Train one plug per candidate interval for ``steps`` steps (all in one teacher pass per step) and score each
@@ -171,12 +212,18 @@ def trained_interval_scores(
         batch_size: samples per step (a latent cache is collated to it; an in-memory list is used as given).
         lr, warmup_steps, max_grad_norm: AdamW's peak learning rate, linear warm-up, per-plug clipping (None: off).
         eval_batches: held-out batches the scores are the mean over.
+        uncond_ratio: share of training samples on the negative prompt (distill's setting of that name).
+        output_guidance: the guidance scale ``w`` of ``output_error`` (1: the conditional output; > 1 needs the
+            negative prompt's embeddings: a latent cache's, or the built-in synthetic set's).
     Returns: :class:`TrainedScores` (probe.json's ``trained``), one entry per candidate in the given order.
     """
     from ppcl.settings import DistillSettings, validate_settings
 
     if steps < 0 or eval_batches < 1:
         raise PPCLError(f"trained probe: steps must be >= 0 and eval_batches >= 1 (got {steps}, {eval_batches})")
+    if output_guidance < 1 or not 0 <= uncond_ratio < 1:
+        raise PPCLError(f"trained probe: output_guidance must be >= 1 and uncond_ratio in [0, 1) "
+                        f"(got {output_guidance}, {uncond_ratio})")
     if max_interval is not None and max_interval < 2:
         raise PPCLError(f"trained probe: max_interval must be >= 2 (got {max_interval})")
     t0 = time.perf_counter()
@@ -184,7 +231,7 @@ def trained_interval_scores(
     # which this loop computes itself: steps may be 0 here).
     settings = validate_settings(DistillSettings, dict(
         steps=max(1, steps), warmup_steps=min(warmup_steps, max(0, steps - 1)), batch_size=batch_size, lr=lr,
-        seed=seed, timesteps="logit_normal", mixed_precision="no", use_8bit_adam=False))
+        seed=seed, timesteps="logit_normal", mixed_precision="no", use_8bit_adam=False, uncond_ratio=uncond_ratio))
     pipe, adapter = load_teacher(model, "cpu", torch.float32, encoders=data is None)
     freeze(adapter.transformer)
     candidates = default_candidates(adapter, max_interval, init) if candidates is None else list(candidates)
@@ -193,7 +240,13 @@ def trained_interval_scores(
     units = candidate_units(adapter, candidates, init)
 
     batches, stream = training_stream(pipe, data, settings)
-    noised = step_inputs(pipe, adapter, settings, torch.device("cpu"), torch.float32, 0, 1)
+    # the negative prompt: swapped into training rows (uncond_ratio), and the unconditional side of a guided score
+    negative = training_uncond(pipe, adapter, data, settings.model_copy(update={"uncond_ratio": 0.5})) \
+        if uncond_ratio > 0 or output_guidance > 1 else None
+    noised = step_inputs(pipe, adapter, settings, torch.device("cpu"), torch.float32, 0, 1,
+                         uncond=negative if uncond_ratio > 0 else None)
+    clean = step_inputs(pipe, adapter, settings.model_copy(update={"uncond_ratio": 0.0}), torch.device("cpu"),
+                        torch.float32, 0, 1)  # held-out inputs: every row on its own caption
     if batches is not None and len(batches) > eval_batches:  # in memory: hold the last ones out of training
         heldout, kind = batches[-eval_batches:], "batches"
         _, stream = training_stream(pipe, batches[:-eval_batches], settings)
@@ -201,7 +254,13 @@ def trained_interval_scores(
         heldout, kind = take(stream, eval_batches), "noise"
         stream.restore({"epoch": 0, "index": 0})
     # Fixed held-out noise: negative step numbers, never a training step's (step_inputs' seeding).
-    eval_inputs = [noised(b, -1 - j) for j, b in enumerate(heldout)]
+    eval_inputs = [clean(b, -1 - j) for j, b in enumerate(heldout)]
+    eval_uncond = None
+    if output_guidance > 1:
+        from ppcl.data.cache import with_uncond
+
+        eval_uncond = [clean(with_uncond(b, torch.ones(_rows(b), dtype=torch.bool), negative), -1 - j)
+                       for j, b in enumerate(heldout)]
     initial = _score(adapter, units, eval_inputs)
 
     params = [p for u in units for p in u.module.parameters()]
@@ -238,6 +297,7 @@ def trained_interval_scores(
     for u in units:
         u.module.eval()
     trained = _score(adapter, units, eval_inputs)
+    output = _output_errors(adapter, units, eval_inputs, eval_uncond, output_guidance)
 
     intervals = []
     for u in units:
@@ -246,10 +306,12 @@ def trained_interval_scores(
         t_loss, i_loss, id_loss = (sum(v[k] for v in per.values()) for k in ("trained", "initial", "identity"))
         intervals.append(TrainedInterval(
             start=u.start, end=u.end, source=u.source, trained_loss=t_loss, initial_loss=i_loss,
-            identity_loss=id_loss, trained_quality=t_loss / max(id_loss, IDENTITY_FLOOR), per_stream=per))
+            identity_loss=id_loss, trained_quality=t_loss / max(id_loss, IDENTITY_FLOOR), per_stream=per,
+            output_error=output[u.name]))
     where = "cache" if batches is None else ("synthetic" if data is None else "in-memory")
     return TrainedProbe(
         steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, timesteps=settings.timesteps,
         max_grad_norm=max_grad_norm, seed=seed, eval_batches=len(eval_inputs), init=init,
         identity_floor=IDENTITY_FLOOR, data=where, heldout=kind, seconds=time.perf_counter() - t0,
+        uncond_ratio=uncond_ratio, output_guidance=output_guidance,
         intervals=intervals)

@@ -28,7 +28,11 @@ Methods:
   ``quality`` is the interval's score (``score``): ``"r2"`` (default) ``1 - R^2`` of the linear interval probe
   ``h_{e+1} ~ f(h_s)``; ``"trained"`` the trained-plug probe's ``trained_quality`` (probe.json ``trained``,
   :mod:`ppcl.probe_trained`: the held-out loss D of a briefly trained plug over that of skipping the interval,
-  the same scale: 0 = perfectly replaceable, 1 = no better than skipping it).
+  the same scale: 0 = perfectly replaceable, 1 = no better than skipping it); ``"output"`` the same probe's
+  ``output_error``: the relative error of the model's (guided) output with only that trained plug in place, so
+  the summed cost is the plan's predicted output error to first order. It measures directly what the flat runs
+  stand in for, so with ``"output"`` ``break_cost`` defaults to 0 (docs/benchmark.md, "The output score": on the
+  reference teacher it is the one score that ranks the short-plug plans above one long plug, as the judge does).
 
   ``breaks`` counts how far the interval leaves a flat run: its low-CKA blocks plus the ``|d|`` jumps between
   two of its consecutive blocks (0 exactly for the sub-intervals of flat runs - the paper's candidates, split or
@@ -47,6 +51,15 @@ Methods:
   interval. Deterministic: ties go to fewer intervals, then the first found in execution order. The metadata
   records the score used, the thresholds, the flat runs, each chosen interval's R^2 (and trained quality),
   breaks and cost, and ``relaxed`` (some chosen interval leaves the flat runs or is unscored).
+- ``ppcl`` with ``serve=[r, ...]`` ("Several ratios"; ``keep_params`` budgets): one training run is exported at
+  ``keep_params`` AND at each served ratio ``r`` (a keep fraction above it) with a subset of the same plugs. The
+  plan and one subset per served ratio are chosen together, minimising the SUM of the costs of every model that
+  will be exported (the plan's, plus each subset's): an interval costs once per model it is in. A plan that is
+  cheapest at ``keep_params`` alone may have no good subset for ``r`` (on the reference teacher: one long plug);
+  this trades some cost at ``keep_params`` for a much better model at ``r``. Solved exactly by the same dynamic
+  programme with one removed amount per model (each candidate placed with the set of subsets holding it;
+  states Pareto-pruned over all amounts). The subsets are recorded in ``Plan.serves``; export and distillation's
+  ``output_loss_ratios`` then build and train exactly them (:func:`ppcl.subsets.choose_intervals`).
 - ``shortgpt``: block influence ``BI_l = 1 - cos(h_l, h_{l+1})``; remove the blocks with the lowest BI.
 - ``uniform``: removed blocks evenly spaced over the removable blocks.
 - ``random``: removed blocks drawn with ``seed``.
@@ -120,8 +133,11 @@ class SelectionContext:
     allow_ends: bool = False
     init: str = "middle"
     seed: int = 0
-    #: ppcl: the interval quality term, ``"r2"`` (linear probe) or ``"trained"`` (trained-plug probe)
+    #: ppcl: the interval quality term, ``"r2"`` (linear probe), ``"trained"`` (trained-plug probe, local loss) or
+    #: ``"output"`` (trained-plug probe, the model output's error)
     score: str = "r2"
+    #: ppcl: keep ratios above the budget's the plan must also serve with a subset of its plugs
+    serve: list[float] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)  # selectors record their thresholds / scores here
 
@@ -230,7 +246,8 @@ def _ppcl_thresholds(ctx: SelectionContext) -> tuple[float, float, float]:
     break_cost = ctx.options.get("break_cost")
     min_cka = statistics.median(cs) if min_cka is None and cs else (min_cka if min_cka is not None else 1.0)
     max_jump = 2 * statistics.median(ds) if max_jump is None and ds else (max_jump if max_jump is not None else 0.0)
-    break_cost = DEFAULT_BREAK_COST if break_cost is None else break_cost
+    if break_cost is None:
+        break_cost = 0.0 if ctx.score == "output" else DEFAULT_BREAK_COST
     for name, value in (("min_cka", min_cka), ("max_jump", max_jump), ("break_cost", break_cost)):
         if not isinstance(value, (int, float)) or value != value:
             raise PPCLError(f"ppcl selector: {name} must be a number (got {value!r})")
@@ -291,11 +308,12 @@ def _interval_quality(ctx: SelectionContext, spans: list[Interval]) -> dict[Inte
     """The quality term of every scored span: ``1 - R^2`` (clamped at 0) of the linear probe, or the trained-plug
     probe's ``trained_quality`` (``ctx.score == "trained"``); spans without a finite score are left out."""
     scored: dict[Interval, float] = {}
-    if ctx.score == "trained":
+    if ctx.score in ("trained", "output"):
         for s, e in spans:
             tv = ctx.probe.trained.interval(s, e)
-            if tv is not None and tv.trained_quality == tv.trained_quality:
-                scored[(s, e)] = max(0.0, tv.trained_quality)
+            v = None if tv is None else (tv.trained_quality if ctx.score == "trained" else tv.output_error)
+            if v is not None and v == v:
+                scored[(s, e)] = max(0.0, v)
         return scored
     for s, e in spans:
         iv = ctx.probe.interval(s, e) if e - s + 1 <= ctx.probe.max_interval else None
@@ -308,9 +326,12 @@ def check_score(probe: ProbeResult, score: str, where: str = "the probe") -> Non
     """PPCLError unless ``score`` is known and ``probe`` holds what it reads (``where`` names the probe file)."""
     if score not in INTERVAL_SCORES:
         raise PPCLError(f"unknown interval score '{score}': expected one of {', '.join(INTERVAL_SCORES)}")
-    if score == "trained" and (probe.trained is None or not probe.trained.intervals):
-        raise PPCLError(f"--score trained: {where} has no trained-plug scores (field 'trained'); write them with "
+    if score in ("trained", "output") and (probe.trained is None or not probe.trained.intervals):
+        raise PPCLError(f"--score {score}: {where} has no trained-plug scores (field 'trained'); write them with "
                         "ppcl probe --trained-steps N")
+    if score == "output" and all(iv.output_error is None for iv in probe.trained.intervals):
+        raise PPCLError(f"--score output: {where} has no output errors (trained.intervals[].output_error); it was "
+                        "written before they existed: run ppcl probe --trained-steps N again")
 
 
 def _min_cost_cover(ctx: SelectionContext, candidates: list[_Candidate]) -> list[_Candidate] | None:
@@ -366,12 +387,86 @@ def _min_cost_cover(ctx: SelectionContext, candidates: list[_Candidate]) -> list
     return sorted(chosen, key=lambda c: c.s)
 
 
+def _joint_cover(ctx: SelectionContext, candidates: list[_Candidate], ratios: list[float]
+                 ) -> tuple[list[_Candidate], list[list[_Candidate]]] | None:
+    """The plan and, for every ratio of ``ratios`` (keep fractions above the budget's), the subset of it that
+    serves that ratio, of minimum total cost ``sum over the plan + every subset of the candidates' costs``: one
+    training run for several ratios, chosen for all of them at once (module docstring, "Several ratios").
+
+    The dynamic programme of :func:`_min_cost_cover` with one amount per ratio: each candidate is placed with a
+    mask saying which subsets hold it (its cost counted once per model it is in). State at position ``p``: the
+    amounts removed by the plan and by each subset, each clamped at its need; a state is dropped when another at
+    the same position removes at least as much in every model for at most the same cost. None if no plan meets
+    every budget."""
+    total_need = ctx.need([])
+    needs = [total_need] + [ctx.student([]) - int(r * ctx.total) for r in ratios]
+    if any(n <= 0 for n in needs):
+        raise AssertionError("serve ratios are checked to be below the teacher's size")
+    m = len(ratios)
+    starting: dict[int, list[_Candidate]] = {}
+    for c in candidates:
+        starting.setdefault(c.s, []).append(c)
+    masks = [tuple(bool(k >> i & 1) for i in range(m)) for k in range(2 ** m)]
+    # states[p]: amounts -> (cost, n_intervals, previous position, previous amounts, candidate, mask)
+    start = tuple(0 for _ in needs)
+    states: list[dict[tuple[int, ...], tuple]] = [{} for _ in range(ctx.L + 1)]
+    states[0][start] = (0.0, 0, -1, None, None, None)
+
+    def offer(p: int, key: tuple[int, ...], entry) -> None:
+        old = states[p].get(key)
+        if old is None or (entry[0], entry[1]) < (old[0], old[1]):
+            states[p][key] = entry
+
+    for p in range(ctx.L):
+        here = states[p]
+        if len(here) > 1:  # Pareto pruning over (amounts, cost)
+            kept: dict[tuple[int, ...], tuple] = {}
+            for key in sorted(here, key=lambda k: (here[k][0], here[k][1], tuple(-a for a in k))):
+                if not any(all(a >= b for a, b in zip(other, key)) for other in kept):
+                    kept[key] = here[key]
+            states[p] = here = kept
+        for key, (cost, n, *_rest) in sorted(here.items()):
+            offer(p + 1, key, (cost, n, p, key, None, None))
+            for c in starting.get(p, ()):
+                for mask in masks:
+                    new = (min(key[0] + c.amount, needs[0]),) + tuple(
+                        min(a + c.amount, need) if inside else a for a, need, inside in zip(key[1:], needs[1:], mask))
+                    offer(c.e + 1, new, (cost + c.cost * (1 + sum(mask)), n + 1, p, key, c, mask))
+    final = states[ctx.L].get(tuple(needs))
+    if final is None:
+        return None
+    plan: list[_Candidate] = []
+    subsets: list[list[_Candidate]] = [[] for _ in ratios]
+    p, key = ctx.L, tuple(needs)
+    while p > 0:
+        _cost, _n, prev_p, prev_key, cand, mask = states[p][key]
+        if cand is not None:
+            plan.append(cand)
+            for i, inside in enumerate(mask):
+                if inside:
+                    subsets[i].append(cand)
+        p, key = prev_p, prev_key
+    order = lambda cs: sorted(cs, key=lambda c: c.s)  # noqa: E731
+    return order(plan), [order(sub) for sub in subsets]
+
+
 def select_ppcl(ctx: SelectionContext) -> list[Interval]:
     """Flat runs of the CKA trend first, then interval-probe quality lost per parameter removed, solved exactly
     (minimum total cost over non-overlapping intervals that meets the budget; see the module docstring)."""
     min_cka, max_jump, break_cost = _ppcl_thresholds(ctx)
     runs, high, jump = _flat_runs(ctx, min_cka, max_jump)
-    chosen = _min_cost_cover(ctx, _ppcl_candidates(ctx, high, jump, break_cost))
+    candidates = _ppcl_candidates(ctx, high, jump, break_cost)
+    if ctx.serve:
+        joint = _joint_cover(ctx, candidates, ctx.serve)
+        chosen, subsets = joint if joint is not None else ([], [])
+        if joint is not None:
+            ctx.notes["serve"] = {f"{r:g}": {"intervals": [[c.s, c.e] for c in sub],
+                                             "keep_fraction": ctx.student([(c.s, c.e) for c in sub]) / ctx.total,
+                                             "cost": sum(c.cost for c in sub)}
+                                  for r, sub in zip(ctx.serve, subsets)}
+            ctx.notes["joint_cost"] = sum(c.cost for c in chosen) + sum(c.cost for sub in subsets for c in sub)
+    else:
+        chosen = _min_cost_cover(ctx, candidates)
     if chosen is None:  # only when no set of allowed intervals meets it; select() names the budget
         chosen = []
     ctx.notes.update(score=ctx.score, min_cka=min_cka, max_jump=max_jump, break_cost=break_cost,
@@ -386,9 +481,10 @@ def _chosen_record(ctx: SelectionContext, c: _Candidate) -> dict[str, Any]:
     """The selection metadata of one chosen interval: both probes' scores where present, breaks and cost."""
     iv = ctx.probe.interval(c.s, c.e)
     out = {"r2": iv.r2 if iv is not None else None}
-    if ctx.score == "trained":
+    if ctx.score in ("trained", "output"):
         tv = ctx.probe.trained.interval(c.s, c.e)
         out["trained_quality"] = tv.trained_quality if tv is not None else None
+        out["output_error"] = tv.output_error if tv is not None else None
     removed = ctx.removed_params(c.s, c.e)
     return {**out, "scored": c.scored, "breaks": c.breaks, "cost": c.cost,
             "cost_per_param": c.quality / removed if removed > 0 else None}
@@ -536,11 +632,14 @@ def select(
     init: str = "middle",
     seed: int = 0,
     score: str = "r2",
+    serve: list[float] | tuple[float, ...] = (),
     **options: Any,
 ) -> Plan:
     """Choose intervals with ``method`` under the budget and return the validated Plan (exact params).
 
-    ``score`` (ppcl): the interval quality term, ``"r2"`` or ``"trained"`` (needs probe.json's ``trained``).
+    ``score`` (ppcl): the interval quality term, ``"r2"``, ``"trained"`` or ``"output"`` (both need probe.json's
+    ``trained``). ``serve`` (ppcl, ``keep_params`` budgets): keep ratios above ``keep_params`` that subsets of the
+    plan must serve; the plan and its subsets are chosen together and recorded in ``Plan.serves``.
     ``options``: ``min_cka``, ``max_jump``, ``break_cost`` (ppcl). Raises PPCLError for an unknown method or
     score, a score another method cannot use, a bad or infeasible budget, or a budget the method could not reach.
     """
@@ -549,13 +648,24 @@ def select(
     check_score(probe, score)
     if score != "r2" and method != "ppcl":
         raise PPCLError(f"--score {score}: only the ppcl selector scores intervals (method {method})")
-    if score == "trained" and probe.trained.init != init:
-        raise PPCLError(f"--score trained: the probe's trained plugs started from the {probe.trained.init} block "
+    if score in ("trained", "output") and probe.trained.init != init:
+        raise PPCLError(f"--score {score}: the probe's trained plugs started from the {probe.trained.init} block "
                         f"(field trained.init) but --init is {init}")
+    serve = sorted({float(r) for r in serve}, reverse=True)
+    if serve:
+        if method != "ppcl":
+            raise PPCLError(f"--serve: only the ppcl selector chooses a plan for several ratios (method {method})")
+        if keep_params is None:
+            raise PPCLError("--serve needs a --keep-params budget (the ratios it serves are keep fractions)")
+        bad = [r for r in serve if not keep_params < r < 1]
+        if bad:
+            raise PPCLError(f"--serve {bad[0]:g}: a served ratio must lie between --keep-params {keep_params:g} "
+                            "and 1 (it keeps a subset of the plan's plugs)")
     if init not in PLUG_INITS:
         raise PPCLError(f"unknown plug init '{init}': expected middle, first or last")
     ctx = SelectionContext(probe=probe, budget=Budget(keep_params, remove_blocks), protect=frozenset(protect),
-                           allow_ends=allow_ends, init=init, seed=seed, score=score, options=dict(options))
+                           allow_ends=allow_ends, init=init, seed=seed, score=score, serve=list(serve),
+                           options=dict(options))
     check_feasible(ctx)
     intervals = sorted(SELECTORS[method](ctx))
     check_intervals(intervals, ctx.kinds, allow_ends=allow_ends, protect=sorted(protect))
@@ -565,11 +675,16 @@ def select(
             f"(reached {sum(e - s for s, e in intervals)} blocks removed, "
             f"{ctx.student(intervals) / ctx.total:.1%} of parameters kept)")
     student = ctx.student(intervals)
+    serves = {}
+    for key, chosen in ctx.notes.get("serve", {}).items():
+        serves[key] = [intervals.index(tuple(iv)) for iv in chosen["intervals"]]
+        if ctx.student([tuple(iv) for iv in chosen["intervals"]]) > int(float(key) * ctx.total):
+            raise AssertionError(f"the subset serving {key} misses its budget")
     return Plan(
         family=probe.family, teacher=teacher_from_probe(probe), intervals=intervals, init=init,
         allow_ends=allow_ends, protect=sorted(protect),
         params=Params(teacher=ctx.total, student=student),
-        plug_sources=[ctx.source(s, e) for s, e in intervals],
+        plug_sources=[ctx.source(s, e) for s, e in intervals], serves=serves,
         selection={"method": method, "budget": ctx.budget.describe(), "seed": seed,
                    "probe_model": probe.model, "removed_blocks": sum(e - s for s, e in intervals),
                    "keep_fraction": student / ctx.total, **ctx.notes},

@@ -33,7 +33,7 @@ from ppcl.evaluate.metrics import EvalSettings
 # ------------------------------------------------------------------------------------------------- name lists
 
 SelectMethod = Literal["ppcl", "shortgpt", "angular", "uniform", "random"]
-IntervalScore = Literal["r2", "trained"]
+IntervalScore = Literal["r2", "trained", "output"]
 DistillMode = Literal["nonsequential", "sequential"]
 PlugInit = Literal["middle", "first", "last"]
 TimestepSampler = Literal["uniform", "logit_normal"]
@@ -139,7 +139,12 @@ class ProbeSettings(StageSettings):
                                                           "float32/float64 whatever it is")
     trained_steps: int = Field(0, ge=0, description="steps of the trained-plug probe (ppcl.probe_trained: one plug "
                                "per interval, all trained in one teacher pass per step on the CPU, scored on "
-                               "held-out batches -> probe.json's trained, for select --score trained); 0: off")
+                               "held-out batches -> probe.json's trained, for select --score trained/output); 0: off")
+    trained_uncond_ratio: float = Field(0.0, ge=0, lt=1, description="trained-plug probe: share of its training "
+                                        "samples on the negative prompt (distill's uncond_ratio)")
+    trained_output_guidance: float = Field(1.0, ge=1, description="trained-plug probe: guidance scale of each "
+                                           "interval's output_error (1: the conditional output; the sampler's true "
+                                           "CFG scale otherwise, which needs a latent cache's negative prompt)")
 
     @field_validator("probe_dim")
     @classmethod
@@ -156,8 +161,13 @@ class SelectSettings(StageSettings):
 
     method: SelectMethod = Field("ppcl", description="selector")
     score: IntervalScore = Field("r2", description="ppcl selector: interval quality term, r2 (1 - R^2 of the "
-                                 "linear probe) or trained (the trained-plug probe's trained_quality; needs "
-                                 "ppcl probe --trained-steps N)")
+                                 "linear probe), trained (the trained-plug probe's trained_quality) or output (its "
+                                 "output_error: what the plug alone does to the model's output); trained and "
+                                 "output need ppcl probe --trained-steps N")
+    serve: list[float] = Field(default_factory=list, description="ppcl selector: keep ratios above keep_params "
+                               "that subsets of the plan must also serve, e.g. 0.7: the plan and each subset are "
+                               "chosen together (least summed cost over all the models) and recorded in the plan, "
+                               "which export and distill's output_loss_ratios then use")
     keep_params: float | None = Field(None, gt=0, le=1, description="fraction of transformer parameters to keep "
                                       "(none in the run config: the smallest ratio)")
     protect: list[int] = Field(default_factory=list, description="blocks never removed, e.g. 0,5,7")
@@ -168,7 +178,8 @@ class SelectSettings(StageSettings):
     max_jump: float | None = Field(None, ge=0, description="ppcl selector: largest |trend| inside a run (none: its "
                                    "default)")
     break_cost: float | None = Field(None, ge=0, description="ppcl selector: cost of each place an interval leaves "
-                                     "a flat run (none: 1.0 = an unpredictable interval)")
+                                     "a flat run (none: 1.0 = an unpredictable interval; 0 with score output, "
+                                     "which measures what flat runs stand in for)")
 
     @field_validator("protect")
     @classmethod

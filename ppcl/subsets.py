@@ -49,23 +49,46 @@ def subset_accounting(adapter: Adapter, units) -> tuple[int, int, dict[int, int]
     return adapter.total_parameters(), width_saving, interval_savings(adapter, units)
 
 
-def exported_subset(adapter: Adapter, units, keep_params: float, losses: dict[int, float] | None = None
-                    ) -> list[int]:
+def exported_subset(adapter: Adapter, units, keep_params: float, losses: dict[int, float] | None = None,
+                    serves: dict[str, list[int]] | None = None) -> list[int]:
     """The plan indices ``export --keep-params`` picks (:func:`choose_intervals`). Before training (``losses``
     None) a tie between two subsets of the same size goes to fewer plugs, where the export breaks it by the plugs'
-    final losses first."""
+    final losses first. ``serves``: the plan's recorded subsets (``Plan.serves``)."""
     teacher, width_saving, savings = subset_accounting(adapter, units)
-    return choose_intervals(keep_params, teacher, width_saving, savings, losses or {})
+    return choose_intervals(keep_params, teacher, width_saving, savings, losses or {}, serves)
+
+
+def served_subset(serves: dict[str, list[int]] | None, keep_params: float) -> list[int] | None:
+    """The subset a plan records for ``keep_params`` (``Plan.serves``, keys compared as numbers), or None."""
+    for key, ids in (serves or {}).items():
+        if abs(float(key) - keep_params) < 1e-9:
+            return sorted(ids)
+    return None
 
 
 def choose_intervals(keep_params: float, teacher: int, width_saving: int, savings: dict[int, int],
-                     losses: dict[int, float]) -> list[int]:
-    """The subset rule of the module doc. Returns plan indices in order."""
+                     losses: dict[int, float], serves: dict[str, list[int]] | None = None) -> list[int]:
+    """The subset rule of the module doc. Returns plan indices in order.
+
+    A ratio the plan was selected for (``serves``, :attr:`ppcl.plan.Plan.serves`) gets the subset the selection
+    chose for it: the selector scored the plugs' effect on the model's output and picked, over every ratio at once,
+    the plan and its subsets (:func:`ppcl.select.select`'s ``serve``); checked against this exact accounting. Any
+    other ratio: the size rule."""
     if not 0 < keep_params <= 1:
         raise PPCLError(f"--keep-params must be in (0, 1] (got {keep_params})")
     budget = keep_params * teacher
     base = teacher - width_saving
     ids = sorted(savings)
+    recorded = served_subset(serves, keep_params)
+    if recorded is not None:
+        unknown = [k for k in recorded if k not in savings]
+        if unknown:
+            raise PPCLError(f"plan serves {keep_params:g} with interval {unknown[0]}, which has no trained plug")
+        kept = base - sum(savings[k] for k in recorded)
+        if kept > budget:
+            raise PPCLError(f"plan serves {keep_params:g} with intervals {recorded}, which keep "
+                            f"{kept / teacher:.4f} of the teacher's parameters: over the ratio")
+        return recorded
     best: tuple[int, float, int] | None = None
     best_set: tuple[int, ...] = ()
     if len(ids) <= EXHAUSTIVE_MAX:

@@ -110,11 +110,13 @@ def test_sections_match_the_stage_apis():
     assert set(EvaluateSettings.model_fields) - {"prompts"} == set(EvalSettings.model_fields)
     probe_params = set().union(*(inspect.signature(f).parameters for f in (iter_batches, probe_transformer,
                                                                           ProbeAccumulator.__init__, probe_device)))
-    # trained_steps reaches run_probe's trained-plug probe as its steps
+    # the trained_* fields reach run_probe's trained-plug probe as its steps, uncond_ratio and output_guidance
     from ppcl.probe_trained import trained_interval_scores
 
-    assert "steps" in inspect.signature(trained_interval_scores).parameters
-    assert set(ProbeSettings.model_fields) - {"trained_steps"} <= probe_params
+    trained = {"trained_steps": "steps", "trained_uncond_ratio": "uncond_ratio",
+               "trained_output_guidance": "output_guidance"}
+    assert set(trained.values()) <= set(inspect.signature(trained_interval_scores).parameters)
+    assert set(ProbeSettings.model_fields) - set(trained) <= probe_params
 
 
 def test_no_credential_field_in_the_schema():

@@ -63,8 +63,10 @@ def test_one_teacher_pass_per_step(tiny_pipe_dir, monkeypatch):
     forward = cls.forward
     monkeypatch.setattr(cls, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     trained_interval_scores(str(pipe_dir), _batches(4), steps=5, **FAST)
-    # 5 steps for all 21 plugs, plus the held-out batches scored before and after training
-    assert len(calls) == 5 + 2 * 2
+    # 5 steps for all 21 plugs, plus the held-out batches scored before and after training; the output errors then
+    # take one full teacher pass per held-out batch and one student forward per plug and batch (each starting at
+    # its plug from the teacher's captured call)
+    assert len(calls) == 5 + 2 * 2 + 2 + 21 * 2
 
 
 def test_bad_candidates_are_one_line_errors(tiny_pipe_dir):

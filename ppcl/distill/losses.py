@@ -258,10 +258,12 @@ def output_loss_units(units: list[Unit], keep: float, generator: torch.Generator
     return [u for u in units if u.name not in dropped]
 
 
-def export_placements(adapter: Adapter, units: list[Unit], ratios: list[float]) -> list[list[Unit]]:
+def export_placements(adapter: Adapter, units: list[Unit], ratios: list[float],
+                      serves: dict[str, list[int]] | None = None) -> list[list[Unit]]:
     """The students the output-level term takes turns with under ``output_loss_ratios``: every unit in place,
     then, per ratio, the units of the model ``export --keep-params ratio`` will build from this run
-    (:func:`ppcl.subsets.exported_subset`: the same subset rule; width / text_freeze units always in place). A
+    (:func:`ppcl.subsets.exported_subset`: the same subset rule, with the plan's recorded ``serves``; width /
+    text_freeze units always in place). A
     subset already in the list is not repeated (a ratio the whole plan meets adds nothing).
 
     Why (docs/benchmark.md): with every plug in place the output term teaches each plug to work beside the
@@ -272,7 +274,7 @@ def export_placements(adapter: Adapter, units: list[Unit], ratios: list[float]) 
     seen = {tuple(u.name for u in units)}
     for r in ratios:
         try:
-            chosen = set(exported_subset(adapter, units, r))
+            chosen = set(exported_subset(adapter, units, r, serves=serves))
         except PPCLError as e:
             raise PPCLError(f"output_loss_ratios: {e}") from None
         placed = [u for u in units if u.kind != "interval" or u.index in chosen]

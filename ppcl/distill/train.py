@@ -379,7 +379,8 @@ def prepare(model: Any, plan_obj: Any, data: Any, settings: DistillSettings,
     noised = step_inputs(pipe, adapter, settings, device, teacher_dtype, procs.process_index,
                          procs.num_processes, uncond=training_uncond(pipe, adapter, data, settings))
     # the exported subsets the output-level term trains in turn: an unreachable ratio is refused before any step
-    placements = export_placements(adapter, units, settings.output_loss_ratios) \
+    placements = export_placements(adapter, units, settings.output_loss_ratios,
+                                   getattr(plan_obj, "serves", None)) \
         if settings.output_loss_ratios and settings.output_loss_weight > 0 else None
     mesh = training_mesh(device)
     t = Training(procs, pipe, adapter, units, table, batches, stream, noised, mp, mesh, placements=placements)
