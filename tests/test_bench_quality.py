@@ -47,6 +47,10 @@ def test_smoke_table_has_every_row_and_column(smoke):
         p = next(r for r in rows if r["name"] == "ppcl" and r["ratio"] == ratio)
         n = next(r for r in rows if r["name"] == "no-distill" and r["ratio"] == ratio)
         assert (n["intervals"], n["parameters"]) == (p["intervals"], p["parameters"])
+    # ppcl's plan was selected for both ratios (score output, serve 0.7): its 0.7 row is the subset it records
+    plan = result["plans"]["ppcl"]
+    assert result["settings"]["score"] == "output" and result["seconds"]["trained_probe"] > 0
+    assert next(r["intervals"] for r in rows if r["name"] == "ppcl" and r["ratio"] == 0.7) == plan["serves"]["0.7"]
     assert set(result["targets"]) == {"ppcl_within_3pct_at_low", "ppcl_beats_all", "one_run_within_1pt"}
     assert result["settings"]["uncond_ratio"] == 0.1  # the evaluation runs true CFG: every run trains that branch
     assert not (smoke / "work").exists()

@@ -20,8 +20,14 @@ Shared by every row (so rows differ only in what the row names):
 Rows (``plan`` = intervals; ``run`` = one distillation):
 
 - ``teacher``.
-- ``ppcl``: probe -> ``select(method="ppcl", keep_params=0.5)`` -> ONE non-sequential run -> ``export`` at 0.7
-  (the export's subset rule over the same plugs) and at 0.5: one training run serves both ratios.
+- ``ppcl``: probe -> trained-plug probe (:mod:`ppcl.probe_trained`: ``trained_probe_steps`` steps for every interval
+  of at most ``trained_probe_max_interval`` blocks the selector may pick, on the same cache with the runs'
+  ``uncond_ratio``, each scored by the output error it causes under the evaluation's guidance; ``work/probe-trained``)
+  -> ``select(method="ppcl", score=score, keep_params=0.5, serve=[0.7])``: the plan and the subset serving 0.7
+  chosen together (:mod:`ppcl.select`, "Several ratios") -> ONE non-sequential run, its output-level term on the
+  whole plan and that subset -> ``export`` at 0.7 (the recorded subset) and at 0.5: one training run serves both
+  ratios. ``score="r2"`` gives the tables before the output score (the linear probe, one plan for 0.5, the size rule
+  at 0.7).
 - ``no-distill``: the intervals ``ppcl`` exports at that ratio, each replaced by its untrained plug, i.e. the
   teacher's own middle block of the interval kept and the others dropped (same parameters as ``ppcl``; the
   interval's blocks "simply removed", with the block every plug starts from left in place).
@@ -32,11 +38,10 @@ Rows (``plan`` = intervals; ``run`` = one distillation):
   a two-block interval; one run, exported at both ratios.
 - ``sequential``: ``ppcl``'s plan, distilled in sequential mode (each plug fed by the previous plug's output).
 - ``trained-probe`` (optional, not in the default rows): the plan ``select(method="ppcl", score="trained",
-  keep_params=0.5)`` picks from the trained-plug probe (:mod:`ppcl.probe_trained`, ``trained_probe_steps`` steps on
-  the same cache, the intervals the selector may pick; its probe.json is ``work/probe-trained``), distilled and
-  exported at both ratios like ``ppcl``.
+  keep_params=0.5)`` picks from the same trained-plug probe's local loss ratio, distilled and exported at both
+  ratios like the baselines.
 - ``per-ratio``: one run per ratio, each trained for its ratio alone (``output_loss_ratios`` empty); at 0.7 a
-  plan selected at 0.7 (exported whole); at 0.5 ``ppcl``'s plan (exported whole), which is ``ppcl``'s own run when
+  plan selected at 0.7 alone with the same score (exported whole); at 0.5 ``ppcl``'s plan (exported whole), which is ``ppcl``'s own run when
   that run does not train the 0.7 subset too (``output_loss_ratios`` empty), else a run of its own.
 
 The distillations run side by side, one single-threaded process per core (:func:`parallel_plan`): a run of this
@@ -81,9 +86,10 @@ class QualitySettings:
     probe_timesteps: int = 4
     # Distillation: chosen by the sweep in docs/benchmark.md (the first table used 400 steps x 32 at lr 1e-3 with
     # no output-level loss and was undertrained: 0.81 judge accuracy at keep 0.5 where these settings reach ~0.95).
-    # 2500: what two single-threaded runs side by side afford in the 30-minute budget with eight runs (2000 when
-    # the runs went one at a time)
-    steps: int = 2500
+    # 1800: what two single-threaded runs side by side afford in the 30-minute budget with nine runs, PPCL's plan
+    # of five short plugs among them (2500 with eight runs and a plan of two plugs; 2000 when the runs went one at
+    # a time; docs/benchmark.md, "The output score")
+    steps: int = 1800
     batch_size: int = 16
     lr: float = 1e-2
     warmup_steps: int = 20
@@ -117,15 +123,22 @@ class QualitySettings:
     #: distillation processes side by side (default: one per core; see :func:`parallel_plan`)
     workers: int | None = None
     rows: tuple[str, ...] = ("ppcl", "no-distill", *BASELINES, "scattered", "sequential", "per-ratio")
-    #: steps of the trained-plug probe behind the optional ``trained-probe`` row
-    trained_probe_steps: int = 300
+    #: the ``ppcl`` row's interval score (:func:`ppcl.select.select`): ``output`` (the trained-plug probe's output
+    #: error, docs/benchmark.md "The output score"), ``trained`` or ``r2`` (the linear probe: the tables before it)
+    score: str = "output"
+    #: the trained-plug probe behind the ``output`` / ``trained`` scores and the optional ``trained-probe`` row:
+    #: steps, longest interval (blocks) and held-out batches
+    trained_probe_steps: int = 100
+    trained_probe_max_interval: int = 5
+    trained_probe_eval_batches: int = 8
 
     @classmethod
     def smoke(cls) -> "QualitySettings":
         """Minutes on 2 cores: the whole table's machinery, few steps and prompts (numbers not meaningful)."""
         # warm-up below the 3 steps: a warm-up the run never finishes is refused (ppcl.settings.DistillSettings)
         return cls(data_samples=64, probe_samples=16, probe_timesteps=2, steps=3, warmup_steps=2, batch_size=8, eval_n=8,
-                   eval_steps=2, latency_repeats=2, rows=("ppcl", "no-distill", "shortgpt", "scattered", "per-ratio"))
+                   eval_steps=2, latency_repeats=2, rows=("ppcl", "no-distill", "shortgpt", "scattered", "per-ratio"),
+                   trained_probe_steps=2, trained_probe_eval_batches=1)
 
 
 @dataclass
@@ -180,12 +193,35 @@ def scattered_plan(probe, adapter, remove: int, seed: int = 0):
     return make_plan(adapter, intervals, selection={"method": "scattered", "removed_blocks": sorted(removed)})
 
 
-def select_ppcl(probe, keep_params: float, seed: int = 0):
+def select_ppcl(probe, keep_params: float, seed: int = 0, score: str = "r2", serve: list[float] | None = None):
     """``select(method="ppcl")`` with its default thresholds (it meets every feasible budget: flat runs are a
-    preference in its cost, not a filter)."""
+    preference in its cost, not a filter), the interval ``score`` and the ratios its subsets ``serve``."""
     from ppcl.select import select
 
-    return select(probe, method="ppcl", keep_params=keep_params, seed=seed)
+    return select(probe, method="ppcl", keep_params=keep_params, seed=seed, score=score, serve=serve or ())
+
+
+def trained_probe(probe, teacher_dir: Path, work: Path, adapter, s: "QualitySettings", timings: dict[str, float],
+                  t0: float):
+    """``probe`` with the trained-plug probe's scores (:mod:`ppcl.probe_trained`) of the intervals the selector may
+    pick (it keeps the first and last blocks), at most ``trained_probe_max_interval`` blocks long, trained on the
+    table's cache with its unconditional share and scored under its guidance; written to ``work/probe-trained``."""
+    from ppcl.probe import write_probe
+    from ppcl.probe_trained import default_candidates, trained_interval_scores
+
+    t_tp = time.time()
+    last = len(probe.blocks) - 1
+    usable = [(a, b) for a, b in default_candidates(adapter, min(probe.max_interval, s.trained_probe_max_interval))
+              if 0 < a and b < last]
+    scores = trained_interval_scores(str(teacher_dir), str(work / "cache"), candidates=usable,
+                                     steps=s.trained_probe_steps, seed=s.seed, eval_batches=s.trained_probe_eval_batches,
+                                     uncond_ratio=s.uncond_ratio, output_guidance=s.guidance, progress=False)
+    scored = probe.model_copy(update={"trained": scores})
+    write_probe(scored, work / "probe-trained", plots=False)
+    timings["trained_probe"] = time.time() - t_tp
+    _log(f"trained-plug probe: {len(scores.intervals)} intervals x {s.trained_probe_steps} steps in "
+         f"{timings['trained_probe']:.0f}s", t0)
+    return scored
 
 
 def _untrained_pruned(teacher_dir: Path, plan, chosen: list[int]):
@@ -361,7 +397,8 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
         "generation": defaults,
         "settings": {**asdict(s), "ratios": list(s.ratios), "rows": list(s.rows),
                      "output_loss_ratios": list(s.output_loss_ratios)},
-        "plans": {k: {"intervals": [list(iv) for iv in p.intervals], "keep_fraction": p.params.student / p.params.teacher}
+        "plans": {k: {"intervals": [list(iv) for iv in p.intervals], "keep_fraction": p.params.student / p.params.teacher,
+                      "serves": {r: [list(p.intervals[i]) for i in ids] for r, ids in p.serves.items()}}
                   for k, p in {**plans, **{f"ppcl-{r:g}": p for r, p in per_ratio.items()}}.items()},
         "rows": [asdict(r) for r in rows],
         "targets": targets([asdict(r) for r in rows], low),
@@ -503,29 +540,22 @@ def make_plans(probe, teacher_dir: Path, work: Path, s: QualitySettings, timings
 
     low = min(s.ratios)
     adapter = get_adapter(load_pipeline(teacher_dir))
-    plans: dict[str, Any] = {"ppcl": select_ppcl(probe, low, s.seed)}
+    scored = probe
+    if s.score != "r2" or "trained-probe" in s.rows:
+        scored = trained_probe(probe, teacher_dir, work, adapter, s, timings, t0)
+    higher = [r for r in s.ratios if r != low]
+    plans: dict[str, Any] = {"ppcl": select_ppcl(scored, low, s.seed, s.score, serve=higher)}
+    if plans["ppcl"].serves:
+        _log("ppcl plan " + ", ".join(f"{k}: {[list(plans['ppcl'].intervals[i]) for i in v]}"
+                                      for k, v in plans["ppcl"].serves.items()) + " (the subsets it serves)", t0)
     for m in BASELINES:
         if m in s.rows:
             plans[m] = select(probe, method=m, keep_params=low, seed=s.seed)
     if "scattered" in s.rows:
         plans["scattered"] = scattered_plan(probe, adapter, sum(e - st for st, e in plans["ppcl"].intervals), s.seed)
     if "trained-probe" in s.rows:
-        from ppcl.probe import write_probe
-        from ppcl.probe_trained import default_candidates, trained_interval_scores
-
-        t_tp = time.time()
-        # only what the selector may pick: it keeps the first and last blocks (allow_ends off), 46 of 60 intervals
-        last = len(probe.blocks) - 1
-        usable = [(a, b) for a, b in default_candidates(adapter, probe.max_interval) if 0 < a and b < last]
-        scores = trained_interval_scores(str(teacher_dir), str(work / "cache"), candidates=usable,
-                                         steps=s.trained_probe_steps, seed=s.seed, progress=False)
-        probe_tp = probe.model_copy(update={"trained": scores})
-        write_probe(probe_tp, work / "probe-trained", plots=False)
-        plans["trained-probe"] = select(probe_tp, method="ppcl", score="trained", keep_params=low, seed=s.seed)
-        timings["trained_probe"] = time.time() - t_tp
-        _log(f"trained-plug probe: {len(scores.intervals)} intervals x {s.trained_probe_steps} steps in "
-             f"{timings['trained_probe']:.0f}s; plan {plans['trained-probe'].intervals}", t0)
-    per_ratio = {r: select_ppcl(probe, r, s.seed) for r in s.ratios if r != low}
+        plans["trained-probe"] = select(scored, method="ppcl", score="trained", keep_params=low, seed=s.seed)
+    per_ratio = {r: select_ppcl(scored, r, s.seed, s.score) for r in higher}
     for name, plan in plans.items():
         save_plan(plan, work / "plans" / f"{name}.json")
     for r, plan in per_ratio.items():

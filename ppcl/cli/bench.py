@@ -57,8 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated rows besides teacher and ppcl (default: all of "
                         f"{','.join(r for r in d.rows if r != 'ppcl')}; optional: {','.join(OPTIONAL_ROWS)}); "
                         "e.g. --rows ppcl for a settings sweep")
+    q.add_argument("--score", choices=("output", "trained", "r2"), default=None,
+                   help="interval score of the ppcl row: output (the trained-plug probe's output error), trained "
+                        f"(its local loss ratio) or r2 (the linear probe) (default {d.score})")
     q.add_argument("--trained-probe-steps", type=int, default=None,
-                   help=f"steps of the trained-plug probe of the trained-probe row (default {d.trained_probe_steps})")
+                   help="steps of the trained-plug probe behind --score output/trained and the trained-probe row "
+                        f"(default {d.trained_probe_steps})")
     q.add_argument("--eval-n", type=int, default=None, help=f"evaluation prompts (default {d.eval_n})")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     q.add_argument("--workers", type=int, default=None,
@@ -99,6 +103,7 @@ _OVERRIDES = (
     ("ema_decay", "--ema-decay", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("uncond_ratio", "--uncond-ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("trained_probe_steps", "--trained-probe-steps", lambda v: v >= 0, "must be >= 0"),
+    ("score", "--score", lambda v: True, ""),
     ("train_seed", "--train-seed", lambda v: v >= 0, "must be >= 0"),
 )
 
