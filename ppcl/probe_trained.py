@@ -105,9 +105,21 @@ def candidate_units(adapter: Any, candidates: list[tuple[int, int]], init: str =
     return units
 
 
-def _rows(batch: dict[str, Any]) -> int:
-    """Samples in a cache-shaped batch."""
-    return int(batch["latents"].shape[0])
+def _heldout_inputs(pipe: Any, adapter: Any, settings: Any, heldout: list[dict[str, Any]],
+                    negative: dict[str, torch.Tensor] | None
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The model inputs of the held-out batches, every row on its own caption, with FIXED noise seeded by negative
+    step numbers (never a training step's: step_inputs' seeding); with ``negative``, the same batches and noise on
+    the negative prompt too (the unconditional side of a guided output error), else None."""
+    from ppcl.data.cache import with_uncond
+
+    clean = step_inputs(pipe, adapter, settings.model_copy(update={"uncond_ratio": 0.0}), torch.device("cpu"),
+                        torch.float32, 0, 1)
+    cond = [clean(b, -1 - j) for j, b in enumerate(heldout)]
+    if negative is None:
+        return cond, None
+    rows = [torch.ones(int(b["latents"].shape[0]), dtype=torch.bool) for b in heldout]
+    return cond, [clean(with_uncond(b, r, negative), -1 - j) for j, (b, r) in enumerate(zip(heldout, rows))]
 
 
 class _PlugClip:
@@ -245,22 +257,14 @@ def trained_interval_scores(
         if uncond_ratio > 0 or output_guidance > 1 else None
     noised = step_inputs(pipe, adapter, settings, torch.device("cpu"), torch.float32, 0, 1,
                          uncond=negative if uncond_ratio > 0 else None)
-    clean = step_inputs(pipe, adapter, settings.model_copy(update={"uncond_ratio": 0.0}), torch.device("cpu"),
-                        torch.float32, 0, 1)  # held-out inputs: every row on its own caption
     if batches is not None and len(batches) > eval_batches:  # in memory: hold the last ones out of training
         heldout, kind = batches[-eval_batches:], "batches"
         _, stream = training_stream(pipe, batches[:-eval_batches], settings)
     else:  # a cache (or too few batches): fixed batches, unseen noise
         heldout, kind = take(stream, eval_batches), "noise"
         stream.restore({"epoch": 0, "index": 0})
-    # Fixed held-out noise: negative step numbers, never a training step's (step_inputs' seeding).
-    eval_inputs = [clean(b, -1 - j) for j, b in enumerate(heldout)]
-    eval_uncond = None
-    if output_guidance > 1:
-        from ppcl.data.cache import with_uncond
-
-        eval_uncond = [clean(with_uncond(b, torch.ones(_rows(b), dtype=torch.bool), negative), -1 - j)
-                       for j, b in enumerate(heldout)]
+    eval_inputs, eval_uncond = _heldout_inputs(pipe, adapter, settings, heldout,
+                                               negative if output_guidance > 1 else None)
     initial = _score(adapter, units, eval_inputs)
 
     params = [p for u in units for p in u.module.parameters()]

@@ -23,3 +23,16 @@ def synthetic_probe_data(blocks: list[dict[str, Any]], intervals: list[dict[str,
         "cosine_matrix": {"image": [[1.0] * (L + 1) for _ in range(L + 1)]},
         "intervals": intervals,
     }
+
+
+def tiny_flux_batches(n: int, b: int = 2, seed: int = 0) -> list[dict[str, Any]]:
+    """Cache-shaped batches for the tiny FLUX transformer (random latents and text states)."""
+    import torch
+
+    from ppcl.arch.tiny import tiny_transformer_config
+
+    cfg = tiny_transformer_config("flux")
+    g = torch.Generator().manual_seed(seed)
+    return [{"latents": torch.randn(b, 16, 8, 8, generator=g),
+             "prompt_embeds": torch.randn(b, 6, cfg["joint_attention_dim"], generator=g),
+             "pooled_prompt_embeds": torch.randn(b, cfg["pooled_projection_dim"], generator=g)} for _ in range(n)]

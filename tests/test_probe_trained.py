@@ -8,27 +8,20 @@ import pytest
 import torch
 
 from ppcl.arch import get_adapter, load_pipeline
-from ppcl.arch.tiny import tiny_transformer_config
 from ppcl.cli import main
 from ppcl.errors import PPCLError
 from ppcl.probe import load_probe, write_probe
 from ppcl.probe_result import ProbeResult, TrainedProbe
 from ppcl.probe_trained import default_candidates, trained_interval_scores
 from ppcl.select import select
-from tests.probe_data import synthetic_probe_data
+from tests.probe_data import synthetic_probe_data, tiny_flux_batches
 
 torch.set_num_threads(1)
 
 FAST = dict(batch_size=2, lr=2e-3, warmup_steps=2, eval_batches=2, progress=False)
 
 
-def _batches(n: int, b: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Cache-shaped batches for the tiny FLUX transformer (random latents and text states)."""
-    cfg = tiny_transformer_config("flux")
-    g = torch.Generator().manual_seed(seed)
-    return [{"latents": torch.randn(b, 16, 8, 8, generator=g),
-             "prompt_embeds": torch.randn(b, 6, cfg["joint_attention_dim"], generator=g),
-             "pooled_prompt_embeds": torch.randn(b, cfg["pooled_projection_dim"], generator=g)} for _ in range(n)]
+_batches = tiny_flux_batches
 
 
 def test_plugs_learn_and_scores_are_fractions_of_what_the_interval_does(tiny_pipe_dir):

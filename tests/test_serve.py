@@ -18,7 +18,7 @@ from ppcl.probe_result import ProbeResult
 from ppcl.probe_trained import _output_errors, candidate_units, trained_interval_scores
 from ppcl.select import Budget, SelectionContext, _ppcl_candidates, _ppcl_thresholds, _flat_runs, select
 from ppcl.subsets import choose_intervals, exported_subset, subset_accounting
-from tests.probe_data import synthetic_probe_data
+from tests.probe_data import synthetic_probe_data, tiny_flux_batches
 
 torch.set_num_threads(1)
 
@@ -191,14 +191,7 @@ def test_export_rule_and_output_term_use_the_recorded_subset(flux_plan):
 
 
 # ----------------------------------------------------------------------------------------- the output error
-def _batches(n, b=2, seed=0):
-    from ppcl.arch.tiny import tiny_transformer_config
-
-    cfg = tiny_transformer_config("flux")
-    g = torch.Generator().manual_seed(seed)
-    return [{"latents": torch.randn(b, 16, 8, 8, generator=g),
-             "prompt_embeds": torch.randn(b, 6, cfg["joint_attention_dim"], generator=g),
-             "pooled_prompt_embeds": torch.randn(b, cfg["pooled_projection_dim"], generator=g)} for _ in range(n)]
+_batches = tiny_flux_batches
 
 
 def test_output_error_is_the_whole_model_run_with_the_plug(tiny_pipe_dir):
