@@ -134,6 +134,14 @@ def test_serve_errors_are_one_line(kw, message):
         select(_probe(), **kw)
 
 
+def test_joint_selection_too_large_is_a_one_line_error(monkeypatch):
+    import ppcl.select
+
+    monkeypatch.setattr(ppcl.select, "MAX_JOINT_STATES", 3)
+    with pytest.raises(PPCLError, match=r"--serve 0.8, 0.65: the joint selection holds .* serve fewer ratios"):
+        select(_probe(), method="ppcl", keep_params=0.5, score="output", serve=[0.8, 0.65])
+
+
 def test_cli_select_serve_records_the_subsets(tmp_path, capsys):
     from ppcl.probe import write_probe
 
