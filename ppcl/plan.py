@@ -508,8 +508,9 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     lines.append(f"{'interval':>12} {'kind':>6} {'blocks':>6} {'removes':>7} {'plug from':>9} {'params removed':>15}")
     sources = plan.plug_sources or [None] * len(plan.intervals)
-    for (s, e), src in zip(plan.intervals, sources):
-        removed = sum(b.params for b in t.blocks[s:e + 1]) - (t.blocks[src].params if src is not None else 0)
+    removed_by = [sum(b.params for b in t.blocks[s:e + 1]) - (t.blocks[src].params if src is not None else 0)
+                  for (s, e), src in zip(plan.intervals, sources)]
+    for (s, e), src, removed in zip(plan.intervals, sources, removed_by):
         lines.append(f"{f'[{s}, {e}]':>12} {t.blocks[s].kind:>6} {e - s + 1:>6} {e - s:>7} "
                      f"{'-' if src is None else src:>9} {removed:>15,}")
     if not plan.intervals:
@@ -525,9 +526,7 @@ def format_plan(plan: Plan) -> str:
     if plan.serves:
         lines.append("")
         for key, ids in sorted(plan.serves.items(), key=lambda kv: -float(kv[0])):
-            kept = plan.params.teacher - sum(
-                sum(b.params for b in t.blocks[s:e + 1]) - (t.blocks[src].params if src is not None else 0)
-                for (s, e), src in ((plan.intervals[k], sources[k]) for k in ids))
+            kept = plan.params.teacher - sum(removed_by[k] for k in ids)
             lines.append(f"serves keep {key} with intervals {[list(plan.intervals[k]) for k in ids]} "
                          f"({kept / max(plan.params.teacher, 1):.1%} kept without width ops)")
     return "\n".join(lines)

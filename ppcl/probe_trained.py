@@ -105,6 +105,18 @@ def candidate_units(adapter: Any, candidates: list[tuple[int, int]], init: str =
     return units
 
 
+def _check_arguments(steps: int, eval_batches: int, max_interval: int | None, uncond_ratio: float,
+                     output_guidance: float) -> None:
+    """One-line PPCLErrors for :func:`trained_interval_scores`' numeric arguments."""
+    if steps < 0 or eval_batches < 1:
+        raise PPCLError(f"trained probe: steps must be >= 0 and eval_batches >= 1 (got {steps}, {eval_batches})")
+    if output_guidance < 1 or not 0 <= uncond_ratio < 1:
+        raise PPCLError(f"trained probe: output_guidance must be >= 1 and uncond_ratio in [0, 1) "
+                        f"(got {output_guidance}, {uncond_ratio})")
+    if max_interval is not None and max_interval < 2:
+        raise PPCLError(f"trained probe: max_interval must be >= 2 (got {max_interval})")
+
+
 def _heldout_inputs(pipe: Any, adapter: Any, settings: Any, heldout: list[dict[str, Any]],
                     negative: dict[str, torch.Tensor] | None
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -231,13 +243,7 @@ def trained_interval_scores(
     """
     from ppcl.settings import DistillSettings, validate_settings
 
-    if steps < 0 or eval_batches < 1:
-        raise PPCLError(f"trained probe: steps must be >= 0 and eval_batches >= 1 (got {steps}, {eval_batches})")
-    if output_guidance < 1 or not 0 <= uncond_ratio < 1:
-        raise PPCLError(f"trained probe: output_guidance must be >= 1 and uncond_ratio in [0, 1) "
-                        f"(got {output_guidance}, {uncond_ratio})")
-    if max_interval is not None and max_interval < 2:
-        raise PPCLError(f"trained probe: max_interval must be >= 2 (got {max_interval})")
+    _check_arguments(steps, eval_batches, max_interval, uncond_ratio, output_guidance)
     t0 = time.perf_counter()
     # The stream and noise of a distillation run of these settings (steps and warm-up only shape its schedule,
     # which this loop computes itself: steps may be 0 here).

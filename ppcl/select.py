@@ -310,7 +310,8 @@ def _ppcl_candidates(ctx: SelectionContext, high: list[bool], jump: list[bool], 
 
 def _interval_quality(ctx: SelectionContext, spans: list[Interval]) -> dict[Interval, float]:
     """The quality term of every scored span: ``1 - R^2`` (clamped at 0) of the linear probe, or the trained-plug
-    probe's ``trained_quality`` (``ctx.score == "trained"``); spans without a finite score are left out."""
+    probe's ``trained_quality`` (``ctx.score == "trained"``) or ``output_error`` (``"output"``); spans without a
+    finite score are left out."""
     scored: dict[Interval, float] = {}
     if ctx.score in ("trained", "output"):
         for s, e in spans:
