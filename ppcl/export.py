@@ -30,8 +30,9 @@ from loaded modules (quality benchmarks; the test oracle of the streamed export,
   one whose exported parameter count is the LARGEST that does not exceed ``F x teacher parameters`` (the least
   pruning that meets the budget); ties go to the smaller sum of the plugs' final training losses. If even all
   intervals cannot reach F, it is an error that says the smallest reachable fraction. A ratio the plan records in
-  ``serves`` (a selection for several ratios, ``ppcl select --serve``) exports the subset recorded for it instead:
-  the selector chose it by the plugs' scored effect, and distillation trained that exact subset.
+  ``serves`` (a selection for several ratios, ``ppcl select --serve --serve-subsets joint``) exports the subset
+  recorded for it instead: the selector chose it by the plugs' scored effect, and distillation trained that exact
+  subset.
 - Lineage: the export folder also holds the plan it was built from (``plan.json``, byte for byte) and the block
   map ``ppcl_lineage.json`` (:mod:`ppcl.lineage`: each student block -> the teacher block it is, or the interval
   its plug replaces); the model card shows the map as a table. Both are written inside the atomic folder.

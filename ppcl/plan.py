@@ -22,10 +22,11 @@ Rules (checked on construction, on load and before anything is written):
   in place and removes nothing.
 - an interval that removes blocks (``s < e``) may not contain the first or last block unless ``allow_ends``, nor a
   protected block: a protected block is one kept exactly as the teacher has it.
-- ``serves`` (written by a selection for several ratios, :func:`ppcl.select.select` ``serve``): keep ratio (a
-  string, ``"0.7"``) -> the interval indices (``plan.intervals[k]``, sorted, distinct, at least one) whose plugs
-  the model at that ratio keeps. ``export --keep-params 0.7`` and distillation's ``output_loss_ratios`` use the
-  recorded subset for a ratio it names (:func:`ppcl.subsets.choose_intervals`), the size rule for any other.
+- ``serves`` (written by a selection for several ratios with ``serve_subsets="joint"``, :func:`ppcl.select.select`
+  ``serve``): keep ratio (a string, ``"0.7"``) -> the interval indices (``plan.intervals[k]``, sorted, distinct, at
+  least one) whose plugs the model at that ratio keeps. ``export --keep-params 0.7`` and distillation's
+  ``output_loss_ratios`` use the recorded subset for a ratio it names (:func:`ppcl.subsets.choose_intervals`), the
+  size rule for any other.
 - width ops: ``ffn_linear`` names a block that no depth interval replaces (not inside any interval, ``[s, s]``
   included: that block's plug is a plain copy) and a stream that block has; at most one op per (block, stream).
   ``text_freeze [a, b]`` needs ``a < b``, dual blocks with a text stream throughout, and no overlap with another
@@ -523,6 +524,11 @@ def format_plan(plan: Plan) -> str:
                 lines.append(f"  ffn_linear   block {op.block} ({op.stream} stream)")
             else:
                 lines.append(f"  text_freeze  [{op.interval[0]}, {op.interval[1]}]")
+    served = sorted(plan.selection.get("serve") or {}, key=lambda k: -float(k))
+    if served and not plan.serves:
+        lines.append("")
+        lines.append(f"selected to serve keep {', '.join(served)} too: the export's size rule picks each one's "
+                     "subset (serve_subsets size_rule)")
     if plan.serves:
         lines.append("")
         for key, ids in sorted(plan.serves.items(), key=lambda kv: -float(kv[0])):

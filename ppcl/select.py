@@ -58,8 +58,13 @@ Methods:
   cheapest at ``keep_params`` alone may have no good subset for ``r`` (on the reference teacher: one long plug);
   this trades some cost at ``keep_params`` for a much better model at ``r``. Solved exactly by the same dynamic
   programme with one removed amount per model (each candidate placed with the set of subsets holding it;
-  states Pareto-pruned over all amounts). The subsets are recorded in ``Plan.serves``; export and distillation's
-  ``output_loss_ratios`` then build and train exactly them (:func:`ppcl.subsets.choose_intervals`).
+  states Pareto-pruned over all amounts). ``serve_subsets="joint"`` records the subsets in ``Plan.serves``; export
+  and distillation's ``output_loss_ratios`` then build and train exactly them (:func:`ppcl.subsets.choose_intervals`).
+  The default, ``"size_rule"``, keeps only the plan: each served ratio is exported and trained with the subset the
+  export's size rule picks from it, and the jointly chosen subsets stay in the metadata (``serve``). On the
+  reference teacher the size rule's subset of the same plan read 0.1-0.55 points higher at both ratios, six of six
+  paired comparisons (docs/benchmark.md, "Which 0.7 model"): the summed score adds the plugs' errors, and so favours
+  many short plugs, where fewer plugs compound less error.
 - ``shortgpt``: block influence ``BI_l = 1 - cos(h_l, h_{l+1})``; remove the blocks with the lowest BI.
 - ``uniform``: removed blocks evenly spaced over the removable blocks.
 - ``random``: removed blocks drawn with ``seed``.
@@ -104,6 +109,8 @@ Interval = tuple[int, int]
 #: error instead of minutes of work). Measured on synthetic probes: one served ratio on 57-60 blocks and three on 16
 #: blocks keep under 1,000 (seconds); each more ratio multiplies the states
 MAX_JOINT_STATES = 4000
+#: what a selection with ``serve`` leaves each served ratio (:func:`select` ``serve_subsets``); the first is the default
+SERVE_SUBSETS = ("size_rule", "joint")
 
 
 @dataclass
@@ -642,13 +649,16 @@ def select(
     seed: int = 0,
     score: str = "r2",
     serve: list[float] | tuple[float, ...] = (),
+    serve_subsets: str = "size_rule",
     **options: Any,
 ) -> Plan:
     """Choose intervals with ``method`` under the budget and return the validated Plan (exact params).
 
     ``score`` (ppcl): the interval quality term, ``"r2"``, ``"trained"`` or ``"output"`` (both need probe.json's
     ``trained``). ``serve`` (ppcl, ``keep_params`` budgets): keep ratios above ``keep_params`` that subsets of the
-    plan must serve; the plan and its subsets are chosen together and recorded in ``Plan.serves``.
+    plan must serve; the plan and its subsets are chosen together. ``serve_subsets``: ``"size_rule"`` (each served
+    ratio's model is the export size rule's subset of the plan) or ``"joint"`` (the subsets chosen with the plan,
+    recorded in ``Plan.serves``).
     ``options``: ``min_cka``, ``max_jump``, ``break_cost`` (ppcl). Raises PPCLError for an unknown method or
     score, a score another method cannot use, a bad or infeasible budget, or a budget the method could not reach.
     """
@@ -661,6 +671,8 @@ def select(
         raise PPCLError(f"--score {score}: the probe's trained plugs started from the {probe.trained.init} block "
                         f"(field trained.init) but --init is {init}")
     serve = sorted({float(r) for r in serve}, reverse=True)
+    if serve_subsets not in SERVE_SUBSETS:
+        raise PPCLError(f"unknown serve_subsets '{serve_subsets}': expected one of {', '.join(SERVE_SUBSETS)}")
     if serve:
         if method != "ppcl":
             raise PPCLError(f"--serve: only the ppcl selector chooses a plan for several ratios (method {method})")
@@ -689,6 +701,10 @@ def select(
         serves[key] = [intervals.index(tuple(iv)) for iv in chosen["intervals"]]
         if ctx.student([tuple(iv) for iv in chosen["intervals"]]) > int(float(key) * ctx.total):
             raise AssertionError(f"the subset serving {key} misses its budget")
+    if serve:
+        ctx.notes["serve_subsets"] = serve_subsets
+    if serve_subsets == "size_rule":
+        serves = {}  # the plan was chosen for the served ratios; the export's size rule picks their subsets
     return Plan(
         family=probe.family, teacher=teacher_from_probe(probe), intervals=intervals, init=init,
         allow_ends=allow_ends, protect=sorted(protect),

@@ -34,6 +34,7 @@ from ppcl.evaluate.metrics import EvalSettings
 
 SelectMethod = Literal["ppcl", "shortgpt", "angular", "uniform", "random"]
 IntervalScore = Literal["r2", "trained", "output"]
+ServeSubsets = Literal["size_rule", "joint"]
 DistillMode = Literal["nonsequential", "sequential"]
 PlugInit = Literal["middle", "first", "last"]
 TimestepSampler = Literal["uniform", "logit_normal"]
@@ -166,8 +167,12 @@ class SelectSettings(StageSettings):
                                  "output need ppcl probe --trained-steps N")
     serve: list[float] = Field(default_factory=list, description="ppcl selector: keep ratios above keep_params "
                                "that subsets of the plan must also serve, e.g. 0.7: the plan and each subset are "
-                               "chosen together (least summed cost over all the models) and recorded in the plan, "
-                               "which export and distill's output_loss_ratios then use")
+                               "chosen together (least summed cost over all the models)")
+    serve_subsets: ServeSubsets = Field("size_rule", description="ppcl selector with serve: size_rule (each "
+                                        "served ratio is exported and trained with the subset the export's size "
+                                        "rule picks from the plan; measured better on the reference benchmark) or "
+                                        "joint (the subsets chosen with the plan, recorded in plan.json as serves, "
+                                        "which export and distill's output_loss_ratios then use)")
     keep_params: float | None = Field(None, gt=0, le=1, description="fraction of transformer parameters to keep "
                                       "(none in the run config: the smallest ratio)")
     protect: list[int] = Field(default_factory=list, description="blocks never removed, e.g. 0,5,7")

@@ -194,7 +194,7 @@ def select(probe_dir: str, out: str, settings: dict[str, Any] | None = None) -> 
     options = {k: getattr(cfg, k) for k in ("min_cka", "max_jump", "break_cost") if getattr(cfg, k) is not None}
     plan = run_select(probe_result, method=cfg.method, keep_params=cfg.keep_params, protect=cfg.protect,
                       allow_ends=cfg.allow_ends, init=cfg.init, seed=cfg.seed, score=cfg.score,
-                      serve=cfg.serve, **options)  # fmt: skip
+                      serve=cfg.serve, serve_subsets=cfg.serve_subsets, **options)  # fmt: skip
     plan.selection["probe"] = str(probe_json)
     with atomic_path(out, directory=True) as tmp:
         save_plan(plan, tmp / "plan.json")

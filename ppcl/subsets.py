@@ -72,8 +72,8 @@ def choose_intervals(keep_params: float, teacher: int, width_saving: int, saving
 
     A ratio the plan was selected for (``serves``, :attr:`ppcl.plan.Plan.serves`) gets the subset the selection
     chose for it: the selector scored the plugs' effect on the model's output and picked, over every ratio at once,
-    the plan and its subsets (:func:`ppcl.select.select`'s ``serve``); checked against this exact accounting. Any
-    other ratio: the size rule."""
+    the plan and its subsets (:func:`ppcl.select.select`'s ``serve`` with ``serve_subsets="joint"``); checked against
+    this exact accounting. Any other ratio: the size rule."""
     if not 0 < keep_params <= 1:
         raise PPCLError(f"--keep-params must be in (0, 1] (got {keep_params})")
     budget = keep_params * teacher

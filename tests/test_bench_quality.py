@@ -47,10 +47,13 @@ def test_smoke_table_has_every_row_and_column(smoke):
         p = next(r for r in rows if r["name"] == "ppcl" and r["ratio"] == ratio)
         n = next(r for r in rows if r["name"] == "no-distill" and r["ratio"] == ratio)
         assert (n["intervals"], n["parameters"]) == (p["intervals"], p["parameters"])
-    # ppcl's plan was selected for both ratios (score output, serve 0.7): its 0.7 row is the subset it records
+    # ppcl's plan was selected for both ratios (score output, serve "plan"); its 0.7 model is the size rule's subset
+    # of it, so no subset is recorded
     plan = result["plans"]["ppcl"]
     assert result["settings"]["score"] == "output" and result["seconds"]["trained_probe"] > 0
-    assert next(r["intervals"] for r in rows if r["name"] == "ppcl" and r["ratio"] == 0.7) == plan["serves"]["0.7"]
+    assert result["settings"]["serve"] == "plan" and plan["serves"] == {}
+    at_07 = next(r for r in rows if r["name"] == "ppcl" and r["ratio"] == 0.7)
+    assert at_07["intervals"] and all(iv in plan["intervals"] for iv in at_07["intervals"])
     assert set(result["targets"]) == {"ppcl_within_3pct_at_low", "ppcl_beats_all", "one_run_within_1pt"}
     assert result["settings"]["uncond_ratio"] == 0.1  # the evaluation runs true CFG: every run trains that branch
     assert not (smoke / "work").exists()
@@ -266,6 +269,31 @@ def test_targets_say_which_accuracy_leads_exceed_their_paired_se():
     t = targets(rows, 0.5)["ppcl_beats_all"]
     assert not t["met"] and t["rows_beating_ppcl_on_a_metric"] == ["a@0.5", "b@0.5"]
     assert t["accuracy_leads_in_paired_se"] == {"a@0.5": 5.0, "b@0.5": 0.5}  # a: a real lead; b: within noise
+
+
+def test_serve_joint_exports_the_subset_the_selection_records(tmp_path):
+    """``--serve joint``: ppcl's plan records the subset chosen with it for 0.7, and the 0.7 row is that subset."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = tmp_path / "q"
+    assert main(["bench", "quality", "--smoke", "--rows", "ppcl", "--serve", "joint", "--out", str(out),
+                 "--no-keep-work"]) == 0
+    result = json.loads((out / "quality.json").read_text())
+    plan = result["plans"]["ppcl"]
+    assert result["settings"]["serve"] == "joint" and plan["serves"]["0.7"]
+    at_07 = next(r for r in result["rows"] if r["name"] == "ppcl" and r["ratio"] == 0.7)
+    assert at_07["intervals"] == plan["serves"]["0.7"]
+    assert "with the subsets it records" in (out / "quality.md").read_text()
+
+
+def test_unknown_serve_mode_is_refused_before_any_work(tmp_path):
+    from ppcl.bench.quality import QualitySettings, run_quality
+    from ppcl.errors import PPCLError
+
+    with pytest.raises(PPCLError, match="serve must be one of plan, joint, none"):
+        run_quality(tmp_path / "q", QualitySettings(serve="both"))
+    assert not (tmp_path / "q").exists()
 
 
 def test_train_seed_changes_the_distillation_runs_only(tmp_path):

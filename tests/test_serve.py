@@ -83,7 +83,7 @@ def _brute_force(probe, keep, serve):
 @pytest.mark.parametrize("seed,keep,serve", [(0, 0.5, [0.75]), (1, 0.45, [0.8]), (2, 0.5, [0.8, 0.65])])
 def test_joint_selection_is_the_exact_minimum(seed, keep, serve):
     probe = _probe(seed=seed)
-    plan = select(probe, method="ppcl", keep_params=keep, score="output", serve=serve)
+    plan = select(probe, method="ppcl", keep_params=keep, score="output", serve=serve, serve_subsets="joint")
     assert plan.selection["joint_cost"] == pytest.approx(_brute_force(probe, keep, serve), rel=1e-12)
     ctx = SelectionContext(probe=probe, budget=Budget(keep_params=keep), score="output")
     assert plan.params.student <= keep * plan.params.teacher
@@ -99,7 +99,7 @@ def test_joint_selection_trades_the_low_ratio_for_the_high_one():
     its own cost rises and the joint cost falls below what the low-only plan plus its best subset costs."""
     probe = _probe(seed=4)
     alone = select(probe, method="ppcl", keep_params=0.5, score="output")
-    joint = select(probe, method="ppcl", keep_params=0.5, score="output", serve=[0.75])
+    joint = select(probe, method="ppcl", keep_params=0.5, score="output", serve=[0.75], serve_subsets="joint")
     assert not alone.serves and alone.selection["score"] == "output"
     assert joint.selection["cost"] >= alone.selection["cost"]
     ctx = SelectionContext(probe=probe, budget=Budget(keep_params=0.5), score="output")
@@ -108,6 +108,23 @@ def test_joint_selection_trades_the_low_ratio_for_the_high_one():
                    for sub in itertools.combinations(alone.intervals, k) if ctx.student(list(sub)) <= 0.75 * ctx.total)
     assert joint.intervals != alone.intervals
     assert joint.selection["joint_cost"] < alone.selection["cost"] + best_sub - 1e-3
+
+
+def test_serve_by_default_chooses_the_plan_and_leaves_the_subsets_to_the_size_rule():
+    """``serve_subsets`` size_rule (the default): the same plan as joint, nothing recorded in ``serves`` (export and
+    distillation then use the size rule), the jointly chosen subsets kept in the metadata; ``plan show`` says so."""
+    from ppcl.plan import format_plan
+
+    probe = _probe(seed=4)
+    joint = select(probe, method="ppcl", keep_params=0.5, score="output", serve=[0.75], serve_subsets="joint")
+    plan = select(probe, method="ppcl", keep_params=0.5, score="output", serve=[0.75])
+    assert plan.intervals == joint.intervals and joint.serves["0.75"]
+    assert plan.serves == {} and plan.selection["serve_subsets"] == "size_rule"
+    assert plan.selection["serve"] == joint.selection["serve"]
+    assert "selected to serve keep 0.75 too: the export's size rule picks" in format_plan(plan)
+    assert "serves keep 0.75 with intervals" in format_plan(joint)
+    with pytest.raises(PPCLError, match="unknown serve_subsets 'both': expected one of size_rule, joint"):
+        select(probe, method="ppcl", keep_params=0.5, score="output", serve=[0.75], serve_subsets="both")
 
 
 def test_output_score_defaults_to_no_break_cost_and_needs_output_errors(tmp_path):
@@ -148,7 +165,8 @@ def test_cli_select_serve_records_the_subsets(tmp_path, capsys):
     write_probe(_probe(), tmp_path / "probe", plots=False)
     out = tmp_path / "plan.json"
     assert main(["select", "--probe", str(tmp_path / "probe" / "probe.json"), "--keep-params", "0.5",
-                 "--score", "output", "--serve", "0.75", "--out", str(out), "--no-plot"]) == 0
+                 "--score", "output", "--serve", "0.75", "--serve-subsets", "joint", "--out", str(out),
+                 "--no-plot"]) == 0
     plan = load_plan(out)
     assert list(plan.serves) == ["0.75"] and plan.serves["0.75"]
     assert main(["select", "--probe", str(tmp_path / "probe" / "probe.json"), "--keep-params", "0.5",

@@ -23,11 +23,12 @@ Rows (``plan`` = intervals; ``run`` = one distillation):
 - ``ppcl``: probe -> trained-plug probe (:mod:`ppcl.probe_trained`: ``trained_probe_steps`` steps for every interval
   of at most ``trained_probe_max_interval`` blocks the selector may pick, on the same cache with the runs'
   ``uncond_ratio``, each scored by the output error it causes under the evaluation's guidance; ``work/probe-trained``)
-  -> ``select(method="ppcl", score=score, keep_params=0.5, serve=[0.7])``: the plan and the subset serving 0.7
-  chosen together (:mod:`ppcl.select`, "Several ratios") -> ONE non-sequential run, its output-level term on the
-  whole plan and that subset -> ``export`` at 0.7 (the recorded subset) and at 0.5: one training run serves both
-  ratios. ``score="r2"`` gives the tables before the output score (the linear probe, one plan for 0.5, the size rule
-  at 0.7).
+  -> ``select(method="ppcl", score=score, keep_params=0.5, serve=[0.7])``: the plan chosen for both ratios
+  (:mod:`ppcl.select`, "Several ratios") -> ONE non-sequential run, its output-level term on the whole plan and the
+  subset the export's size rule picks at 0.7 -> ``export`` at 0.7 (that subset) and at 0.5: one training run serves
+  both ratios. ``serve="joint"`` exports and trains the subset the selection recorded instead (the table before
+  "Which 0.7 model"); ``serve="none"`` selects for 0.5 alone. ``score="r2"`` gives the tables before the output
+  score (the linear probe; its plan and 0.7 subset are the same with or without ``serve``).
 - ``no-distill``: the intervals ``ppcl`` exports at that ratio, each replaced by its untrained plug, i.e. the
   teacher's own middle block of the interval kept and the others dropped (same parameters as ``ppcl``; the
   interval's blocks "simply removed", with the block every plug starts from left in place).
@@ -74,6 +75,8 @@ RATIOS = (0.7, 0.5)
 BASELINES = ("shortgpt", "angular", "uniform", "random")
 #: rows a run may ask for that the default table leaves out
 OPTIONAL_ROWS = ("trained-probe",)
+#: values of ``QualitySettings.serve``
+SERVE_MODES = ("plan", "joint", "none")
 
 
 @dataclass
@@ -131,6 +134,12 @@ class QualitySettings:
     trained_probe_steps: int = 100
     trained_probe_max_interval: int = 5
     trained_probe_eval_batches: int = 8
+    #: how the ``ppcl`` row's plan serves the higher ratios (docs/benchmark.md, "Which 0.7 model"): ``plan`` (the
+    #: plan ``select(serve=...)`` chooses for all ratios together, each higher ratio then exported and trained with the
+    #: subset the export's size rule picks from it: ``serve_subsets="size_rule"``, the product's default), ``joint``
+    #: (that plan AND the subsets the selection records in ``Plan.serves``) or ``none`` (the plan selected for the
+    #: lowest ratio alone, size rule above it)
+    serve: str = "plan"
 
     @classmethod
     def smoke(cls) -> "QualitySettings":
@@ -193,12 +202,15 @@ def scattered_plan(probe, adapter, remove: int, seed: int = 0):
     return make_plan(adapter, intervals, selection={"method": "scattered", "removed_blocks": sorted(removed)})
 
 
-def select_ppcl(probe, keep_params: float, seed: int = 0, score: str = "r2", serve: list[float] | None = None):
+def select_ppcl(probe, keep_params: float, seed: int = 0, score: str = "r2", serve: list[float] | None = None,
+                serve_subsets: str = "size_rule"):
     """``select(method="ppcl")`` with its default thresholds (it meets every feasible budget: flat runs are a
-    preference in its cost, not a filter), the interval ``score`` and the ratios its subsets ``serve``."""
+    preference in its cost, not a filter), the interval ``score``, the ratios the plan must also ``serve`` and
+    what it leaves them (``serve_subsets``)."""
     from ppcl.select import select
 
-    return select(probe, method="ppcl", keep_params=keep_params, seed=seed, score=score, serve=serve or ())
+    return select(probe, method="ppcl", keep_params=keep_params, seed=seed, score=score, serve=serve or (),
+                  serve_subsets=serve_subsets)
 
 
 def trained_probe(probe, teacher_dir: Path, work: Path, adapter, s: "QualitySettings", timings: dict[str, float],
@@ -345,6 +357,8 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
         raise PPCLError(f"reference teacher not found: {teacher_dir} (no model_index.json)")
     if any(not 0 < r <= 1 for r in s.ratios):
         raise PPCLError(f"ratios must be in (0, 1] (got {list(s.ratios)})")
+    if s.serve not in SERVE_MODES:
+        raise PPCLError(f"serve must be one of {', '.join(SERVE_MODES)} (got {s.serve!r})")
     unknown = sorted(set(s.rows) - set(QualitySettings().rows) - set(OPTIONAL_ROWS))
     if unknown:
         raise PPCLError(f"unknown benchmark row {unknown[0]!r}")
@@ -544,7 +558,9 @@ def make_plans(probe, teacher_dir: Path, work: Path, s: QualitySettings, timings
     if s.score != "r2" or "trained-probe" in s.rows:
         scored = trained_probe(probe, teacher_dir, work, adapter, s, timings, t0)
     higher = [r for r in s.ratios if r != low]
-    plans: dict[str, Any] = {"ppcl": select_ppcl(scored, low, s.seed, s.score, serve=higher)}
+    serve = higher if s.serve != "none" else None
+    plans: dict[str, Any] = {"ppcl": select_ppcl(scored, low, s.seed, s.score, serve=serve,
+                                                 serve_subsets="joint" if s.serve == "joint" else "size_rule")}
     if plans["ppcl"].serves:
         _log("ppcl plan " + ", ".join(f"{k}: {[list(plans['ppcl'].intervals[i]) for i in v]}"
                                       for k, v in plans["ppcl"].serves.items()) + " (the subsets it serves)", t0)
@@ -759,6 +775,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"Settings: {s['data_samples']} cached samples, probe {s['probe_samples']} x {s['probe_timesteps']}, "
+        f"ppcl's plan by score {s.get('score', 'r2')}, {_serve(s)}, "
         f"{s['steps']} distillation steps x batch {s['batch_size']} (lr {s['lr']:g}, {s['timesteps']}, "
         f"output-level loss weight {s.get('output_loss_weight', 0.0):g}, {_placement(s)}, "
         f"{s.get('uncond_ratio', 0.0):g} of the samples on the empty prompt{_train_seed(s)}), "
@@ -791,6 +808,13 @@ def _se(r: dict[str, Any]) -> str:
     """`` (±SE)`` of a row's judge-FID difference to ppcl, where there is one."""
     se = r.get("judge_fid_diff_se")
     return "" if se is None else f" (±{se:.2f})"
+
+
+def _serve(s: dict[str, Any]) -> str:
+    """How ppcl's plan serves the higher ratios, in words (``QualitySettings.serve``; tables before it: joint)."""
+    return {"plan": "selected for every ratio with the size rule's subsets",
+            "joint": "selected for every ratio with the subsets it records",
+            "none": "selected for the lowest ratio alone"}[s.get("serve", "joint")]
 
 
 def _placement(s: dict[str, Any]) -> str:

@@ -60,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--score", choices=("output", "trained", "r2"), default=None,
                    help="interval score of the ppcl row: output (the trained-plug probe's output error), trained "
                         f"(its local loss ratio) or r2 (the linear probe) (default {d.score})")
+    q.add_argument("--serve", choices=("plan", "joint", "none"), default=None,
+                   help="the ppcl row's 0.7 model: plan (the plan selected for both ratios, 0.7 by the export's size "
+                        "rule), joint (that plan and the 0.7 subset the selection records) or none (the plan "
+                        f"selected for 0.5 alone, size rule at 0.7) (default {d.serve})")
     q.add_argument("--trained-probe-steps", type=int, default=None,
                    help="steps of the trained-plug probe behind --score output/trained and the trained-probe row "
                         f"(default {d.trained_probe_steps})")
@@ -104,6 +108,7 @@ _OVERRIDES = (
     ("uncond_ratio", "--uncond-ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("trained_probe_steps", "--trained-probe-steps", lambda v: v >= 0, "must be >= 0"),
     ("score", "--score", lambda v: True, ""),
+    ("serve", "--serve", lambda v: True, ""),
     ("train_seed", "--train-seed", lambda v: v >= 0, "must be >= 0"),
 )
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     options = {k: getattr(cfg, k) for k in ("min_cka", "max_jump", "break_cost") if getattr(cfg, k) is not None}
     plan = select(probe, method=cfg.method, keep_params=cfg.keep_params, remove_blocks=args.remove_blocks,
                   protect=cfg.protect, allow_ends=cfg.allow_ends, init=cfg.init, seed=cfg.seed, score=cfg.score,
-                  serve=cfg.serve, **options)
+                  serve=cfg.serve, serve_subsets=cfg.serve_subsets, **options)
     plan.selection["probe"] = str(args.probe)
     save_plan(plan, args.out)
     if not args.no_plot:
