@@ -97,7 +97,7 @@ from ppcl.plan import (
     student_params,
 )
 from ppcl.probe import ProbeResult
-from ppcl.settings import INTERVAL_SCORES, PLUG_INITS
+from ppcl.settings import INTERVAL_SCORES, PLUG_INITS, SERVE_SUBSETS
 from ppcl.settings import SELECT_METHODS as METHODS
 #: ppcl: cost of one flat-run break inside an interval (a low-CKA block, or a |d| jump between two of its blocks).
 DEFAULT_BREAK_COST = 1.0
@@ -109,8 +109,6 @@ Interval = tuple[int, int]
 #: error instead of minutes of work). Measured on synthetic probes: one served ratio on 57-60 blocks and three on 16
 #: blocks keep under 1,000 (seconds); each more ratio multiplies the states
 MAX_JOINT_STATES = 4000
-#: what a selection with ``serve`` leaves each served ratio (:func:`select` ``serve_subsets``); the first is the default
-SERVE_SUBSETS = ("size_rule", "joint")
 
 
 @dataclass

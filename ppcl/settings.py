@@ -45,6 +45,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
 INTERVAL_SCORES: tuple[str, ...] = get_args(IntervalScore)
+SERVE_SUBSETS: tuple[str, ...] = get_args(ServeSubsets)
 DISTILL_MODES: tuple[str, ...] = get_args(DistillMode)
 PLUG_INITS: tuple[str, ...] = get_args(PlugInit)
 TIMESTEP_SAMPLERS: tuple[str, ...] = get_args(TimestepSampler)

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--out", default="ppcl-bench/quality", help="output folder (default ppcl-bench/quality)")
     q.add_argument("--smoke", action="store_true",
                    help="a few steps and prompts on a subset of rows: checks the machinery in a minute")
-    from ppcl.bench.quality import OPTIONAL_ROWS, QualitySettings  # a dataclass, no torch: the real defaults
+    from ppcl.bench.quality import OPTIONAL_ROWS, SERVE_MODES, QualitySettings  # a dataclass, no torch: the defaults
 
     d = QualitySettings()
     q.add_argument("--steps", type=int, default=None, help=f"distillation steps of every run (default {d.steps})")
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--score", choices=("output", "trained", "r2"), default=None,
                    help="interval score of the ppcl row: output (the trained-plug probe's output error), trained "
                         f"(its local loss ratio) or r2 (the linear probe) (default {d.score})")
-    q.add_argument("--serve", choices=("plan", "joint", "none"), default=None,
+    q.add_argument("--serve", choices=SERVE_MODES, default=None,
                    help="the ppcl row's 0.7 model: plan (the plan selected for both ratios, 0.7 by the export's size "
                         "rule), joint (that plan and the 0.7 subset the selection records) or none (the plan "
                         f"selected for 0.5 alone, size rule at 0.7) (default {d.serve})")
