@@ -230,6 +230,10 @@ class DistillSettings(StageSettings):
     output_loss_keep: float = Field(1.0, gt=0, le=1, description="probability each plug is in place for the "
                                     "output-level loss (1: all; < 1: a random subset per step, so plugs also "
                                     "learn to work alone)")
+    output_loss_sequential: float = Field(0.0, ge=0, description="weight of loss D at each plug's end inside "
+                                          "the output-level term's whole-plan student, each plug fed what the "
+                                          "plugs before it made (the sequential ablation's loss, added to the "
+                                          "teacher-forced one; 0: off; needs output_loss_weight > 0)")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the plug weights, "
                              "written as the run's plugs (0: off, the last weights; e.g. 0.999, warmed up as "
                              "min(decay, (1+t)/(10+t)))")
@@ -283,6 +287,17 @@ class DistillSettings(StageSettings):
         if v and info.data.get("output_loss_keep", 1.0) < 1:
             raise ValueError("give either output_loss_ratios (the exported subsets take turns) or output_loss_keep "
                              "< 1 (random subsets), not both")
+        return v
+
+    @field_validator("output_loss_sequential")
+    @classmethod
+    def _sequential_in_output_term(cls, v: float, info: ValidationInfo) -> float:
+        if v > 0 and info.data.get("output_loss_weight", 0.0) == 0:
+            raise ValueError("needs output_loss_weight > 0: its loss is taken inside the output-level term's "
+                             "student, and that term is off")
+        if v > 0 and info.data.get("mode") == "sequential":
+            raise ValueError("is for mode nonsequential: in sequential mode every plug already trains on what the "
+                             "plugs before it made")
         return v
 
     @field_validator("warmup_steps")

@@ -102,6 +102,7 @@ def test_pipeline_generation_defaults_set_text_length(tiny_pipe_dir, tmp_path):
     ("--lr", "0", "--lr must be a positive number"),
     ("--output-loss-weight", "-1", "--output-loss-weight must be >= 0"),
     ("--output-loss-keep", "0", "--output-loss-keep must be in (0, 1]"),
+    ("--output-loss-sequential", "-1", "--output-loss-sequential must be >= 0"),
     ("--eval-n", "1", "--eval-n must be >= 2"),
     ("--uncond-ratio", "1", "--uncond-ratio must be in [0, 1)"),
     ("--train-seed", "-1", "--train-seed must be >= 0"),
@@ -308,3 +309,23 @@ def test_train_seed_changes_the_distillation_runs_only(tmp_path):
     run = json.loads((out / "work" / "runs" / "ppcl" / "run.json").read_text())
     assert run["settings"]["seed"] == 7
     assert "distillation seed 7" in (out / "quality.md").read_text()
+
+
+def test_output_loss_sequential_reaches_every_nonsequential_run(tmp_path):
+    """``--output-loss-sequential W``: the ppcl run trains with it (its steps log the whole plan's sequential D as
+    ``<stream>@plan``); the sequential ablation, sequential already, runs without it; quality.md says so."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = tmp_path / "q"
+    assert main(["bench", "quality", "--smoke", "--rows", "ppcl,sequential", "--output-loss-sequential", "0.5",
+                 "--out", str(out)]) == 0
+    runs = out / "work" / "runs"
+    assert json.loads((runs / "ppcl" / "run.json").read_text())["settings"]["output_loss_sequential"] == 0.5
+    seq = json.loads((runs / "sequential" / "run.json").read_text())["settings"]
+    assert seq["mode"] == "sequential" and seq["output_loss_sequential"] == 0.0
+    first = json.loads((runs / "ppcl" / "metrics.jsonl").read_text().splitlines()[0])["losses"]
+    assert any(k.endswith("@plan") for k in first) and not any(
+        k.endswith("@plan") for k in json.loads((runs / "sequential" / "metrics.jsonl").read_text()
+                                                 .splitlines()[0])["losses"])
+    assert "+ 0.5 x the sequential loss D in the whole plan's student" in (out / "quality.md").read_text()

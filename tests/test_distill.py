@@ -477,6 +477,61 @@ def test_per_plug_backward_gives_the_gradients_of_one_backward(tiny_pipe_dir):
     assert any(float(g.abs().max()) > 0 for g in once)
 
 
+def test_output_loss_sequential_adds_the_whole_plan_students_losses(tiny_pipe_dir):
+    """``output_loss_sequential=w``: the step's gradients are those of one backward of the teacher-forced losses +
+    the weighted output term + ``w`` x the sequential ablation's losses (each unit at its end in the whole-plan
+    student); those are logged as ``<stream>@plan``, already weighted (a composed plan: a source plug, a plug
+    inside a frozen text interval, the text_freeze unit's member blocks). Without the output term it is refused."""
+    from ppcl.calibration import noise_batch
+    from ppcl.distill import DistillSettings, build_units, nonsequential_losses, sequential_losses
+    from ppcl.distill.losses import total_loss
+    from ppcl.plugs import freeze
+    from ppcl.settings import validate_settings
+
+    pipe_dir = tiny_pipe_dir["qwenimage"]
+    pipe = load_pipeline(pipe_dir)
+    adapter = get_adapter(pipe)
+    freeze(adapter.transformer)
+    plan = make_plan(adapter, [[2, 2], [3, 4]], width=[{"op": "text_freeze", "interval": [2, 6]}], allow_ends=True)
+    units = build_units(adapter, plan)
+    params = [p for u in units for p in u.module.parameters()]
+    batch = list(synthetic_batches(pipe, n_samples=2, batch_size=2, seed=5))[0]
+    inputs = noise_batch(adapter, dict(pipe.scheduler.config), batch, generator=torch.Generator().manual_seed(1)
+                         ).model_inputs
+
+    plain, out = nonsequential_losses(adapter, inputs, units, DistillSettings(output_loss_weight=0.5), step=3)
+    seq, _ = sequential_losses(adapter, inputs, units, DistillSettings(mode="sequential"))
+    expected = total_loss(plain, out, 0.5) + 0.25 * total_loss(seq, None, 0.0)
+    expected.backward()
+    once = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    got, got_out = nonsequential_losses(adapter, inputs, units,
+                                        DistillSettings(output_loss_weight=0.5, output_loss_sequential=0.25), step=3,
+                                        backward=lambda loss: loss.backward())
+    assert {(n, f"{s}@plan") for n, per in seq.items() for s in per} | {(n, s) for n, per in plain.items()
+                                                                        for s in per} \
+        == {(n, s) for n, per in got.items() for s in per}
+    for n, per in seq.items():
+        for s, v in per.items():
+            assert float(got[n][f"{s}@plan"]) == pytest.approx(0.25 * float(v.detach()), rel=1e-5)
+    assert float(total_loss(got, got_out, 0.5)) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert all(p.grad is not None for p in params)
+    for g, p in zip(once, params):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7), float((p.grad - g).abs().max())
+    # the sequential losses change the gradients: the plugs after the first see what the first one made
+    for p in params:
+        p.grad = None
+    nonsequential_losses(adapter, inputs, units, DistillSettings(output_loss_weight=0.5), step=3,
+                         backward=lambda loss: loss.backward())
+    assert any(not torch.allclose(p.grad, g) for p, g in zip(params, once))
+    with pytest.raises(PPCLError, match="output_loss_sequential' needs output_loss_weight > 0"):
+        validate_settings(DistillSettings, {"output_loss_sequential": 1.0})
+    with pytest.raises(PPCLError, match="output_loss_sequential' is for mode nonsequential"):
+        validate_settings(DistillSettings, {"output_loss_sequential": 1.0, "output_loss_weight": 1.0,
+                                            "mode": "sequential"})
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3", "qwenimage"])
 def test_student_forward_starts_at_the_first_unit_with_the_same_output(family, tiny_pipe_dir):
     """The output-level term's student does not run the blocks before its first unit again: they are the

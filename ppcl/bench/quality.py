@@ -101,6 +101,9 @@ class QualitySettings:
     output_loss_weight: float = 1.0
     #: probability each plug is in place for the output-level term (``DistillSettings.output_loss_keep``)
     output_loss_keep: float = 1.0
+    #: weight of loss D at each plug's end in the output-level term's whole-plan student
+    #: (``DistillSettings.output_loss_sequential``; 0: off)
+    output_loss_sequential: float = 0.0
     #: moving average of the plug weights written as each run's plugs (``DistillSettings.ema_decay``; 0: off)
     ema_decay: float = 0.0
     #: ratios whose exported subsets the output-level term trains in turn with the whole plan
@@ -391,7 +394,7 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     dkw = dict(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, timesteps=s.timesteps,
                seed=train_seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False,
                output_loss_weight=s.output_loss_weight, output_loss_keep=s.output_loss_keep,
-               output_loss_ratios=list(s.output_loss_ratios), output_loss_schedule=s.output_loss_schedule,
+               output_loss_sequential=s.output_loss_sequential, output_loss_ratios=list(s.output_loss_ratios), output_loss_schedule=s.output_loss_schedule,
                ema_decay=s.ema_decay, uncond_ratio=s.uncond_ratio)
     runs, jobs = plan_runs(plans, per_ratio, work, s, dkw, t0)
 
@@ -602,7 +605,8 @@ def plan_runs(plans: dict[str, Any], per_ratio: dict[float, Any], work: Path, s:
     for name, plan in plans.items():
         runs[name] = train(name, plan, work / "plans" / f"{name}.json")
     if "sequential" in s.rows:
-        runs["sequential"] = train("sequential", plans["ppcl"], work / "plans" / "ppcl.json", mode="sequential")
+        runs["sequential"] = train("sequential", plans["ppcl"], work / "plans" / "ppcl.json", mode="sequential",
+                                  output_loss_sequential=0.0)
     if "per-ratio" in s.rows:
         # one run per ratio, each trained for its own ratio alone (no exported subsets in its output term)
         for r, plan in per_ratio.items():
@@ -777,7 +781,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Settings: {s['data_samples']} cached samples, probe {s['probe_samples']} x {s['probe_timesteps']}, "
         f"ppcl's plan by score {s.get('score', 'r2')}, {_serve(s)}, "
         f"{s['steps']} distillation steps x batch {s['batch_size']} (lr {s['lr']:g}, {s['timesteps']}, "
-        f"output-level loss weight {s.get('output_loss_weight', 0.0):g}, {_placement(s)}, "
+        f"output-level loss weight {s.get('output_loss_weight', 0.0):g}, {_placement(s)}{_sequential(s)}, "
         f"{s.get('uncond_ratio', 0.0):g} of the samples on the empty prompt{_train_seed(s)}), "
         f"{s['eval_n']} evaluation prompts x {s['eval_steps']} steps, true CFG {s['guidance']:g}.",
         f"Time: {sec['total'] / 60:.1f} min wall ({result['cpu_seconds'] / 60:.1f} CPU-min, "
@@ -825,6 +829,12 @@ def _placement(s: dict[str, Any]) -> str:
         return how.format(", ".join(f"{r:g}" for r in s["output_loss_ratios"]))
     keep = s.get("output_loss_keep", 1.0)
     return "every plug in place" if keep >= 1 else f"each plug in place with probability {keep:g}"
+
+
+def _sequential(s: dict[str, Any]) -> str:
+    """`` + W x the sequential D in the whole plan's student`` where ``output_loss_sequential`` is on."""
+    w = s.get("output_loss_sequential", 0.0)
+    return f", + {w:g} x the sequential loss D in the whole plan's student" if w else ""
 
 
 def _procs(result: dict[str, Any]) -> str:

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--output-loss-keep", type=float, default=None,
                    help="probability each plug is in place for the output-level loss "
                         f"(default {d.output_loss_keep:g})")
+    q.add_argument("--output-loss-sequential", type=float, default=None,
+                   help="weight of loss D at each plug's end in the output-level term's whole-plan student, each "
+                        f"plug fed what the plugs before it made (default {d.output_loss_sequential:g}: off)")
     q.add_argument("--timesteps", choices=("uniform", "logit_normal"), default=None,
                    help=f"timestep sampling of every run (default {d.timesteps})")
     q.add_argument("--ema-decay", type=float, default=None,
@@ -99,6 +102,7 @@ _OVERRIDES = (
     ("lr", "--lr", lambda v: 0 < v < float("inf"), "must be a positive number"),
     ("output_loss_weight", "--output-loss-weight", lambda v: 0 <= v < float("inf"), "must be >= 0"),
     ("output_loss_keep", "--output-loss-keep", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("output_loss_sequential", "--output-loss-sequential", lambda v: 0 <= v < float("inf"), "must be >= 0"),
     ("eval_n", "--eval-n", lambda v: v >= 2, "must be >= 2 (FID needs two images)"),
     ("threads", "--threads", lambda v: v >= 1, "must be >= 1"),
     ("workers", "--workers", lambda v: v >= 1, "must be >= 1"),

@@ -42,6 +42,12 @@ that term starts at its first unit from the call the teacher pass captured there
 blocks before it are the teacher's own on the teacher's states, so running them again would redo the teacher pass's
 work.
 
+``output_loss_sequential = w > 0`` adds, inside the output-level term's whole-plan student (which runs anyway),
+``w`` x the sequential ablation's loss: D at each unit's end, each unit fed what the units before it made
+(:func:`placed_losses`; logged as ``<stream>@plan``, already weighted; the first unit is fed the teacher's state
+there too, so its D simply counts ``1 + w`` times). The teacher-forced losses keep every plug trained for any
+subset; this term adds the chain of the plugs the lowest ratio exports, at the cost of one capture hook per unit.
+
 The objective of one step is :func:`total_loss`: the sum of every unit's D over its streams, plus the weighted
 output-level term.
 """
@@ -233,11 +239,17 @@ def nonsequential_losses(
             students = [output_loss_units(units, settings.output_loss_keep, g)]
         terms = []
         for placed in students:  # "every_step": one student at a time, each backpropagated before the next runs
-            student_out, _ = student_forward(adapter, model_inputs, placed, capture=False, teacher_calls=calls)
+            in_plan = settings.output_loss_sequential > 0 and len(placed) == len(units)  # the whole plan
+            student_out, captured = student_forward(adapter, model_inputs, placed, capture=in_plan,
+                                                    teacher_calls=calls)
             term = output_loss(student_out, teacher_out)
+            extra = placed_losses(placed, captured, calls, outs, settings.output_loss_sequential) if in_plan else {}
             if backward is not None:
-                backward(settings.output_loss_weight * term)
+                backward(settings.output_loss_weight * term + sum(v for per in extra.values() for v in per.values()))
                 term = term.detach()
+                extra = {n: {s: v.detach() for s, v in per.items()} for n, per in extra.items()}
+            for n, per in extra.items():
+                losses[n].update({f"{s}@plan": v for s, v in per.items()})
             terms.append(term)
         out_loss = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
     return losses, out_loss
@@ -283,6 +295,21 @@ def export_placements(adapter: Adapter, units: list[Unit], ratios: list[float],
             seen.add(key)
             out.append(placed)
     return out
+
+
+def placed_losses(placed: list[Unit], captured: dict[str, dict[str, torch.Tensor]], calls: dict[int, BlockCall],
+                  outs: dict[int, dict[str, torch.Tensor]], weight: float) -> Losses:
+    """``weight`` x loss D of every unit at its end inside a student with ``placed`` in place (what
+    :func:`student_forward` captured): the sequential ablation's loss, each unit fed what the units before it made."""
+    losses: Losses = {}
+    for u in placed:
+        if u.members:
+            got = {k: captured[f"{u.name}@{k}"] for k in u.members if f"{u.name}@{k}" in captured}
+            per = freeze_unit_losses(u, got, outs, LOSS_EPS)
+        else:
+            per = unit_losses(u, captured[u.name], unit_target(u, calls, outs), LOSS_EPS)
+        losses[u.name] = {s: weight * v for s, v in per.items()}
+    return losses
 
 
 def output_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
