@@ -243,7 +243,9 @@ def nonsequential_losses(
             student_out, captured = student_forward(adapter, model_inputs, placed, capture=in_plan,
                                                     teacher_calls=calls)
             term = output_loss(student_out, teacher_out)
-            extra = placed_losses(placed, captured, calls, outs, settings.output_loss_sequential) if in_plan else {}
+            w = settings.output_loss_sequential
+            extra = {n: {s: w * v for s, v in per.items()}
+                     for n, per in placed_losses(placed, captured, calls, outs).items()} if in_plan else {}
             if backward is not None:
                 backward(settings.output_loss_weight * term + sum(v for per in extra.values() for v in per.values()))
                 term = term.detach()
@@ -298,17 +300,16 @@ def export_placements(adapter: Adapter, units: list[Unit], ratios: list[float],
 
 
 def placed_losses(placed: list[Unit], captured: dict[str, dict[str, torch.Tensor]], calls: dict[int, BlockCall],
-                  outs: dict[int, dict[str, torch.Tensor]], weight: float) -> Losses:
-    """``weight`` x loss D of every unit at its end inside a student with ``placed`` in place (what
-    :func:`student_forward` captured): the sequential ablation's loss, each unit fed what the units before it made."""
+                  outs: dict[int, dict[str, torch.Tensor]]) -> Losses:
+    """Loss D of every unit at its end inside a student with ``placed`` in place (what :func:`student_forward`
+    captured): the sequential ablation's loss, each unit fed what the units before it made."""
     losses: Losses = {}
     for u in placed:
         if u.members:
             got = {k: captured[f"{u.name}@{k}"] for k in u.members if f"{u.name}@{k}" in captured}
-            per = freeze_unit_losses(u, got, outs, LOSS_EPS)
+            losses[u.name] = freeze_unit_losses(u, got, outs, LOSS_EPS)
         else:
-            per = unit_losses(u, captured[u.name], unit_target(u, calls, outs), LOSS_EPS)
-        losses[u.name] = {s: weight * v for s, v in per.items()}
+            losses[u.name] = unit_losses(u, captured[u.name], unit_target(u, calls, outs), LOSS_EPS)
     return losses
 
 
@@ -411,13 +412,7 @@ def sequential_losses(
                                                                                  full=full)
     student_out, captured = student_forward(adapter, model_inputs, units, capture=True, stop_early=not full,
                                             teacher_calls=calls)
-    losses = {}
-    for u in units:
-        if u.members:
-            got = {k: captured[f"{u.name}@{k}"] for k in u.members if f"{u.name}@{k}" in captured}
-            losses[u.name] = freeze_unit_losses(u, got, outs, LOSS_EPS)
-        else:
-            losses[u.name] = unit_losses(u, captured[u.name], unit_target(u, calls, outs), LOSS_EPS)
+    losses = placed_losses(units, captured, calls, outs)
     out_loss = None
     if full:
         out_loss = output_loss(student_out, teacher_out)
