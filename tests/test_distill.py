@@ -440,13 +440,11 @@ def test_sequential_mode_runs_with_plugs_inside_a_frozen_text_interval(tiny_pipe
     assert first["interval_1/image"] > 1e-4 and first["text_freeze_2_6/text"] > 1e-4
 
 
-def test_per_plug_backward_gives_the_gradients_of_one_backward(tiny_pipe_dir):
-    """Each unit's loss backpropagated as soon as it exists (then the output-level term) accumulates exactly the
-    gradients of one backward of the total: same losses, same gradient for every trainable tensor (a composed plan:
-    a source plug, a plug inside a frozen text interval, the text_freeze unit's member blocks, the output term)."""
+def _composed_plan_batch(tiny_pipe_dir):
+    """A tiny Qwen-Image with a composed plan (a source plug, a plug inside a frozen text interval, the
+    text_freeze unit's member blocks): ``(adapter, units, their parameters, one batch's model inputs)``."""
     from ppcl.calibration import noise_batch
-    from ppcl.distill import DistillSettings, build_units, nonsequential_losses
-    from ppcl.distill.losses import total_loss
+    from ppcl.distill import build_units
     from ppcl.plugs import freeze
 
     pipe_dir = tiny_pipe_dir["qwenimage"]
@@ -456,10 +454,21 @@ def test_per_plug_backward_gives_the_gradients_of_one_backward(tiny_pipe_dir):
     plan = make_plan(adapter, [[2, 2], [3, 4]], width=[{"op": "text_freeze", "interval": [2, 6]}], allow_ends=True)
     units = build_units(adapter, plan)
     params = [p for u in units for p in u.module.parameters()]
-    settings = DistillSettings(output_loss_weight=0.5)
     batch = list(synthetic_batches(pipe, n_samples=2, batch_size=2, seed=5))[0]
     inputs = noise_batch(adapter, dict(pipe.scheduler.config), batch, generator=torch.Generator().manual_seed(1)
                          ).model_inputs
+    return adapter, units, params, inputs
+
+
+def test_per_plug_backward_gives_the_gradients_of_one_backward(tiny_pipe_dir):
+    """Each unit's loss backpropagated as soon as it exists (then the output-level term) accumulates exactly the
+    gradients of one backward of the total: same losses, same gradient for every trainable tensor (a composed plan:
+    a source plug, a plug inside a frozen text interval, the text_freeze unit's member blocks, the output term)."""
+    from ppcl.distill import DistillSettings, nonsequential_losses
+    from ppcl.distill.losses import total_loss
+
+    adapter, units, params, inputs = _composed_plan_batch(tiny_pipe_dir)
+    settings = DistillSettings(output_loss_weight=0.5)
 
     losses, out = nonsequential_losses(adapter, inputs, units, settings, step=3)
     total_loss(losses, out, 0.5).backward()
@@ -482,22 +491,11 @@ def test_output_loss_sequential_adds_the_whole_plan_students_losses(tiny_pipe_di
     the weighted output term + ``w`` x the sequential ablation's losses (each unit at its end in the whole-plan
     student); those are logged as ``<stream>@plan``, already weighted (a composed plan: a source plug, a plug
     inside a frozen text interval, the text_freeze unit's member blocks). Without the output term it is refused."""
-    from ppcl.calibration import noise_batch
-    from ppcl.distill import DistillSettings, build_units, nonsequential_losses, sequential_losses
+    from ppcl.distill import DistillSettings, nonsequential_losses, sequential_losses
     from ppcl.distill.losses import total_loss
-    from ppcl.plugs import freeze
     from ppcl.settings import validate_settings
 
-    pipe_dir = tiny_pipe_dir["qwenimage"]
-    pipe = load_pipeline(pipe_dir)
-    adapter = get_adapter(pipe)
-    freeze(adapter.transformer)
-    plan = make_plan(adapter, [[2, 2], [3, 4]], width=[{"op": "text_freeze", "interval": [2, 6]}], allow_ends=True)
-    units = build_units(adapter, plan)
-    params = [p for u in units for p in u.module.parameters()]
-    batch = list(synthetic_batches(pipe, n_samples=2, batch_size=2, seed=5))[0]
-    inputs = noise_batch(adapter, dict(pipe.scheduler.config), batch, generator=torch.Generator().manual_seed(1)
-                         ).model_inputs
+    adapter, units, params, inputs = _composed_plan_batch(tiny_pipe_dir)
 
     plain, out = nonsequential_losses(adapter, inputs, units, DistillSettings(output_loss_weight=0.5), step=3)
     seq, _ = sequential_losses(adapter, inputs, units, DistillSettings(mode="sequential"))
