@@ -396,7 +396,8 @@ def run_quality(out: str | Path, settings: QualitySettings | None = None, *, tea
     dkw = dict(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, timesteps=s.timesteps,
                seed=train_seed, checkpoint_every=10**9, mixed_precision="no", use_8bit_adam=False, progress=False,
                output_loss_weight=s.output_loss_weight, output_loss_keep=s.output_loss_keep,
-               output_loss_sequential=s.output_loss_sequential, output_loss_ratios=list(s.output_loss_ratios), output_loss_schedule=s.output_loss_schedule,
+               output_loss_sequential=s.output_loss_sequential, output_loss_ratios=list(s.output_loss_ratios),
+               output_loss_schedule=s.output_loss_schedule,
                ema_decay=s.ema_decay, uncond_ratio=s.uncond_ratio)
     runs, jobs = plan_runs(plans, per_ratio, work, s, dkw, t0)
 

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default {d.output_loss_keep:g})")
     q.add_argument("--output-loss-sequential", type=float, default=None,
                    help="weight of loss D at each plug's end in the output-level term's whole-plan student, each "
-                        f"plug fed what the plugs before it made (default {d.output_loss_sequential:g}: off)")
+                        f"plug fed what the plugs before it made (default {d.output_loss_sequential:g}; 0: off)")
     q.add_argument("--timesteps", choices=("uniform", "logit_normal"), default=None,
                    help=f"timestep sampling of every run (default {d.timesteps})")
     q.add_argument("--ema-decay", type=float, default=None,

@@ -238,12 +238,12 @@ def nonsequential_losses(
             g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 7_919 + 104_729)
             students = [output_loss_units(units, settings.output_loss_keep, g)]
         terms = []
+        w = settings.output_loss_sequential
         for placed in students:  # "every_step": one student at a time, each backpropagated before the next runs
-            in_plan = settings.output_loss_sequential > 0 and len(placed) == len(units)  # the whole plan
+            in_plan = w > 0 and len(placed) == len(units)  # the whole plan's student
             student_out, captured = student_forward(adapter, model_inputs, placed, capture=in_plan,
                                                     teacher_calls=calls)
             term = output_loss(student_out, teacher_out)
-            w = settings.output_loss_sequential
             extra = {n: {s: w * v for s, v in per.items()}
                      for n, per in placed_losses(placed, captured, calls, outs).items()} if in_plan else {}
             if backward is not None:
